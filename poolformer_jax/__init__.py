@@ -1,0 +1,21 @@
+"""PoolFormer (MetaFormer) in JAX / Flax NNX."""
+
+from poolformer_jax.model import (
+    VARIANTS,
+    MetaFormer,
+    PoolFormerConfig,
+    count_params,
+    create_model,
+    get_config,
+    list_models,
+)
+
+__all__ = [
+    "VARIANTS",
+    "MetaFormer",
+    "PoolFormerConfig",
+    "count_params",
+    "create_model",
+    "get_config",
+    "list_models",
+]
