@@ -201,7 +201,7 @@ class LayerScale(nnx.Module):
     self.scale = nnx.Param(jnp.full((dim,), init, param_dtype))
 
   def __call__(self, x):
-    return x * self.scale.value.astype(x.dtype)
+    return x * self.scale[...].astype(x.dtype)
 
 
 def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:

@@ -1,0 +1,358 @@
+"""The model: parameter counts, mixers, shapes, stochastic depth, dtypes, tracing, and parity with HF."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from poolformer_jax import model as pf
+
+EXPECTED_PARAMS = {
+    "poolformer_s12": 11_915_176,
+    "poolformer_s24": 21_388_968,
+    "poolformer_s36": 30_862_760,
+    "poolformer_m36": 56_172_520,
+    "poolformer_m48": 73_473_448,
+}
+
+# A small member of the family for tests that are about behaviour, not size.
+TINY = dict(depths=(1, 1, 2, 1), widths=(8, 16, 24, 32))
+
+
+@nnx.jit(static_argnames="train")
+def run(model, x, train=False, key=None):
+  """One jitted forward: eager NNX dispatches op by op and is ~10x slower on CPU."""
+  return model(x, train=train, key=key)
+
+
+def tiny_model(**overrides):
+  return pf.create_model("poolformer_s12", num_classes=10, rngs=nnx.Rngs(0),
+                         **{**TINY, **overrides})
+
+
+# --------------------------------------------------------------------------- registry / sizes
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_PARAMS))
+def test_parameter_count_matches_release(name):
+  abstract = nnx.eval_shape(lambda: pf.create_model(name, rngs=nnx.Rngs(0)))
+  assert pf.count_params(abstract) == EXPECTED_PARAMS[name]
+
+
+def test_registry_lists_variants_and_rejects_unknown_names():
+  assert pf.list_models() == sorted(EXPECTED_PARAMS)
+  with pytest.raises(ValueError, match="poolformer_s12.*poolformer_s24"):
+    pf.create_model("poolformer_xl", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="unknown override"):
+    pf.create_model("poolformer_s12", rngs=nnx.Rngs(0), depth=3)
+  with pytest.raises(ValueError, match="token_mixer"):
+    pf.create_model("poolformer_s12", rngs=nnx.Rngs(0), token_mixer="attention")
+
+
+def test_variant_hyperparameters_are_the_releases():
+  cfg = pf.get_config("poolformer_m36")
+  assert cfg.layer_scale_init == 1e-6 and cfg.drop_path_rate == 0.3 and cfg.crop_pct == 0.95
+  m = tiny_model(layer_scale_init=0.25)
+  block = m.stages[0].blocks[0]
+  np.testing.assert_array_equal(block.layer_scale1.scale[...], np.full((8,), 0.25, np.float32))
+
+
+# --------------------------------------------------------------------------- token mixers
+
+
+def naive_pool_minus_x(x: np.ndarray) -> np.ndarray:
+  """3x3 average over the cells that exist (4 at corners, 6 on edges, 9 inside), minus x."""
+  n, h, w, c = x.shape
+  out = np.empty_like(x, dtype=np.float64)
+  for i in range(h):
+    for j in range(w):
+      window = x[:, max(i - 1, 0):i + 2, max(j - 1, 0):j + 2, :]
+      out[:, i, j, :] = window.reshape(n, -1, c).mean(axis=1)
+  return out - x
+
+
+def test_pooling_mixer_matches_naive_numpy_including_border_divisors():
+  x = np.random.default_rng(0).normal(size=(2, 5, 7, 3)).astype(np.float32)
+  got = np.asarray(pf.Pooling(3)(jnp.asarray(x)))
+  np.testing.assert_allclose(got, naive_pool_minus_x(x), atol=1e-6)
+  # The divisors themselves: pooling a constant image returns the constant everywhere
+  # only if padding cells are excluded; with ones, pool(x) - x must be exactly 0.
+  ones = jnp.ones((1, 4, 4, 1))
+  np.testing.assert_allclose(np.asarray(pf.Pooling(3)(ones)), 0.0, atol=1e-7)
+  # A single 1 in the corner: its 2x2 neighbourhood sees 1/4, edges 1/6, the centre 1/9.
+  delta = np.zeros((1, 3, 3, 1), np.float32)
+  delta[0, 1, 1, 0] = 1.0
+  pooled = np.asarray(pf.Pooling(3)(jnp.asarray(delta)))[0, :, :, 0] + delta[0, :, :, 0]
+  np.testing.assert_allclose(pooled, [[1 / 4, 1 / 6, 1 / 4], [1 / 6, 1 / 9, 1 / 6],
+                                      [1 / 4, 1 / 6, 1 / 4]], rtol=1e-6)
+
+
+def test_mixers_are_pluggable_into_the_same_skeleton():
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 64, 64, 3)), jnp.float32)
+  counts = {}
+  for mixer in ("pooling", "identity", "dwconv"):
+    m = tiny_model(token_mixer=mixer, layer_scale_init=1.0)
+    assert run(m, x).shape == (2, 10)
+    counts[mixer] = pf.count_params(m)
+  # Pooling and identity have no parameters; a depthwise 3x3 conv adds (9 + 1) * C per block.
+  assert counts["pooling"] == counts["identity"]
+  extra = sum(10 * w * d for w, d in zip(TINY["widths"], TINY["depths"]))
+  assert counts["dwconv"] - counts["pooling"] == extra
+  # Identity mixing really mixes nothing: logits differ from pooling's.
+  assert not np.allclose(run(tiny_model(token_mixer="identity", layer_scale_init=1.0), x),
+                         run(tiny_model(token_mixer="pooling", layer_scale_init=1.0), x))
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+@pytest.fixture(scope="module")
+def s12():
+  return pf.create_model("poolformer_s12", rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("hw", [(224, 224), (160, 160), (128, 192)])
+def test_output_shapes(s12, hw):
+  x = jnp.zeros((2, *hw, 3))
+  assert run(s12, x).shape == (2, 1000)
+
+
+@pytest.mark.parametrize("hw", [(224, 224), (96, 160)])
+def test_features_mode_returns_four_normed_maps_at_strides_4_to_32(hw):
+  m = pf.create_model("poolformer_s12", rngs=nnx.Rngs(0), features_only=True)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(1, *hw, 3)), jnp.float32)
+  feats = run(m, x)
+  h, w = hw
+  assert [f.shape for f in feats] == [(1, h // s, w // s, c) for s, c in
+                                      zip((4, 8, 16, 32), (64, 128, 320, 512))]
+  # Each map has its own one-group norm (fresh init: zero mean, unit variance per sample).
+  for f in feats:
+    np.testing.assert_allclose(float(jnp.mean(f)), 0.0, atol=1e-4)
+    np.testing.assert_allclose(float(jnp.std(f)), 1.0, atol=1e-2)
+  assert not hasattr(m, "head")
+  assert len(m.feature_norms) == 4
+
+
+def test_rejects_non_nhwc_input():
+  with pytest.raises(ValueError, match="NHWC"):
+    tiny_model()(jnp.zeros((1, 3, 64, 64)))
+
+
+# --------------------------------------------------------------------------- stochastic depth
+
+
+def test_eval_is_deterministic_and_train_needs_a_key():
+  m = tiny_model(drop_path_rate=0.5, layer_scale_init=1.0)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 64, 64, 3)), jnp.float32)
+  np.testing.assert_array_equal(run(m, x), run(m, x))
+  np.testing.assert_array_equal(run(m, x), run(m, x, train=False, key=jax.random.key(3)))
+  with pytest.raises(ValueError, match="key"):
+    m(x, train=True)
+
+
+def test_same_key_same_result_other_key_other_result():
+  m = tiny_model(drop_path_rate=0.5, layer_scale_init=1.0)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 64, 64, 3)), jnp.float32)
+  a = run(m, x, train=True, key=jax.random.key(1))
+  b = run(m, x, train=True, key=jax.random.key(1))
+  c = run(m, x, train=True, key=jax.random.key(2))
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, c)
+
+
+def test_drop_path_schedule_is_linear_in_block_index():
+  m = tiny_model(drop_path_rate=0.4)
+  rates = [b.drop_rate for s in m.stages for b in s.blocks]
+  np.testing.assert_allclose(rates, [0.0, 0.1, 0.2, 0.3, 0.4])
+
+
+def test_stochastic_depth_drops_whole_samples_at_each_blocks_rate():
+  """Statistical test (fixed seed): per block, the fraction of samples whose branch is dropped.
+
+  The MLP branch is zeroed so the block's output is x + mask/(1-p) * ls1 * mixer(norm1(x));
+  a sample is 'dropped' iff its output equals x exactly. With n samples the observed rate is
+  within 5 binomial standard deviations of the schedule's rate.
+  """
+  m = tiny_model(drop_path_rate=0.4, layer_scale_init=1.0)
+  n = 2000
+  rng = np.random.default_rng(0)
+  key = jax.random.key(0)
+  for k, block in enumerate(b for s in m.stages for b in s.blocks):
+    p = block.drop_rate
+    block.mlp.fc2.kernel[...] = 0.0
+    block.mlp.fc2.bias[...] = 0.0
+    dim = block.norm1.scale.shape[0]
+    x = jnp.asarray(rng.normal(size=(n, 4, 4, dim)), jnp.float32)
+    out = np.asarray(block(x, jax.random.fold_in(key, k)))
+    eval_out = np.asarray(block(x, None))
+    dropped = np.all(out == np.asarray(x), axis=(1, 2, 3))
+    sigma = np.sqrt(max(p * (1 - p), 1e-12) / n)
+    assert abs(dropped.mean() - p) <= 5 * sigma + 1e-9, (k, p, dropped.mean())
+    # Kept samples carry the whole branch, rescaled by 1/(1-p): nothing partial.
+    kept = ~dropped
+    np.testing.assert_allclose(out[kept] - np.asarray(x)[kept],
+                               (eval_out[kept] - np.asarray(x)[kept]) / (1 - p),
+                               rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- dtypes and tracing
+
+
+def randomize_params(model: nnx.Module, seed: int, scale_jitter: float = 0.3):
+  """Moves every parameter away from its init so blocks are far from the identity."""
+  state = nnx.state(model, nnx.Param)
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  new = []
+  for k, leaf in zip(keys, leaves):
+    if leaf.ndim == 1:  # norms, layer scales, biases: around 1 (scales) or 0 (biases) +- jitter
+      new.append(leaf + 0.5 + scale_jitter * jax.random.normal(k, leaf.shape, leaf.dtype))
+    else:
+      new.append(leaf + 0.5 * jnp.std(leaf) * jax.random.normal(k, leaf.shape, leaf.dtype))
+  nnx.update(model, jax.tree.unflatten(treedef, new))
+
+
+def test_bfloat16_compute_is_finite_and_close_to_float32():
+  """bf16 has an 8-bit significand (relative step 2^-8 = 0.4%); over 12 blocks of norm, pool
+  and MLP the rounding errors add up to about 1% of the logit scale. We allow 5%: enough for
+  accumulation, far below what a wrong op would give (a sign or scale error is O(100%)).
+  """
+  f32 = pf.create_model("poolformer_s12", num_classes=100, rngs=nnx.Rngs(0))
+  randomize_params(f32, seed=1)
+  bf16 = pf.create_model("poolformer_s12", num_classes=100, rngs=nnx.Rngs(0),
+                         dtype=jnp.bfloat16)
+  nnx.update(bf16, nnx.state(f32, nnx.Param))
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 224, 224, 3)), jnp.float32)
+  ref = np.asarray(run(f32, x))
+  out = run(bf16, x)
+  assert out.dtype == jnp.bfloat16
+  assert jax.tree.leaves(nnx.state(bf16, nnx.Param))[0].dtype == jnp.float32
+  out = np.asarray(out.astype(jnp.float32))
+  assert np.all(np.isfinite(out))
+  scale = np.abs(ref).max()
+  assert scale > 1.0  # the randomised model produces non-trivial logits
+  assert np.abs(out - ref).max() <= 0.05 * scale
+
+
+def test_jitted_forward_traces_once_per_shape():
+  m = tiny_model()
+  graphdef, state = nnx.split(m)
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def forward(state, x):
+    return nnx.merge(graphdef, state)(x)
+
+  rng = np.random.default_rng(0)
+  for _ in range(3):
+    forward(state, jnp.asarray(rng.normal(size=(2, 64, 64, 3)), jnp.float32))
+  with pytest.raises(AssertionError):  # a new shape must retrace, and the guard sees it
+    forward(state, jnp.zeros((2, 96, 96, 3)))
+  chex.clear_trace_counter()
+
+
+# --------------------------------------------------------------------------- parity with HF
+
+
+def hf_to_jax_state(hf_model, jax_model):
+  """Copies an HF `PoolFormerForImageClassification`'s weights into our model, by hand.
+
+  Written out independently of the converter on purpose: this test is the first proof that
+  our architecture is the release's, so it must not share code with what it checks.
+  """
+  sd = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
+  enc = "poolformer.encoder."
+
+  def conv(prefix):  # OIHW -> HWIO
+    return {"kernel": sd[prefix + ".weight"].transpose(2, 3, 1, 0), "bias": sd[prefix + ".bias"]}
+
+  def dense_1x1(prefix):  # [out, in, 1, 1] -> [in, out]
+    return {"kernel": sd[prefix + ".weight"][:, :, 0, 0].T, "bias": sd[prefix + ".bias"]}
+
+  def norm(prefix):
+    return {"scale": sd[prefix + ".weight"], "bias": sd[prefix + ".bias"]}
+
+  state = nnx.state(jax_model, nnx.Param)
+  target = {"stem": {"conv": conv(enc + "patch_embeddings.0.projection")}, "stages": {}}
+  for i, stage in enumerate(jax_model.stages):
+    st = {"blocks": {}}
+    if i > 0:
+      st["downsample"] = {"conv": conv(f"{enc}patch_embeddings.{i}.projection")}
+    for j in range(len(stage.blocks)):
+      p = f"{enc}block.{i}.{j}."
+      st["blocks"][j] = {
+          "norm1": norm(p + "before_norm"), "norm2": norm(p + "after_norm"),
+          "layer_scale1": {"scale": sd[p + "layer_scale_1"]},
+          "layer_scale2": {"scale": sd[p + "layer_scale_2"]},
+          "mlp": {"fc1": dense_1x1(p + "output.conv1"), "fc2": dense_1x1(p + "output.conv2")},
+      }
+    target["stages"][i] = st
+  target["norm"] = norm("norm")
+  target["head"] = {"kernel": sd["classifier.weight"].T, "bias": sd["classifier.bias"]}
+  flat_target = nnx.traversals.flatten_mapping(target)
+  flat_state = nnx.traversals.flatten_mapping(nnx.to_pure_dict(state))
+  assert set(flat_target) == set(flat_state), set(flat_target) ^ set(flat_state)
+  for key, value in flat_target.items():
+    assert flat_state[key].shape == value.shape, (key, flat_state[key].shape, value.shape)
+  nnx.replace_by_pure_dict(state, nnx.traversals.unflatten_mapping(
+      {k: jnp.asarray(v) for k, v in flat_target.items()}))
+  nnx.update(jax_model, state)
+
+
+def random_hf_poolformer_s12(num_labels=1000, seed=0):
+  """HF's PoolFormer S12 with EVERY parameter randomised (layer scales and norms included)."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  config = transformers.PoolFormerConfig(
+      depths=[2, 2, 6, 2], hidden_sizes=[64, 128, 320, 512], layer_scale_init_value=1e-5,
+      num_labels=num_labels)
+  torch.manual_seed(seed)
+  model = transformers.PoolFormerForImageClassification(config).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if p.ndim == 1 and ("norm" in name or "layer_scale" in name):
+        p.copy_(1.0 + 0.3 * torch.randn_like(p) if "norm" in name else
+                0.2 + 0.5 * torch.rand_like(p))
+      elif p.ndim == 1:
+        p.copy_(0.1 * torch.randn_like(p))
+      else:
+        fan_in = p[0].numel()
+        p.copy_(torch.randn_like(p) / fan_in ** 0.5)
+  return model
+
+
+def test_one_block_matches_hf_with_random_weights():
+  torch = pytest.importorskip("torch")
+  hf = random_hf_poolformer_s12()
+  ours = pf.create_model("poolformer_s12", rngs=nnx.Rngs(0))
+  hf_to_jax_state(hf, ours)
+  x = np.random.default_rng(0).normal(size=(2, 28, 28, 128)).astype(np.float32)
+  with torch.no_grad():
+    ref = hf.poolformer.encoder.block[1][0](torch.from_numpy(x.transpose(0, 3, 1, 2)))[0]
+  ref = ref.numpy().transpose(0, 2, 3, 1)
+  with jax.default_matmul_precision("highest"):
+    got = np.asarray(ours.stages[1].blocks[0](jnp.asarray(x)))
+  assert np.abs(ref - x).max() > 0.1  # the block is far from the identity
+  assert np.abs(got - ref).max() <= 1e-4
+
+
+def test_s12_logits_match_hf_with_random_weights():
+  torch = pytest.importorskip("torch")
+  skimage_data = pytest.importorskip("skimage.data")
+  hf = random_hf_poolformer_s12()
+  ours = pf.create_model("poolformer_s12", rngs=nnx.Rngs(0))
+  hf_to_jax_state(hf, ours)
+  # A real photo (scaled to [-2, 2]-ish like normalised input) and a random one.
+  photo = skimage_data.chelsea()[:224, :224].astype(np.float32) / 255.0
+  photo = (photo - 0.45) / 0.225
+  noise = np.random.default_rng(0).normal(size=(224, 224, 3)).astype(np.float32)
+  x = np.stack([photo, noise])
+  with torch.no_grad():
+    ref = hf(torch.from_numpy(x.transpose(0, 3, 1, 2))).logits.numpy()
+  with jax.default_matmul_precision("highest"):
+    got = np.asarray(run(ours, jnp.asarray(x)))
+  assert ref.std() > 0.1  # logits are not degenerate
+  assert np.abs(got - ref).max() <= 1e-4, np.abs(got - ref).max()
+  np.testing.assert_array_equal(got.argmax(-1), ref.argmax(-1))
