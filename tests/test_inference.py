@@ -1,0 +1,139 @@
+"""Inference: preprocessing parity with HF's processor, odd inputs, predictions vs HF PyTorch."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from poolformer_jax import inference
+
+skimage_data = pytest.importorskip("skimage.data")
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field")
+
+
+def photos_rgb():
+  images = [getattr(skimage_data, n)() for n in PHOTOS]
+  return [np.repeat(i[..., None], 3, -1) if i.ndim == 2 else i[..., :3] for i in images]
+
+
+# The reference and we both resize with PIL's bicubic; what remains is float32 rounding in
+# rescale/normalise (measured 7e-7). 1e-5 leaves room for other PIL builds, and is ~200x
+# below one 8-bit grey level after normalisation (1/255/0.225 = 0.017).
+PREPROCESS_ATOL = 1e-5
+
+
+@pytest.mark.parametrize("crop_pct", [0.9, 0.95])
+def test_preprocess_matches_hf_processor_on_sample_photos(crop_pct):
+  transformers = pytest.importorskip("transformers")
+  images = photos_rgb()
+  ref = transformers.PoolFormerImageProcessorPil(crop_pct=crop_pct)(
+      images=images, return_tensors="np")["pixel_values"].transpose(0, 2, 3, 1)
+  ours = inference.preprocess(images, {"crop_pct": crop_pct})
+  assert ours.shape == ref.shape == (len(images), 224, 224, 3)
+  assert np.abs(ours - ref).max() <= PREPROCESS_ATOL
+
+
+def test_grayscale_rgba_and_16bit_inputs(tmp_path):
+  rgb = skimage_data.astronaut()
+  gray = skimage_data.camera()
+  expected_rgb = inference.preprocess(rgb)
+  # Grayscale arrays and files become three equal channels.
+  expected_gray = inference.preprocess(np.repeat(gray[..., None], 3, -1))
+  np.testing.assert_array_equal(inference.preprocess(gray), expected_gray)
+  Image.fromarray(gray).save(tmp_path / "gray.png")
+  np.testing.assert_array_equal(inference.preprocess(str(tmp_path / "gray.png")), expected_gray)
+  # RGBA: alpha is dropped, as HF's and timm's loaders do.
+  rgba = np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 7, np.uint8)], -1)
+  np.testing.assert_array_equal(inference.preprocess(rgba), expected_rgb)
+  Image.fromarray(rgba).save(tmp_path / "rgba.png")
+  np.testing.assert_array_equal(inference.preprocess(str(tmp_path / "rgba.png")), expected_rgb)
+  # 16-bit data is rescaled to 8 bits, not clipped: x * 257 maps back to x exactly.
+  np.testing.assert_array_equal(inference.preprocess(rgb.astype(np.uint16) * 257), expected_rgb)
+  Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "gray16.png")
+  assert Image.open(tmp_path / "gray16.png").mode.startswith("I")
+  np.testing.assert_array_equal(inference.preprocess(str(tmp_path / "gray16.png")),
+                                expected_gray)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+  upright = skimage_data.chelsea()
+  stored = np.rot90(upright)  # stored rotated 90 deg counter-clockwise ...
+  exif = Image.Exif()
+  exif[0x0112] = 6  # ... and tagged "rotate 90 deg clockwise to display"
+  Image.fromarray(stored).save(tmp_path / "rotated.png", exif=exif)
+  np.testing.assert_array_equal(inference.load_image(str(tmp_path / "rotated.png")), upright)
+  assert inference.preprocess(str(tmp_path / "rotated.png")).shape == (1, 224, 224, 3)
+
+
+def test_corrupt_and_non_image_files_give_clear_errors(tmp_path):
+  Image.fromarray(skimage_data.coffee()).save(tmp_path / "ok.jpg")
+  data = (tmp_path / "ok.jpg").read_bytes()
+  (tmp_path / "truncated.jpg").write_bytes(data[: len(data) // 3])
+  (tmp_path / "notes.txt").write_text("not an image")
+  for name in ("truncated.jpg", "notes.txt", "missing.png"):
+    with pytest.raises(inference.ImageError, match=name):
+      inference.preprocess(str(tmp_path / name))
+  with pytest.raises(inference.ImageError, match="uint8 or uint16"):
+    inference.preprocess(np.zeros((8, 8, 3), np.float32))
+
+
+def test_imagenet_class_names_ship_with_the_package():
+  classes = inference.imagenet_classes()
+  assert len(classes) == 1000 and len({w for w, _ in classes}) == 1000
+  assert classes[0] == ("n01440764", "tench, Tinca tinca")
+  assert inference.imagenet_labels()[1] == "goldfish"
+  tfds_labels = pytest.importorskip("tensorflow_datasets.datasets.siscore.labels")
+  assert [n for _, n in classes] == list(tfds_labels.IMAGENET_LABELS_LIST)
+
+
+@pytest.fixture(scope="module")
+def converted_random_model(tmp_path_factory):
+  """A random-init HF S12 with 1000 classes saved to disk, converted, loaded back."""
+  torch = pytest.importorskip("torch")
+  import helpers_torch  # tests/ is on sys.path (pytest rootdir-relative import)
+  from poolformer_jax import convert, pretrained
+  hf = helpers_torch.random_hf_model("poolformer_s12", num_labels=1000, seed=3)
+  hf_dir = tmp_path_factory.mktemp("hf")
+  hf.save_pretrained(hf_dir)
+  out = tmp_path_factory.mktemp("jax") / "s12"
+  converted = convert.convert(str(hf_dir))
+  pretrained.save_pretrained(str(out), converted.model, variant=converted.info.variant,
+                             labels=converted.info.labels,
+                             preprocessing=converted.info.preprocessing)
+  model, info = pretrained.load_pretrained(str(out))
+  return hf, model, info, torch
+
+
+def test_predict_top5_matches_hf_pytorch_on_photos(converted_random_model):
+  hf, model, info, torch = converted_random_model
+  transformers = pytest.importorskip("transformers")
+  images = photos_rgb()
+  pixels = transformers.PoolFormerImageProcessorPil(crop_pct=info.preprocessing["crop_pct"])(
+      images=images, return_tensors="pt")["pixel_values"]
+  with torch.no_grad():
+    ref = torch.softmax(hf(pixels).logits, -1).numpy()
+  preds = inference.predict(model, images, preprocessing=info.preprocessing,
+                            labels=info.labels, top_k=5, batch_size=4)
+  assert len(preds) == len(images)
+  for pred, row in zip(preds, ref):
+    assert list(pred.indices) == list(np.argsort(-row)[:5])
+    np.testing.assert_allclose(pred.probs, row[list(pred.indices)], atol=1e-5)
+    assert pred.labels == tuple(info.labels[i] for i in pred.indices)
+
+
+def test_classify_files_skips_and_reports_broken_files(converted_random_model, tmp_path):
+  _, model, info, _ = converted_random_model
+  for name in ("coffee", "chelsea"):
+    Image.fromarray(getattr(skimage_data, name)()).save(tmp_path / f"{name}.jpg")
+  (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+  files = inference.list_image_files([str(tmp_path)])
+  assert [os.path.basename(f) for f in files] == ["broken.jpg", "chelsea.jpg", "coffee.jpg"]
+  results, failed = inference.classify_files(model, files, preprocessing=info.preprocessing,
+                                             labels=info.labels, batch_size=2)
+  assert list(failed) == [str(tmp_path / "broken.jpg")]
+  assert [os.path.basename(p) for p in results] == ["chelsea.jpg", "coffee.jpg"]
+  direct = inference.predict(model, [str(tmp_path / "chelsea.jpg")],
+                             preprocessing=info.preprocessing, labels=info.labels)
+  assert results[str(tmp_path / "chelsea.jpg")].indices == direct[0].indices
