@@ -695,6 +695,7 @@ def check(converted: Converted, images: list[np.ndarray], *,
   reference = hf_reference(converted)
   with torch.no_grad():
     ref = reference(torch.from_numpy(pixels)).logits.numpy()
-  with jax.default_matmul_precision("highest"):
-    out = np.asarray(converted.model(jnp.asarray(pixels.transpose(0, 2, 3, 1))))
+  forward = nnx.jit(lambda model, x: model(x))
+  with jax.default_matmul_precision("highest"):  # float32 matmuls in full precision
+    out = np.asarray(forward(converted.model, jnp.asarray(pixels.transpose(0, 2, 3, 1))))
   return compare_logits(out, ref)
