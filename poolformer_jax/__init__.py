@@ -9,6 +9,7 @@ from poolformer_jax.model import (
     get_config,
     list_models,
 )
+from poolformer_jax.pretrained import load_pretrained
 
 __all__ = [
     "VARIANTS",
@@ -18,4 +19,5 @@ __all__ = [
     "create_model",
     "get_config",
     "list_models",
+    "load_pretrained",
 ]

@@ -1,0 +1,175 @@
+"""Saving and loading ready-to-use models: `config.json` + an Orbax checkpoint of the params.
+
+Layout of a pretrained directory:
+  config.json   {"format", "variant", "num_classes", "labels", "preprocessing", "model"}
+  params/       Orbax StandardCheckpointer checkpoint of nnx.state(model, nnx.Param) as a
+                plain nested dict.
+Writes are atomic: everything goes to a temporary sibling directory that is renamed into
+place at the end, so a crash never leaves a half-written directory under the final name.
+No torch, no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import uuid
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from poolformer_jax.model import MetaFormer, PoolFormerConfig, get_config
+
+FORMAT = "poolformer_jax.pretrained/1"
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def default_preprocessing(crop_pct: float = 0.9, input_size: int = 224) -> dict:
+  """The release's eval transform: resize short side to floor(size / crop_pct), center crop."""
+  return {"input_size": input_size, "crop_pct": crop_pct, "interpolation": "bicubic",
+          "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainedInfo:
+  """What a user needs besides the weights: the classes and the eval preprocessing."""
+
+  variant: str
+  num_classes: int
+  labels: tuple[str, ...] | None = None
+  preprocessing: Mapping[str, Any] = dataclasses.field(default_factory=default_preprocessing)
+
+
+def atomic_directory(directory: str, write: Callable[[str], None], *,
+                     overwrite: bool = False) -> str:
+  """Calls `write(tmp)` on a fresh temporary sibling, then renames it to `directory`.
+
+  An existing `directory` is refused unless `overwrite`; then it is replaced only after the
+  new one is complete. Returns the absolute path.
+  """
+  directory = os.path.abspath(directory)
+  if os.path.lexists(directory) and not overwrite:
+    raise FileExistsError(f"{directory} already exists; choose another output or pass "
+                          "--overwrite (overwrite=True) to replace it")
+  parent, name = os.path.split(directory)
+  os.makedirs(parent, exist_ok=True)
+  tag = uuid.uuid4().hex[:8]
+  tmp = os.path.join(parent, f".{name}.tmp-{tag}")
+  os.makedirs(tmp)
+  try:
+    write(tmp)
+    if os.path.lexists(directory):
+      old = os.path.join(parent, f".{name}.old-{tag}")
+      os.rename(directory, old)
+      os.rename(tmp, directory)
+      if os.path.isdir(old) and not os.path.islink(old):
+        shutil.rmtree(old, ignore_errors=True)
+      else:
+        os.remove(old)
+    else:
+      os.rename(tmp, directory)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+  return directory
+
+
+def _config_to_json(cfg: PoolFormerConfig) -> dict:
+  return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+def _config_from_json(d: Mapping) -> PoolFormerConfig:
+  fields = {f.name for f in dataclasses.fields(PoolFormerConfig)}
+  unknown = sorted(set(d) - fields)
+  if unknown:
+    raise ValueError(f"unknown model config field(s) {unknown}; was this saved by a newer "
+                     "poolformer_jax?")
+  return PoolFormerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def save_pretrained(directory: str, model: MetaFormer, *, variant: str,
+                    labels: list[str] | tuple[str, ...] | None = None,
+                    preprocessing: Mapping[str, Any] | None = None,
+                    overwrite: bool = False) -> str:
+  """Writes `model` so that `load_pretrained(directory)` rebuilds it; returns the path."""
+  cfg = model.cfg
+  if model.features_only:
+    raise ValueError("save_pretrained saves classifiers; this model was built features_only")
+  if labels is not None and len(labels) != cfg.num_classes:
+    raise ValueError(f"{len(labels)} labels for a model with {cfg.num_classes} classes")
+  pre = default_preprocessing(cfg.crop_pct)
+  pre.update(preprocessing or {})
+  config = {
+      "format": FORMAT,
+      "variant": variant,
+      "num_classes": cfg.num_classes,
+      "labels": list(labels) if labels is not None else None,
+      "preprocessing": {k: list(v) if isinstance(v, tuple) else v for k, v in pre.items()},
+      "model": _config_to_json(cfg),
+  }
+  # Orbax needs host or jax arrays; plain numpy keeps the checkpoint device-agnostic.
+  params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+  def write(tmp):
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
+      ckptr.wait_until_finished()
+    # config.json last: a directory with it is complete (the rename makes that moot anyway).
+    with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+      json.dump(config, f, indent=2)
+
+  return atomic_directory(directory, write, overwrite=overwrite)
+
+
+def read_info(directory: str) -> tuple[PretrainedInfo, PoolFormerConfig]:
+  """Reads config.json only (no weights)."""
+  path = os.path.join(directory, CONFIG_FILE)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{directory} is not a directory; pass a directory written by "
+                            "convert_torch_weights.py or save_pretrained")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{directory} has no {CONFIG_FILE}; it was not written by "
+                            "save_pretrained (or the write did not finish)")
+  with open(path) as f:
+    config = json.load(f)
+  if config.get("format") != FORMAT:
+    raise ValueError(f"{path} has format {config.get('format')!r}, expected {FORMAT!r}")
+  cfg = (_config_from_json(config["model"]) if "model" in config else
+         get_config(config["variant"], num_classes=config["num_classes"]))
+  labels = config.get("labels")
+  info = PretrainedInfo(variant=config["variant"], num_classes=int(config["num_classes"]),
+                        labels=tuple(labels) if labels is not None else None,
+                        preprocessing=dict(config["preprocessing"]))
+  return info, cfg
+
+
+def load_pretrained(directory: str, *, dtype=jnp.float32,
+                    rngs: nnx.Rngs | None = None) -> tuple[MetaFormer, PretrainedInfo]:
+  """A ready model (float32 params, `dtype` compute) and its info, from `save_pretrained`.
+
+  `rngs` only seeds variables that are not in the checkpoint (none for PoolFormer).
+  """
+  directory = os.path.abspath(directory)
+  info, cfg = read_info(directory)
+  abstract = nnx.eval_shape(lambda r: MetaFormer(cfg, dtype=dtype, rngs=r),
+                            rngs if rngs is not None else nnx.Rngs(0))
+  graphdef, state = nnx.split(abstract)
+  target = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+  params_dir = os.path.join(directory, PARAMS_DIR)
+  if not os.path.isdir(params_dir):
+    raise FileNotFoundError(f"{directory} has no {PARAMS_DIR}/ checkpoint")
+  with ocp.StandardCheckpointer() as ckptr:
+    restored = ckptr.restore(params_dir, target)
+  restored = jax.tree.map(jnp.asarray, restored)
+  nnx.replace_by_pure_dict(state, restored)
+  return nnx.merge(graphdef, state), info
