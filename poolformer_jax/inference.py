@@ -1,10 +1,11 @@
 """Classify images with a converted or trained PoolFormer: load, preprocess, predict.
 
-`preprocess` reproduces the release's eval transform exactly as HF's PoolFormerImageProcessor
-(PIL backend) computes it: resize the short side to int(size / crop_pct) with PIL bicubic, the long
-side to int(new_short * long / short), center crop with floored offsets, scale to [0, 1],
-normalise. It uses PIL like the reference, so the two agree to float rounding (see the README).
-No torch and no TensorFlow here.
+`preprocess` reproduces the release's eval transform (torchvision Resize + CenterCrop, as timm
+builds it): resize the short side to int(size / crop_pct) with PIL bicubic, the long side to
+int(new_short * long / short), center crop at offsets int(round(margin / 2)), scale to [0, 1],
+normalise. HF's PoolFormerImageProcessor resizes identically (PIL) but floors the crop offset,
+so it sits one pixel higher/lefter when a margin is 3 mod 4; everywhere else the two agree to
+float rounding (measured in benchmarks/preprocess_parity.py). No torch, no TensorFlow here.
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ def resize_and_crop(image: np.ndarray, *, input_size: int = 224, crop_pct: float
   new_long = int(new_short * long / short)
   new_h, new_w = (new_long, new_short) if w <= h else (new_short, new_long)
   resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), _RESAMPLE[interpolation]))
-  top, left = (new_h - input_size) // 2, (new_w - input_size) // 2
+  # torchvision's CenterCrop: round half to even, as Python's round() does.
+  top, left = int(round((new_h - input_size) / 2)), int(round((new_w - input_size) / 2))
   return resized[top:top + input_size, left:left + input_size]
 
 
