@@ -25,7 +25,7 @@ def execute(path: pathlib.Path, env: dict, monkeypatch) -> nbformat.NotebookNode
 
 
 def test_notebooks_are_committed_without_outputs():
-  assert {p.stem for p in NOTEBOOKS} >= {"quickstart", "convert_and_check"}
+  assert {p.stem for p in NOTEBOOKS} == {"quickstart", "convert_and_check", "train_on_tpu"}
   for path in NOTEBOOKS:
     for cell in json.loads(path.read_text())["cells"]:
       if cell["cell_type"] == "code":
@@ -77,3 +77,17 @@ def test_convert_and_check_notebook(random_checkpoints, monkeypatch, tmp_path):
   assert "top-1 agreement 100%" in outputs_text(nb)
   assert images_shown(nb) == 1
   assert (tmp_path / "out" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_train_on_tpu_notebook_plots_a_real_run(monkeypatch, tmp_path):
+  import subprocess
+  import sys
+  workdir = tmp_path / "run"
+  subprocess.run([sys.executable, "main.py", "--config=configs/demo.py:smoke",
+                  f"--workdir={workdir}"], cwd=REPO, check=True, timeout=900)
+  nb = execute(REPO / "notebooks" / "train_on_tpu.ipynb",
+               {"POOLFORMER_WORKDIR": str(workdir)}, monkeypatch)
+  text = outputs_text(nb)
+  assert "final eval/top1" in text and "img/s/chip" in text
+  assert images_shown(nb) == 1
