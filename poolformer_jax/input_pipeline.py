@@ -171,16 +171,80 @@ class _TfdsSource:
     sub = tfds.even_splits(split, n=count, drop_remainder=drop_remainder)[index]
     return sub, self.builder.info.splits[sub].num_examples
 
-  def dataset(self, sub, *, file_shuffle_seed: int | None) -> tf.data.Dataset:
-    """(bytes, label) records; files read in a seeded order when file_shuffle_seed is given."""
-    read_config = tfds.ReadConfig(
-        options=_options(), try_autocache=False, shuffle_seed=file_shuffle_seed,
-        shuffle_reshuffle_each_iteration=False)
-    ds = self.builder.as_dataset(
-        split=sub, shuffle_files=file_shuffle_seed is not None, read_config=read_config,
-        decoders={self.image_key: tfds.decode.SkipDecoding()})
+  def dataset(self, sub) -> tf.data.Dataset:
+    """(bytes, label) records in the stored order."""
+    read_config = tfds.ReadConfig(options=_options(), try_autocache=False)
+    ds = self.builder.as_dataset(split=sub, shuffle_files=False, read_config=read_config,
+                                 decoders={self.image_key: tfds.decode.SkipDecoding()})
     return ds.map(lambda ex: (ex[self.image_key], tf.cast(ex[self.label_key], tf.int32)),
                   num_parallel_calls=tf.data.AUTOTUNE)
+
+  def epoch_fn(self, sub, cfg):
+    """key [2] -> one epoch of (bytes, label) in an order drawn from key, built in-graph.
+
+    Everything happens inside one infinite tf.data graph (no per-epoch rebuild, no stall).
+    TFRecord splits: the shard files are read in a key-permuted order, interleaved, and mixed
+    by a shuffle buffer seeded from key. cache=True: the encoded split is held in memory and
+    fully permuted each epoch (small datasets).
+    """
+    if cfg.cache:
+      return _in_memory_epoch_fn(*_load_arrays(self.dataset(sub)), read=None)
+    if self.builder.info.file_format != tfds.core.file_adapters.FileFormat.TFRECORD:
+      base = self.dataset(sub)  # Other formats: stored order, shuffle buffer only.
+      return lambda key: base.shuffle(cfg.shuffle_buffer, seed=_scalar_seed(key))
+    instructions = self.builder.info.splits[sub].file_instructions
+    files = tf.constant([os.fspath(fi.filename) for fi in instructions])
+    skips = tf.constant([fi.skip for fi in instructions], tf.int64)
+    takes = tf.constant([-1 if fi.take is None else fi.take for fi in instructions], tf.int64)
+    features = self.builder.info.features
+    decoders = {self.image_key: tfds.decode.SkipDecoding()}
+
+    def parse(serialized):
+      ex = features.deserialize_example(serialized, decoders=decoders)
+      return ex[self.image_key], tf.cast(ex[self.label_key], tf.int32)
+
+    def epoch(key):
+      order = tf.random.experimental.stateless_shuffle(tf.range(len(instructions)), key)
+      shards = tf.data.Dataset.from_tensor_slices(
+          (tf.gather(files, order), tf.gather(skips, order), tf.gather(takes, order)))
+      records = shards.interleave(
+          lambda f, k, n: tf.data.TFRecordDataset(f, buffer_size=8 << 20).skip(k).take(n),
+          cycle_length=min(16, len(instructions)), block_length=1,
+          num_parallel_calls=min(16, len(instructions)), deterministic=True)
+      records = records.shuffle(cfg.shuffle_buffer, seed=_scalar_seed(key))
+      return records.map(parse)  # Parsing is cheap; decoding happens after skipping.
+
+    return epoch
+
+
+def _scalar_seed(key):
+  return tf.cast(tf.random.stateless_uniform([], key, 0, 2**31 - 1, dtype=tf.int32), tf.int64)
+
+
+def _load_arrays(ds, max_bytes=1 << 30):
+  """Encoded images and labels as numpy arrays (for cache=True)."""
+  images, labels, total = [], [], 0
+  for image, label in tfds.as_numpy(ds):
+    images.append(image)
+    labels.append(label)
+    total += len(image)
+    if total > max_bytes:
+      raise ValueError("cache=True holds the encoded split in memory and is meant for small datasets "
+                       f"(over {max_bytes >> 20} MiB here); set config.data.cache=False.")
+  return np.array(images, dtype=object), np.array(labels, np.int32)
+
+
+def _in_memory_epoch_fn(items, labels, read):
+  """key [2] -> items and labels in a full random permutation (then `read` applied)."""
+  items = tf.constant(items)
+  labels = tf.constant(labels, tf.int32)
+
+  def epoch(key):
+    order = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(labels)[0]), key)
+    ds = tf.data.Dataset.from_tensor_slices((tf.gather(items, order), tf.gather(labels, order)))
+    return ds if read is None else ds.map(lambda x, y: (read(x), y))
+
+  return epoch
 
 
 class _FolderSource:
@@ -241,13 +305,15 @@ class _FolderSource:
     sub = (paths[index:n:count], labels[index:n:count])  # Sizes differ by at most one.
     return sub, len(sub[0])
 
-  def dataset(self, sub, *, file_shuffle_seed: int | None) -> tf.data.Dataset:
-    paths, labels = np.asarray(sub[0]), np.asarray(sub[1], np.int32)
-    if file_shuffle_seed is not None:  # A full permutation: file lists are cheap to shuffle.
-      perm = np.random.default_rng(file_shuffle_seed).permutation(len(paths))
-      paths, labels = paths[perm], labels[perm]
-    ds = tf.data.Dataset.from_tensor_slices((paths, labels))
+  def dataset(self, sub) -> tf.data.Dataset:
+    ds = tf.data.Dataset.from_tensor_slices((np.asarray(sub[0]), np.asarray(sub[1], np.int32)))
     return ds.map(lambda p, y: (_checked_read(p), y), num_parallel_calls=tf.data.AUTOTUNE)
+
+  def epoch_fn(self, sub, cfg):
+    """Full permutation of the file list per epoch; files are read after the resume skip."""
+    if cfg.cache:
+      return _in_memory_epoch_fn(*_load_arrays(self.dataset(sub)), read=None)
+    return _in_memory_epoch_fn(np.asarray(sub[0]), np.asarray(sub[1], np.int32), read=_checked_read)
 
 
 def _checked_read(path):
@@ -408,11 +474,6 @@ def _local_batch(global_batch_size, process_count):
   return global_batch_size // process_count
 
 
-def _epoch_seed(seed, process_index, epoch):
-  """A 31-bit seed for (seed, process, epoch), stable across runs and platforms."""
-  return int(np.random.SeedSequence([seed, process_index, epoch]).generate_state(1)[0] >> 1)
-
-
 def _num_parallel(cfg):
   n = cfg.get("num_parallel_calls", -1)
   return tf.data.AUTOTUNE if n is None or n < 0 else n
@@ -436,30 +497,23 @@ def create_train_iterator(data_config, *, global_batch_size: int, seed: int, sta
   if steps_per_epoch == 0:
     raise ValueError(f"Process {process_index} holds {n} training examples, fewer than one local "
                      f"batch of {batch}; lower the batch size.")
+  epoch_records = src.epoch_fn(sub, cfg)
   preprocess = make_train_preprocess(cfg)
-  cached = src.dataset(sub, file_shuffle_seed=None).cache() if cfg.cache else None
+  start_epoch, skip_batches = divmod(int(start_step), steps_per_epoch)
+  process_key = tf.constant([seed, process_index], tf.int64)
 
-  def epoch_dataset(epoch, skip_batches):
-    eseed = _epoch_seed(seed, process_index, epoch)
-    if cached is not None:
-      ds = cached
-    else:
-      ds = src.dataset(sub, file_shuffle_seed=eseed)
-    ds = ds.shuffle(cfg.shuffle_buffer, seed=eseed, reshuffle_each_iteration=False)
-    ds = ds.take(steps_per_epoch * batch).enumerate()
-    ds = ds.skip(skip_batches * batch)  # Before decoding: skipped records cost only I/O.
-    ds = ds.map(lambda i, ex: preprocess(ex[0], ex[1], tf.stack([tf.constant(eseed, tf.int64), i])),
-                num_parallel_calls=_num_parallel(cfg))
-    ds = ds.batch(batch, drop_remainder=True).prefetch(cfg.prefetch)
-    return ds.with_options(_options())
+  def epoch(e):
+    key = tf.random.experimental.stateless_fold_in(process_key, e)  # Per (seed, process, epoch).
+    ds = epoch_records(key).take(steps_per_epoch * batch).enumerate()
+    # Resume: skip the already-consumed records of the first epoch BEFORE decoding them.
+    ds = ds.skip(tf.where(tf.equal(e, start_epoch), tf.constant(skip_batches * batch, tf.int64), 0))
+    return ds.map(lambda i, rec: (rec[0], rec[1], tf.random.experimental.stateless_fold_in(key, i)))
 
-  def generate():
-    epoch, skip = divmod(int(start_step), steps_per_epoch)
-    while True:
-      yield from tfds.as_numpy(epoch_dataset(epoch, skip))
-      epoch, skip = epoch + 1, 0
-
-  return _named_errors(generate(), cfg)
+  # Whole epochs before start_epoch are skipped arithmetically; batches never straddle epochs.
+  ds = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch)
+  ds = ds.map(preprocess, num_parallel_calls=_num_parallel(cfg))
+  ds = ds.batch(batch, drop_remainder=True).prefetch(cfg.prefetch).with_options(_options())
+  return _named_errors(tfds.as_numpy(ds), cfg)
 
 
 def _named_errors(iterator, cfg, _error=tf.errors.InvalidArgumentError):
@@ -503,7 +557,7 @@ def create_eval_iterator(data_config, *, global_batch_size: int, process_index: 
   preprocess = make_eval_preprocess(cfg)
   size = int(cfg.image_size)
 
-  ds = src.dataset(sub, file_shuffle_seed=None)
+  ds = src.dataset(sub)
   ds = ds.map(lambda data, label: {**preprocess(data, label), "mask": tf.constant(1.0, tf.float32)},
               num_parallel_calls=_num_parallel(cfg))
   pad = tf.data.Dataset.from_tensors({
