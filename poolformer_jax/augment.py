@@ -93,8 +93,15 @@ def _grayscale(image):
 
 
 def _affine(image, matrix, fill):
-  """Samples image at matrix @ (x, y, 1) for each output pixel; outside pixels get `fill`."""
-  transform = tf.concat([tf.cast(matrix, tf.float32), tf.zeros([2], tf.float32)], 0)[None]
+  """PIL Image.transform(AFFINE, matrix): output pixel (x, y) samples input at matrix @ (x, y, 1).
+
+  `matrix` is in PIL's continuous coordinates (pixel centres at +0.5); TF's projective transform
+  uses pixel indices, so the offsets are shifted accordingly. Outside pixels get `fill`.
+  """
+  a, b, c, d, e, f = tf.unstack(tf.cast(matrix, tf.float32))
+  c = c + 0.5 * (a + b) - 0.5
+  f = f + 0.5 * (d + e) - 0.5
+  transform = tf.stack([a, b, c, d, e, f, 0.0, 0.0])[None]
   shape = tf.shape(image)[:2]
   ones = tf.ones_like(image[..., :1])
   stacked = tf.concat([image, ones], -1)[None]
@@ -139,10 +146,11 @@ def _invert(image, m, s, fill):
 
 
 def _rotate(image, m, s, fill):
-  theta = -math.pi / 180.0 * s * m / _LEVEL_DENOM * _ROTATE_DEG  # PIL: counter-clockwise.
+  """PIL Image.rotate: counter-clockwise about the image centre (w / 2, h / 2)."""
+  theta = -math.pi / 180.0 * s * m / _LEVEL_DENOM * _ROTATE_DEG
   h = tf.cast(tf.shape(image)[0], tf.float32)
   w = tf.cast(tf.shape(image)[1], tf.float32)
-  cx, cy = (w - 1.0) / 2.0, (h - 1.0) / 2.0
+  cx, cy = w / 2.0, h / 2.0
   c, sn = tf.cos(theta), tf.sin(theta)
   matrix = tf.stack([c, sn, cx - c * cx - sn * cy, -sn, c, cy + sn * cx - c * cy])
   return _affine(image, matrix, fill)

@@ -401,6 +401,8 @@ def make_train_preprocess(cfg):
   if interp not in ("random", "bilinear", "bicubic"):
     raise ValueError(f"train_interpolation={interp!r}; use 'random', 'bilinear' or 'bicubic'.")
 
+  # Plain TF code (explicit tf.cond / switch_case): autograph would only slow down tracing.
+  @tf.autograph.experimental.do_not_convert
   def preprocess(data, label, seed):
     seeds = [tf.random.experimental.stateless_fold_in(seed, i) for i in range(6)]
     if scale:
@@ -432,6 +434,7 @@ def make_eval_preprocess(cfg):
   size = int(cfg.image_size)
   scale_size = math.floor(size / cfg.crop_pct)
 
+  @tf.autograph.experimental.do_not_convert
   def preprocess(data, label):
     image = _decode(data)
     shape = tf.shape(image)
@@ -502,6 +505,7 @@ def create_train_iterator(data_config, *, global_batch_size: int, seed: int, sta
   start_epoch, skip_batches = divmod(int(start_step), steps_per_epoch)
   process_key = tf.constant([seed, process_index], tf.int64)
 
+  @tf.autograph.experimental.do_not_convert
   def epoch(e):
     key = tf.random.experimental.stateless_fold_in(process_key, e)  # Per (seed, process, epoch).
     ds = epoch_records(key).take(steps_per_epoch * batch).enumerate()
