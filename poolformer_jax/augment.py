@@ -300,5 +300,6 @@ def random_erasing(image, prob, seed, min_area=0.02, max_area=1 / 3, min_aspect=
   rows = tf.range(h)[:, None]
   cols = tf.range(w)[None, :]
   box = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew) & do
-  noise = tf.random.stateless_normal(tf.shape(image), s[5])
-  return tf.where(box[..., None], noise, image)
+  # Noise is drawn only when erasing happens (3 in 4 images skip it at p=0.25).
+  return tf.cond(do, lambda: tf.where(box[..., None], tf.random.stateless_normal(tf.shape(image), s[5]), image),
+                 lambda: image)
