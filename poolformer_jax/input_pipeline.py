@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 from absl import logging
 import ml_collections
@@ -546,8 +546,9 @@ def create_eval_iterator(data_config, *, global_batch_size: int, process_index: 
                          process_count: int | None = None) -> tuple[Iterable[dict[str, np.ndarray]], int]:
   """(iterable of this process's eval batches {'image', 'label', 'mask'}, num_steps).
 
-  Every example appears exactly once over all processes with mask 1; padding has mask 0. The
-  number of batches is the same on every process (set by the largest per-process shard).
+  Every example appears exactly once over all processes with mask 1.0; padding (zero images,
+  label 0) has mask 0.0 (float32). The number of batches is the same on every process (set by
+  the largest per-process shard). Build it once and iterate it at every evaluation.
   """
   cfg = data_config
   process_index, process_count = _process(process_index, process_count)
