@@ -1,0 +1,438 @@
+"""Input pipeline: datasets, determinism and exact resume, process split, masked eval, ImageNet builder."""
+
+import collections
+import hashlib
+import io
+import math
+import os
+import sys
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageOps
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from poolformer_jax import augment
+from poolformer_jax import input_pipeline as ip
+
+sys.path.insert(0, os.path.dirname(__file__))
+import fake_imagenet  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+# ---------------------------------------------------------------------------
+# Fixtures and helpers.
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds_digits"))
+
+
+def _digits_config(data_dir, *, augmented=True, **overrides):
+  c = ip.default_data_config()
+  c.dataset = "digits"
+  c.data_dir = data_dir
+  c.eval_split = "test"
+  c.image_size = 16
+  c.crop_pct = 1.0
+  c.hflip = False
+  c.shuffle_buffer = 2048
+  if augmented:
+    c.rrc_scale = (0.5, 1.0)
+  else:  # Every image a deterministic function of its example: lets tests identify examples.
+    c.rrc_scale = None
+    c.train_interpolation = "bicubic"
+    c.randaugment = ""
+    c.random_erasing = 0.0
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def _hashes(images):
+  return [hashlib.sha1(np.ascontiguousarray(x).tobytes()).hexdigest() for x in images]
+
+
+def _assert_same_batches(a, b):
+  assert len(a) == len(b)
+  for i, (x, y) in enumerate(zip(a, b)):
+    np.testing.assert_array_equal(x["label"], y["label"], err_msg=f"batch {i}")
+    np.testing.assert_array_equal(x["image"], y["image"], err_msg=f"batch {i}")
+
+
+def _smooth_image(rng, h, w):
+  """Photo-like content: smooth colour waves plus mild noise."""
+  y, x = np.mgrid[0:h, 0:w]
+  img = 128 + 80 * np.sin(x[..., None] / 5.0 + y[..., None] / 7.0 + np.array([0, 1, 2]))
+  return np.clip(img + rng.normal(0, 8, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def _encode(array, fmt):
+  buf = io.BytesIO()
+  Image.fromarray(array).save(buf, format=fmt)
+  return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------
+# Digits (the demo's real data).
+# ---------------------------------------------------------------------------
+
+
+def test_digits_builder_prepares_and_holds_every_sklearn_image_once(digits_dir):
+  from sklearn.datasets import load_digits
+  info = ip.get_dataset_info(_digits_config(digits_dir))  # Prepares on first use.
+  assert (info.num_classes, info.num_train_examples, info.num_eval_examples) == (10, 1437, 360)
+  assert info.label_names == tuple(str(i) for i in range(10))
+
+  ref = load_digits()
+  ref_images = np.round(ref.images * 255 / 16).astype(np.uint8)
+  builder = tfds.builder("digits", data_dir=digits_dir)
+  stored = {}
+  for split in ("train", "test"):
+    ex = list(tfds.as_numpy(builder.as_dataset(split=split)))
+    assert all(e["image"].shape == (8, 8, 1) and e["image"].dtype == np.uint8 for e in ex)
+    stored[split] = ex
+  everything = collections.Counter(
+      (e["image"][..., 0].tobytes(), int(e["label"])) for e in stored["train"] + stored["test"])
+  assert everything == collections.Counter(
+      (im.tobytes(), int(y)) for im, y in zip(ref_images, ref.target))
+  # Stratified: each class's test share is 20% of the class, to within one image.
+  class_sizes = np.bincount(ref.target, minlength=10)
+  test_sizes = np.bincount([int(e["label"]) for e in stored["test"]], minlength=10)
+  assert np.all(np.abs(test_sizes - 0.2 * class_sizes) <= 1)
+
+
+def test_digits_train_batches_have_the_promised_shapes(digits_dir):
+  c = _digits_config(digits_dir, hflip=True)
+  it = ip.create_train_iterator(c, global_batch_size=32, seed=0)  # Process split from jax (1 process).
+  b = next(it)
+  assert b["image"].shape == (32, 16, 16, 3) and b["image"].dtype == np.float32
+  assert b["label"].shape == (32,) and b["label"].dtype == np.int32
+  assert np.all((b["label"] >= 0) & (b["label"] < 10))
+  assert np.all(np.isfinite(b["image"]))
+  # Normalised with ImageNet mean/std: values span roughly [-2.1, 2.6] (plus erasing noise).
+  assert b["image"].min() < -1.5 and b["image"].max() > 1.5
+
+
+# ---------------------------------------------------------------------------
+# Determinism and exact resume.
+# ---------------------------------------------------------------------------
+
+
+# ~30-50 s each on 2 shared cores (each iterator traces the RandAugment graph): the TFRecord
+# variant is marked slow, the in-memory variant keeps exact resume covered in quick runs.
+@pytest.mark.parametrize("cache", [pytest.param(False, marks=pytest.mark.slow), True],
+                         ids=["tfrecord", "cache"])
+def test_train_stream_is_deterministic_and_resumes_exactly(digits_dir, cache):
+  c = _digits_config(digits_dir, cache=cache)
+  batch = 128  # 1437 // 128 = 11 steps per epoch.
+  steps = ip.batches_per_epoch(c, global_batch_size=batch, process_count=1)
+  assert steps == 11
+  kw = dict(global_batch_size=batch, process_index=0, process_count=1)
+  full = _take(ip.create_train_iterator(c, seed=3, **kw), steps + 3)
+  _assert_same_batches(full[:2], _take(ip.create_train_iterator(c, seed=3, **kw), 2))
+  # Resume mid-epoch (then crossing the epoch boundary), and inside a later epoch (whole epochs
+  # skipped arithmetically, then records within the epoch).
+  for k in (9, steps + 2):
+    resumed = _take(ip.create_train_iterator(c, seed=3, start_step=k, **kw), len(full) - k)
+    _assert_same_batches(full[k:], resumed)
+  other = next(ip.create_train_iterator(c, seed=4, **kw))
+  assert not np.array_equal(other["image"], full[0]["image"])
+
+
+def test_each_epoch_is_a_fresh_permutation_without_repeats(digits_dir):
+  c = _digits_config(digits_dir, augmented=False)
+  batch, steps = 128, 11
+  it = ip.create_train_iterator(c, global_batch_size=batch, seed=0, process_index=0, process_count=1)
+  epochs = [_take(it, steps) for _ in range(2)]
+  ids = [_hashes(np.concatenate([b["image"] for b in e])) for e in epochs]
+  labels = [np.concatenate([b["label"] for b in e]) for e in epochs]
+  # Digits has a few pixel-identical scans, so compare (image, label) multisets, not sets.
+  for i, l in zip(ids, labels):
+    counts = collections.Counter(zip(i, l.tolist()))
+    assert sum(counts.values()) == steps * batch
+    assert max(counts.values()) <= 3  # No example repeated within an epoch (beyond true duplicates).
+  assert ids[0] != ids[1]  # The order changes between epochs.
+  # Both epochs draw from the same 1437 examples: most of epoch 1 was seen in epoch 0.
+  assert len(set(ids[0]) & set(ids[1])) > 0.8 * len(set(ids[0]))
+
+
+def test_processes_get_disjoint_shards_of_equal_length(digits_dir):
+  c = _digits_config(digits_dir, augmented=False)
+  seen = []
+  for p in range(2):
+    assert ip.batches_per_epoch(c, global_batch_size=64, process_count=2) == 1437 // 2 // 32
+    it = ip.create_train_iterator(c, global_batch_size=64, seed=0, process_index=p, process_count=2)
+    batches = _take(it, 1437 // 2 // 32)
+    assert all(b["image"].shape[0] == 32 for b in batches)
+    seen.append(collections.Counter(_hashes(np.concatenate([b["image"] for b in batches]))))
+  # Overlap only through pixel-identical duplicate scans in the dataset (a handful at most).
+  assert sum((seen[0] & seen[1]).values()) <= 5
+
+
+# ---------------------------------------------------------------------------
+# Eval: padding and mask.
+# ---------------------------------------------------------------------------
+
+
+def _eval_examples(c, global_batch_size, process_count):
+  """(image hash, label) of each real example over all processes, and the step counts."""
+  found, step_counts = [], []
+  for p in range(process_count):
+    it, steps = ip.create_eval_iterator(c, global_batch_size=global_batch_size, process_index=p,
+                                        process_count=process_count)
+    batches = list(it)
+    assert len(batches) == steps
+    step_counts.append(steps)
+    for b in batches:
+      assert b["image"].shape[0] == global_batch_size // process_count
+      assert set(np.unique(b["mask"])) <= {0.0, 1.0}
+      keep = b["mask"] > 0
+      found += list(zip(_hashes(b["image"][keep]), b["label"][keep].tolist()))
+      assert np.all(b["image"][~keep] == 0)
+  return found, step_counts
+
+
+def test_eval_counts_every_example_exactly_once_with_padding(digits_dir):
+  c = _digits_config(digits_dir)
+  reference, steps1 = _eval_examples(c, global_batch_size=50, process_count=1)  # 360 = 7 * 50 + 10.
+  assert steps1 == [8] and len(reference) == 360
+  found, steps = _eval_examples(c, global_batch_size=14, process_count=7)  # Shards of 52 and 51.
+  assert steps == [26] * 7  # Same step count on every process, set by the largest shard.
+  assert collections.Counter(found) == collections.Counter(reference)
+  from sklearn.datasets import load_digits
+  from poolformer_jax.datasets import digits
+  _, test_idx = digits.split_indices(load_digits().target)
+  assert collections.Counter(label for _, label in found) == collections.Counter(
+      load_digits().target[test_idx].tolist())
+
+
+# ---------------------------------------------------------------------------
+# ImageNet: the real TFDS builder on tiny fake ILSVRC tars.
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fake_imagenet_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp("fake_imagenet")
+  expected = fake_imagenet.prepare_fake_imagenet(root / "data", root / "manual")
+  return str(root / "data"), expected
+
+
+@pytest.mark.slow
+def test_fake_imagenet_through_the_real_builder(fake_imagenet_dir):
+  data_dir, expected = fake_imagenet_dir
+  c = ip.default_data_config()  # The release recipe: RRC, flip, RandAugment, erasing.
+  c.data_dir = data_dir
+  c.image_size = 32
+  c.crop_pct = 0.875
+  c.shuffle_buffer = 64
+  info = ip.get_dataset_info(c)
+  assert info.num_classes == 1000 and len(info.label_names) == 1000
+  assert (info.num_train_examples, info.num_eval_examples) == (24, 13)
+
+  it = ip.create_train_iterator(c, global_batch_size=8, seed=0, process_index=1, process_count=2)
+  train_labels = set(expected["train"].values())
+  for b in _take(it, 4):  # 12 examples per process: one step per epoch, so this spans 4 epochs.
+    assert b["image"].shape == (4, 32, 32, 3)
+    assert set(b["label"].tolist()) <= train_labels
+
+  # 13 validation images, global batch 4 over 2 processes: shards of 7 and 6, 4 steps each.
+  found, steps = _eval_examples(c, global_batch_size=4, process_count=2)
+  assert steps == [4, 4]
+  assert sorted(label for _, label in found) == sorted(expected["validation"].values())
+  assert len(set(h for h, _ in found)) == 13
+
+
+# ---------------------------------------------------------------------------
+# Image folder.
+# ---------------------------------------------------------------------------
+
+
+def _make_folder(root, rng, per_class=(5, 3), classes=("cat", "ant", "bee")):
+  for split, n in zip(("train", "val"), per_class):
+    for ci, cls in enumerate(classes):
+      os.makedirs(root / split / cls)
+      for i in range(n):
+        fmt, ext = [("JPEG", "jpg"), ("PNG", "png")][i % 2]
+        shade = np.full((20 + i, 24, 3), 40 * (ci + 1), np.uint8)  # Class-coded brightness.
+        (root / split / cls / f"{i}.{ext}").write_bytes(_encode(shade, fmt))
+  (root / "train" / "cat" / "notes.txt").write_text("not an image, ignored")
+
+
+def test_folder_mode(tmp_path):
+  _make_folder(tmp_path, np.random.default_rng(0))
+  c = _digits_config(None, augmented=False, dataset="folder", folder=str(tmp_path), eval_split="val",
+                     mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+  info = ip.get_dataset_info(c)
+  assert info.label_names == ("ant", "bee", "cat")  # Sorted alphabetically.
+  assert (info.num_classes, info.num_train_examples, info.num_eval_examples) == (3, 15, 9)
+  it = ip.create_train_iterator(c, global_batch_size=5, seed=0, process_index=0, process_count=1)
+  for b in _take(it, 4):
+    shade = b["image"].mean(axis=(1, 2, 3)) * 255
+    # Label i was painted 40 * (index in ('cat', 'ant', 'bee') + 1): ant=80, bee=120, cat=40.
+    np.testing.assert_allclose(shade, np.array([80, 120, 40])[b["label"]], atol=2)
+  it, steps = ip.create_eval_iterator(c, global_batch_size=4, process_index=0, process_count=1)
+  batches = list(it)
+  assert steps == 3 and sum(b["mask"].sum() for b in batches) == 9
+
+
+def test_folder_mode_names_an_unreadable_file(tmp_path):
+  _make_folder(tmp_path, np.random.default_rng(0))
+  bad = tmp_path / "val" / "bee" / "broken.jpg"
+  bad.write_bytes(b"<html>404</html>")
+  c = _digits_config(None, dataset="folder", folder=str(tmp_path), eval_split="val")
+  it, _ = ip.create_eval_iterator(c, global_batch_size=4, process_index=0, process_count=1)
+  with pytest.raises(ValueError, match="broken.jpg"):
+    list(it)
+
+
+# ---------------------------------------------------------------------------
+# Errors that say what to do.
+# ---------------------------------------------------------------------------
+
+
+def test_missing_imagenet_says_how_to_prepare_it(tmp_path):
+  c = ip.default_data_config()
+  c.data_dir = str(tmp_path)
+  with pytest.raises(ip.DatasetNotFoundError) as e:
+    ip.get_dataset_info(c)
+  msg = str(e.value)
+  for needle in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "tfds build imagenet2012",
+                 "download_and_prepare", "manual_dir", str(tmp_path)):
+    assert needle in msg, needle
+
+
+def test_other_bad_datasets_raise_clear_errors(tmp_path):
+  c = ip.default_data_config()
+  c.data_dir = str(tmp_path)
+  c.dataset = "cifar10"
+  with pytest.raises(ip.DatasetNotFoundError, match="tfds build cifar10"):
+    ip.get_dataset_info(c)
+  c.dataset = "no_such_dataset_xyz"
+  with pytest.raises(ip.DatasetNotFoundError, match="Unknown dataset"):
+    ip.get_dataset_info(c)
+  c.dataset = "folder"
+  c.folder = str(tmp_path / "missing")
+  with pytest.raises(ip.DatasetNotFoundError, match="<split>/<label>"):
+    ip.get_dataset_info(c)
+
+
+def test_bad_split_and_batch_size(digits_dir):
+  c = _digits_config(digits_dir, eval_split="validation")
+  with pytest.raises(ValueError, match="available"):
+    ip.get_dataset_info(c)
+  c = _digits_config(digits_dir)
+  with pytest.raises(ValueError, match="divisible"):
+    ip.create_train_iterator(c, global_batch_size=9, seed=0, process_index=0, process_count=2)
+
+
+# ---------------------------------------------------------------------------
+# Preprocessing against PIL (the release's torchvision transforms run on PIL).
+# ---------------------------------------------------------------------------
+
+
+def test_eval_preprocessing_matches_pil_bicubic_resize_and_center_crop():
+  """Tolerance: at most 2 grey levels per pixel, mean below 0.5 (TF vs PIL bicubic rounding)."""
+  rng = np.random.default_rng(0)
+  c = ip.default_data_config()
+  c.image_size, c.crop_pct = 32, 0.875
+  pre = ip.make_eval_preprocess(c)
+  for h, w in [(50, 71), (90, 40), (37, 37)]:
+    array = _smooth_image(rng, h, w)
+    out = pre(tf.constant(_encode(array, "PNG")), tf.constant(0))["image"].numpy()
+    assert out.shape == (32, 32, 3)
+    out255 = (out * np.array(c.std) + np.array(c.mean)) * 255
+    # Reference: torchvision Resize(36) (short side, long side truncated) + CenterCrop(32), on PIL.
+    s = math.floor(32 / 0.875)
+    nw, nh = (int(s * w / h), s) if h <= w else (s, int(s * h / w))
+    ref = np.asarray(Image.fromarray(array).resize((nw, nh), Image.BICUBIC), np.float64)
+    top, left = int(round((nh - 32) / 2.0)), int(round((nw - 32) / 2.0))
+    diff = np.abs(out255 - ref[top:top + 32, left:left + 32])
+    assert diff.max() <= 2.0 and diff.mean() < 0.5, (h, w, diff.max(), diff.mean())
+
+
+_FILL = (124.0, 116.0, 104.0)
+_M = 9.0
+
+
+def _pil_ops(pil, sign):
+  f = 1 + sign * 0.9 * 0.9  # The 'Increasing' enhance factor at m=9.
+  px = sign * 0.9 * 0.45
+  affine = lambda m: pil.transform(pil.size, Image.AFFINE, m, resample=Image.BILINEAR, fillcolor=tuple(map(int, _FILL)))
+  lut = [min(255, i + int(0.9 * 110)) if i < 128 else i for i in range(256)] * 3
+  return {
+      "Invert": (ImageOps.invert(pil), 0), "AutoContrast": (ImageOps.autocontrast(pil), 1),
+      "Equalize": (ImageOps.equalize(pil), 0),
+      "PosterizeIncreasing": (ImageOps.posterize(pil, 4 - int(0.9 * 4)), 0),
+      "SolarizeIncreasing": (ImageOps.solarize(pil, 256 - int(0.9 * 256)), 0),
+      "SolarizeAdd": (pil.point(lut), 0),
+      "ColorIncreasing": (ImageEnhance.Color(pil).enhance(f), 2),
+      "ContrastIncreasing": (ImageEnhance.Contrast(pil).enhance(f), 2),
+      "BrightnessIncreasing": (ImageEnhance.Brightness(pil).enhance(f), 2),
+      "SharpnessIncreasing": (ImageEnhance.Sharpness(pil).enhance(f), 2),
+      "Rotate": (pil.rotate(sign * 27, resample=Image.BILINEAR, fillcolor=tuple(map(int, _FILL))), None),
+      "ShearX": (affine((1, sign * 0.27, 0, 0, 1, 0)), None),
+      "ShearY": (affine((1, 0, 0, sign * 0.27, 1, 0)), None),
+      "TranslateXRel": (affine((1, 0, px * pil.size[0], 0, 1, 0)), None),
+      "TranslateYRel": (affine((1, 0, 0, 0, 1, px * pil.size[1])), None),
+  }
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_randaugment_ops_match_pil(sign):
+  """Point ops: exact up to PIL's truncation (tolerance in grey levels given per op).
+
+  Geometric ops: PIL clamps at the border where TF blends in the fill colour, so a one-pixel
+  band differs; we require <5% of pixels off by more than 3 levels and a small mean error.
+  """
+  image = _smooth_image(np.random.default_rng(1), 40, 48)
+  refs = _pil_ops(Image.fromarray(image), sign)
+  assert set(refs) == set(augment.INCREASING_OPS)
+  for name, (ref, tol) in refs.items():
+    out = augment.apply_op(image.astype(np.float32), name, _M, sign, _FILL).numpy()
+    assert out.shape == image.shape
+    diff = np.abs(out - np.asarray(ref, np.float32))
+    if tol is None:
+      assert (diff > 3).mean() < 0.05 and diff.mean() < 1.5, (name, (diff > 3).mean(), diff.mean())
+    else:
+      assert diff.max() <= tol, (name, diff.max())
+
+
+def test_parse_randaugment():
+  p = augment.parse_randaugment("rand-m9-mstd0.5-inc1")
+  assert (p.magnitude, p.magnitude_std, p.num_layers, p.ops) == (9.0, 0.5, 2, augment.INCREASING_OPS)
+  assert p.fill == (124.0, 116.0, 104.0)  # timm: round(255 * ImageNet mean).
+  assert augment.parse_randaugment("rand-m7-n3").ops == augment.DEFAULT_OPS
+  with pytest.raises(ValueError, match="Unknown RandAugment field"):
+    augment.parse_randaugment("rand-m9-x3")
+
+
+def test_randaugment_changes_images_and_is_seeded():
+  image = tf.constant(_smooth_image(np.random.default_rng(2), 32, 32).astype(np.float32))
+  policy = augment.parse_randaugment("rand-m9-mstd0.5-inc1")
+  outs = [augment.randaugment(image, policy, tf.constant([7, s], tf.int64)).numpy() for s in range(12)]
+  again = augment.randaugment(image, policy, tf.constant([7, 0], tf.int64)).numpy()
+  np.testing.assert_array_equal(outs[0], again)
+  changed = sum(not np.array_equal(o, image.numpy()) for o in outs)
+  assert 3 <= changed <= 12  # Each of 2 ops applies with p=0.5: P(unchanged) ~ 1/4 per seed.
+  assert all(o.min() >= 0 and o.max() <= 255 and np.all(o == np.round(o)) for o in outs)
+
+
+def test_random_erasing():
+  image = tf.zeros([32, 32, 3])
+  boxes = [augment.random_erasing(image, 1.0, tf.constant([1, s], tf.int64)).numpy() for s in range(20)]
+  for b in boxes:
+    erased = np.any(b != 0, axis=-1)
+    area = erased.mean()
+    assert 0.02 * 0.8 <= area <= 1 / 3 * 1.2, area  # timm's area range (rounding slack).
+    rows, cols = np.where(erased)
+    assert erased[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()  # One rectangle.
+  never = augment.random_erasing(image, 0.0, tf.constant([1, 0], tf.int64)).numpy()
+  assert np.all(never == 0)
