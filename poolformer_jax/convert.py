@@ -246,13 +246,21 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
-    # torch raises RuntimeError (bad zip), UnpicklingError (not a pickle or a disallowed
-    # global), EOFError (truncated legacy pickle) ...: all mean "not a usable checkpoint".
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    # torch raises RuntimeError (bad zip), UnpicklingError (not a pickle, or a global the
+    # weights-only unpickler refuses), EOFError (truncated legacy pickle), KeyError (garbage).
+    text = str(e)
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if refused:
+      raise ConversionError(
+          f"refused to load {path}: it contains a pickled {refused[1]}, which would run code "
+          "on this machine. Only plain state dicts of tensors are loaded (torch weights-only "
+          "unpickler); re-save the checkpoint as a state dict or as .safetensors from a "
+          "trusted environment") from None
+    msg = text.strip().splitlines()[0] if text.strip() else type(e).__name__
     raise ConversionError(
         f"could not load {path} as a PyTorch checkpoint ({type(e).__name__}: {msg}). Is it a "
-        "complete (not truncated) .pth/.pth.tar/.bin state dict saved with torch.save? Files "
-        "that need code to unpickle are refused for safety.") from None
+        "complete (not truncated) .pth/.pth.tar/.bin state dict saved with torch.save? If it "
+        "is truncated, download it again.") from None
   while isinstance(obj, Mapping):
     inner = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), Mapping)), None)
     if inner is None:
@@ -444,7 +452,8 @@ def _unflatten(flat: Mapping[str, Any], like: Mapping) -> dict:
 
 
 def _shape(x) -> str:
-  return "(" + ", ".join(map(str, x)) + ")"
+  """PyTorch-style `[512, 128, 1, 1]`, unambiguous for 1-D shapes too."""
+  return "[" + ", ".join(map(str, x)) + "]"
 
 
 @dataclasses.dataclass

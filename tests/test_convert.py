@@ -119,6 +119,24 @@ def test_layout_parity_m36_small_input(layout, fmt, tmp_path):
   assert info.preprocessing["crop_pct"] == 0.95
 
 
+def test_tables_name_every_parameter_once_in_every_layout():
+  """Each JAX parameter has one name per layout, and that name maps back to it."""
+  abstract = nnx.eval_shape(lambda: create_model("poolformer_m48", rngs=nnx.Rngs(0)))
+  paths = [".".join(str(getattr(k, "key", k)) for k in path) for path, _ in
+           jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(abstract)))[0]]
+  assert len(paths) == 2 + 2 * 3 + 10 * sum((8, 8, 24, 8)) + 4  # stem, downs, blocks, norm+head
+  for layout in cv.LAYOUTS:
+    names = set()
+    for path in paths:
+      canon, _ = cv._lookup(path, "jax")
+      name = cv.source_key(canon, layout)
+      names.add(name)
+      back = next(c for r in cv.RENAMES[layout] if (c := r.forward(name)) is not None)
+      assert cv._lookup(back, "canonical")[0] == path, (layout, name)
+    assert len(names) == len(paths)
+    assert cv.detect_layout(names) == layout
+
+
 # ---------------------------------------------------------------------------
 # Round trips.
 # ---------------------------------------------------------------------------
@@ -208,7 +226,7 @@ def test_overwrite_replaces_existing_output(s12_release, tmp_path):
 
 def _fails(capsys, tmp_path, *argv, match):
   out = tmp_path / "out"
-  assert run_cli(*argv, out) == 1
+  assert run_cli(argv[0], out, *argv[1:]) == 1
   err = capsys.readouterr().err
   assert "Traceback" not in err
   for m in [match] if isinstance(match, str) else match:
@@ -221,6 +239,26 @@ def test_not_a_checkpoint(tmp_path, capsys):
   bad = tmp_path / "notes.pth"
   bad.write_text("these are not weights\n" * 10)
   _fails(capsys, tmp_path, bad, match="could not load")
+
+
+class _RunsCode:
+  """A pickle payload that would create a file when unpickled by plain pickle/torch.load."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (open, (self.marker, "w"))
+
+
+def test_pickle_that_runs_code_is_refused(s12, tmp_path, capsys):
+  marker = tmp_path / "pwned"
+  state = H.to_release_keys(H.hf_state(s12))
+  state["payload"] = _RunsCode(str(marker))
+  path = tmp_path / "evil.pth"
+  torch.save(state, path)
+  _fails(capsys, tmp_path, path, match=["refused to load", "would run code"])
+  assert not marker.exists()
 
 
 def test_other_architecture(tmp_path, capsys):
@@ -258,9 +296,9 @@ def test_missing_unexpected_and_misshaped_are_reported_together(s12, tmp_path, c
   torch.save(state, path)
   _fails(capsys, tmp_path, path, match=[
       "3 problem(s)",
-      "missing tensor network.4.3.mlp.fc2.bias (320)",
-      "wrong shape network.2.0.mlp.fc1.weight: (256, 64, 1, 1), expected (512, 128, 1, 1)",
-      "unexpected tensor network.0.1.extra.weight (2)"])
+      "missing tensor network.4.3.mlp.fc2.bias [320]",
+      "wrong shape network.2.0.mlp.fc1.weight: [256, 64, 1, 1], expected [512, 128, 1, 1]",
+      "unexpected tensor network.0.1.extra.weight [2]"])
 
 
 def test_missing_key_alone(s12, tmp_path, capsys):
@@ -269,7 +307,7 @@ def test_missing_key_alone(s12, tmp_path, capsys):
   from safetensors.torch import save_file
   path = tmp_path / "timm.safetensors"
   save_file(state, str(path))
-  _fails(capsys, tmp_path, path, match="missing tensor stages.3.blocks.1.layer_scale2.scale (512)")
+  _fails(capsys, tmp_path, path, match="missing tensor stages.3.blocks.1.layer_scale2.scale [512]")
 
 
 def test_variant_flag_contradicts_weights(s12_release, tmp_path, capsys):
@@ -314,4 +352,8 @@ def test_check_passes_then_fails_when_a_weight_is_perturbed(s12_release, tmp_pat
     return dataclasses.replace(entry, transform=t)
 
   monkeypatch.setattr(cv, "TABLE", tuple(nudged(e) for e in cv.TABLE))
-  _fails(capsys, tmp_path, s12_release, "--check", match=["exceeds --tolerance 0.0001", "nothing was written"])
+  photo = tmp_path / "coffee.png"
+  from PIL import Image
+  Image.fromarray(skimage_data.coffee()).save(photo)
+  _fails(capsys, tmp_path, s12_release, "--check", "--images", photo,
+         match=["exceeds --tolerance 0.0001", "nothing was written"])
