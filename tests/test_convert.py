@@ -131,7 +131,7 @@ def test_tables_name_every_parameter_once_in_every_layout():
       canon, _ = cv._lookup(path, "jax")
       name = cv.source_key(canon, layout)
       names.add(name)
-      back = next(c for r in cv.RENAMES[layout] if (c := r.forward(name)) is not None)
+      back = cv.canonical_key(name, layout)
       assert cv._lookup(back, "canonical")[0] == path, (layout, name)
     assert len(names) == len(paths)
     assert cv.detect_layout(names) == layout
@@ -182,6 +182,22 @@ def test_roundtrip_jax_hf_safetensors_jax_is_bit_exact(tmp_path):
   pixels = photos(64, 0.9, 2)
   np.testing.assert_array_less(
       np.abs(H.hf_logits(hf_model, pixels) - jax_logits(model, pixels)).max(), TOL)
+
+
+def test_cli_jax_to_hf_and_back_is_bit_exact(tmp_path, capsys):
+  model = _random_jax_model(seed=5, num_classes=4)
+  jax_dir = pretrained.save_pretrained(tmp_path / "jax", model, variant="poolformer_s12",
+                                       labels=["w", "x", "y", "z"])
+  # The JAX directory is not a PyTorch source; the message says how to export it.
+  assert run_cli(jax_dir, tmp_path / "nope") == 1
+  assert "--to-hf" in capsys.readouterr().err
+  assert run_cli("--to-hf", jax_dir, tmp_path / "hf", "--check") == 0
+  assert "top-1 agreement 100%" in capsys.readouterr().out
+  assert run_cli(tmp_path / "hf", tmp_path / "back") == 0
+  back, info = load_pretrained(tmp_path / "back")
+  assert info.labels == ("w", "x", "y", "z")
+  a, b = params_of(model), params_of(back)
+  assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_save_load_pretrained_is_bit_exact(tmp_path):
@@ -261,11 +277,18 @@ def test_pickle_that_runs_code_is_refused(s12, tmp_path, capsys):
   assert not marker.exists()
 
 
-def test_other_architecture(tmp_path, capsys):
-  net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),
-                            torch.nn.Flatten(), torch.nn.Linear(8, 2))
-  path = tmp_path / "resnetish.pth"
-  torch.save(net.state_dict(), path)
+@pytest.mark.parametrize("arch", ["convnet", "vit"])
+def test_other_architecture(tmp_path, capsys, arch):
+  if arch == "convnet":
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),
+                              torch.nn.Flatten(), torch.nn.Linear(8, 2))
+    state = net.state_dict()
+  else:  # a ViT shares `norm.*` and `head.*` with the release layout, but has no PoolFormer block
+    state = {"patch_embed.proj.weight": torch.zeros(8, 3, 16, 16), "cls_token": torch.zeros(8),
+             "blocks.0.attn.qkv.weight": torch.zeros(24, 8), "norm.weight": torch.ones(8),
+             "head.weight": torch.zeros(10, 8), "head.bias": torch.zeros(10)}
+  path = tmp_path / f"{arch}.pth"
+  torch.save(state, path)
   _fails(capsys, tmp_path, path, match="not a PoolFormer v1 checkpoint")
 
 
