@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from poolformer_jax.model import VARIANTS, MetaFormer, PoolFormerConfig, get_config
+from poolformer_jax import pretrained
 from poolformer_jax.pretrained import PretrainedInfo, default_preprocessing
 
 LAYOUTS = ("release", "hf", "timm")
@@ -189,6 +190,15 @@ def _lookup(key: str, side: str) -> tuple[str, Entry] | None:
   return None
 
 
+def canonical_key(key: str, layout: str) -> str | None:
+  """The canonical name of `layout`'s key, or None when no rename matches."""
+  for rename in RENAMES[layout]:
+    out = rename.forward(key)
+    if out is not None:
+      return out
+  return None
+
+
 def source_key(canonical: str, layout: str) -> str:
   """The name a canonical key has in `layout` (used in error messages and the export)."""
   for rename in RENAMES[layout]:
@@ -246,13 +256,21 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
-    # torch raises RuntimeError (bad zip), UnpicklingError (not a pickle or a disallowed
-    # global), EOFError (truncated legacy pickle) ...: all mean "not a usable checkpoint".
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    # torch raises RuntimeError (bad zip), UnpicklingError (not a pickle, or a global the
+    # weights-only unpickler refuses), EOFError (truncated legacy pickle), KeyError (garbage).
+    text = str(e)
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if refused:
+      raise ConversionError(
+          f"refused to load {path}: it contains a pickled {refused[1]}, which would run code "
+          "on this machine. Only plain state dicts of tensors are loaded (torch weights-only "
+          "unpickler); re-save the checkpoint as a state dict or as .safetensors from a "
+          "trusted environment") from None
+    msg = text.strip().splitlines()[0] if text.strip() else type(e).__name__
     raise ConversionError(
         f"could not load {path} as a PyTorch checkpoint ({type(e).__name__}: {msg}). Is it a "
-        "complete (not truncated) .pth/.pth.tar/.bin state dict saved with torch.save? Files "
-        "that need code to unpickle are refused for safety.") from None
+        "complete (not truncated) .pth/.pth.tar/.bin state dict saved with torch.save? If it "
+        "is truncated, download it again.") from None
   while isinstance(obj, Mapping):
     inner = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), Mapping)), None)
     if inner is None:
@@ -287,10 +305,7 @@ def read_source(path: str) -> Source:
                             "or a checkpoint file")
     weights = [os.path.join(path, n) for n in ("model.safetensors", "pytorch_model.bin")]
     weights = [w for w in weights if os.path.isfile(w)]
-    if not weights:
-      raise ConversionError(f"{path} has config.json but neither model.safetensors nor "
-                            "pytorch_model.bin")
-    file = weights[0]  # safetensors first: no torch, no pickle.
+    file = weights[0] if weights else None  # safetensors first: no torch, no pickle.
   else:
     file = path
     sibling = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
@@ -301,12 +316,18 @@ def read_source(path: str) -> Source:
       cfg_path = None
   if cfg_path:
     config = _read_json(cfg_path)
+    if config.get("format") == pretrained.FORMAT:
+      raise ConversionError(f"{path} is already a converted poolformer_jax directory; to export "
+                            "it back to the HF PyTorch layout pass --to-hf")
     model_type = config.get("model_type")
     if model_type != "poolformer":
       raise ConversionError(f"{cfg_path} describes a {model_type!r} model, not a PoolFormer "
                             "(model_type 'poolformer')")
     pp = os.path.join(os.path.dirname(cfg_path), "preprocessor_config.json")
     preproc = _read_json(pp) if os.path.isfile(pp) else None
+  if file is None:
+    raise ConversionError(f"{path} has config.json but neither model.safetensors nor "
+                          "pytorch_model.bin")
   with open(file, "rb") as f:
     magic = f.read(8)
   if file.endswith(".safetensors"):
@@ -332,21 +353,24 @@ def _strip_prefix(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def detect_layout(keys: Iterable[str]) -> str:
-  """The layout whose renames match most keys; an error when none matches a stem conv."""
+  """The layout whose renames match most keys, among those that name at least one block.
+
+  Requiring a block key keeps other architectures (a ViT also has `norm.*` and `head.*`)
+  from passing as a PoolFormer with many unexpected tensors.
+  """
   keys = list(keys)
-  stems = {"release": "patch_embed.proj.weight",
-           "hf": "poolformer.encoder.patch_embeddings.0.projection.weight",
-           "timm": "stem.conv.weight"}
-  counts = {layout: sum(any(r.forward(k) for r in RENAMES[layout]) for k in keys)
-            for layout in LAYOUTS}
-  best = max(LAYOUTS, key=lambda layout: (counts[layout], stems[layout] in keys))
-  if counts[best] == 0 or not any(k.startswith(stems[best].rsplit(".", 2)[0]) for k in keys):
+
+  names = {layout: [c for c in (canonical_key(k, layout) for k in keys) if c is not None]
+           for layout in LAYOUTS}
+  has_block = [layout for layout in LAYOUTS
+               if any(re.match(r"stages\.\d+\.blocks\.\d+\.", c) for c in names[layout])]
+  if not has_block:
     sample = ", ".join(sorted(keys)[:6])
     raise ConversionError(
         "this is not a PoolFormer v1 checkpoint: its keys match none of the known layouts "
         "(release 'patch_embed.*'/'network.*', HF 'poolformer.encoder.*', timm 'stem.*'/"
         f"'stages.*'). First keys: {sample}")
-  return best
+  return max(has_block, key=lambda layout: len(names[layout]))
 
 
 def _structure(canonical: Mapping[str, np.ndarray]) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -444,7 +468,8 @@ def _unflatten(flat: Mapping[str, Any], like: Mapping) -> dict:
 
 
 def _shape(x) -> str:
-  return "(" + ", ".join(map(str, x)) + ")"
+  """PyTorch-style `[512, 128, 1, 1]`, unambiguous for 1-D shapes too."""
+  return "[" + ", ".join(map(str, x)) + "]"
 
 
 @dataclasses.dataclass
@@ -469,7 +494,7 @@ def convert(source: Source | str, *, model: str | None = None) -> Converted:
   canonical: dict[str, np.ndarray] = {}
   origin: dict[str, str] = {}
   for key, value in tensors.items():
-    name = next((c for r in RENAMES[layout] if (c := r.forward(key)) is not None), None)
+    name = canonical_key(key, layout)
     if name is None or _lookup(name, "canonical") is None:
       errors.append(f"unexpected tensor {key} {_shape(value.shape)}")
       continue
@@ -548,6 +573,13 @@ def to_torch_state(model: MetaFormer, layout: str = "hf") -> dict[str, np.ndarra
   return out
 
 
+def from_jax(model: MetaFormer, info: PretrainedInfo) -> Converted:
+  """A JAX model paired with its own HF-layout tensors: what `check` needs for an export."""
+  state = to_torch_state(model, "hf")
+  return Converted(model=model, info=info, layout="jax", num_tensors=len(state),
+                   canonical={canonical_key(k, "hf"): v for k, v in state.items()})
+
+
 def hf_config_dict(cfg: PoolFormerConfig, labels: tuple[str, ...] | None) -> dict:
   """The fields of transformers.PoolFormerConfig for this model (no transformers needed)."""
   labels = tuple(labels) if labels else _default_labels(cfg.num_classes)
@@ -592,7 +624,6 @@ def export_hf_safetensors(model: MetaFormer, info: PretrainedInfo, directory: st
   gives bit-identical parameters. Written atomically like `save_pretrained`.
   """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  from poolformer_jax import pretrained  # pylint: disable=g-import-not-at-top
 
   state = to_torch_state(model, "hf")
 

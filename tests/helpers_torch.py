@@ -7,7 +7,6 @@ cannot cancel out in a test.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
@@ -126,8 +125,3 @@ def write_layout(model, layout: str, directory: str, *, fmt: str = "safetensors"
 def hf_logits(model, pixels_nchw: np.ndarray) -> np.ndarray:
   with torch.no_grad():
     return model(torch.from_numpy(pixels_nchw)).logits.numpy()
-
-
-def read_hf_config(directory: str) -> dict:
-  with open(os.path.join(directory, "config.json")) as f:
-    return json.load(f)

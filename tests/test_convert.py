@@ -119,6 +119,24 @@ def test_layout_parity_m36_small_input(layout, fmt, tmp_path):
   assert info.preprocessing["crop_pct"] == 0.95
 
 
+def test_tables_name_every_parameter_once_in_every_layout():
+  """Each JAX parameter has one name per layout, and that name maps back to it."""
+  abstract = nnx.eval_shape(lambda: create_model("poolformer_m48", rngs=nnx.Rngs(0)))
+  paths = [".".join(str(getattr(k, "key", k)) for k in path) for path, _ in
+           jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(abstract)))[0]]
+  assert len(paths) == 2 + 2 * 3 + 10 * sum((8, 8, 24, 8)) + 4  # stem, downs, blocks, norm+head
+  for layout in cv.LAYOUTS:
+    names = set()
+    for path in paths:
+      canon, _ = cv._lookup(path, "jax")
+      name = cv.source_key(canon, layout)
+      names.add(name)
+      back = cv.canonical_key(name, layout)
+      assert cv._lookup(back, "canonical")[0] == path, (layout, name)
+    assert len(names) == len(paths)
+    assert cv.detect_layout(names) == layout
+
+
 # ---------------------------------------------------------------------------
 # Round trips.
 # ---------------------------------------------------------------------------
@@ -166,6 +184,22 @@ def test_roundtrip_jax_hf_safetensors_jax_is_bit_exact(tmp_path):
       np.abs(H.hf_logits(hf_model, pixels) - jax_logits(model, pixels)).max(), TOL)
 
 
+def test_cli_jax_to_hf_and_back_is_bit_exact(tmp_path, capsys):
+  model = _random_jax_model(seed=5, num_classes=4)
+  jax_dir = pretrained.save_pretrained(tmp_path / "jax", model, variant="poolformer_s12",
+                                       labels=["w", "x", "y", "z"])
+  # The JAX directory is not a PyTorch source; the message says how to export it.
+  assert run_cli(jax_dir, tmp_path / "nope") == 1
+  assert "--to-hf" in capsys.readouterr().err
+  assert run_cli("--to-hf", jax_dir, tmp_path / "hf", "--check") == 0
+  assert "top-1 agreement 100%" in capsys.readouterr().out
+  assert run_cli(tmp_path / "hf", tmp_path / "back") == 0
+  back, info = load_pretrained(tmp_path / "back")
+  assert info.labels == ("w", "x", "y", "z")
+  a, b = params_of(model), params_of(back)
+  assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def test_save_load_pretrained_is_bit_exact(tmp_path):
   model = _random_jax_model(seed=3, num_classes=5)
   path = pretrained.save_pretrained(tmp_path / "m", model, variant="poolformer_s12",
@@ -208,7 +242,7 @@ def test_overwrite_replaces_existing_output(s12_release, tmp_path):
 
 def _fails(capsys, tmp_path, *argv, match):
   out = tmp_path / "out"
-  assert run_cli(*argv, out) == 1
+  assert run_cli(argv[0], out, *argv[1:]) == 1
   err = capsys.readouterr().err
   assert "Traceback" not in err
   for m in [match] if isinstance(match, str) else match:
@@ -223,11 +257,38 @@ def test_not_a_checkpoint(tmp_path, capsys):
   _fails(capsys, tmp_path, bad, match="could not load")
 
 
-def test_other_architecture(tmp_path, capsys):
-  net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),
-                            torch.nn.Flatten(), torch.nn.Linear(8, 2))
-  path = tmp_path / "resnetish.pth"
-  torch.save(net.state_dict(), path)
+class _RunsCode:
+  """A pickle payload that would create a file when unpickled by plain pickle/torch.load."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (open, (self.marker, "w"))
+
+
+def test_pickle_that_runs_code_is_refused(s12, tmp_path, capsys):
+  marker = tmp_path / "pwned"
+  state = H.to_release_keys(H.hf_state(s12))
+  state["payload"] = _RunsCode(str(marker))
+  path = tmp_path / "evil.pth"
+  torch.save(state, path)
+  _fails(capsys, tmp_path, path, match=["refused to load", "would run code"])
+  assert not marker.exists()
+
+
+@pytest.mark.parametrize("arch", ["convnet", "vit"])
+def test_other_architecture(tmp_path, capsys, arch):
+  if arch == "convnet":
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),
+                              torch.nn.Flatten(), torch.nn.Linear(8, 2))
+    state = net.state_dict()
+  else:  # a ViT shares `norm.*` and `head.*` with the release layout, but has no PoolFormer block
+    state = {"patch_embed.proj.weight": torch.zeros(8, 3, 16, 16), "cls_token": torch.zeros(8),
+             "blocks.0.attn.qkv.weight": torch.zeros(24, 8), "norm.weight": torch.ones(8),
+             "head.weight": torch.zeros(10, 8), "head.bias": torch.zeros(10)}
+  path = tmp_path / f"{arch}.pth"
+  torch.save(state, path)
   _fails(capsys, tmp_path, path, match="not a PoolFormer v1 checkpoint")
 
 
@@ -258,9 +319,9 @@ def test_missing_unexpected_and_misshaped_are_reported_together(s12, tmp_path, c
   torch.save(state, path)
   _fails(capsys, tmp_path, path, match=[
       "3 problem(s)",
-      "missing tensor network.4.3.mlp.fc2.bias (320)",
-      "wrong shape network.2.0.mlp.fc1.weight: (256, 64, 1, 1), expected (512, 128, 1, 1)",
-      "unexpected tensor network.0.1.extra.weight (2)"])
+      "missing tensor network.4.3.mlp.fc2.bias [320]",
+      "wrong shape network.2.0.mlp.fc1.weight: [256, 64, 1, 1], expected [512, 128, 1, 1]",
+      "unexpected tensor network.0.1.extra.weight [2]"])
 
 
 def test_missing_key_alone(s12, tmp_path, capsys):
@@ -269,7 +330,7 @@ def test_missing_key_alone(s12, tmp_path, capsys):
   from safetensors.torch import save_file
   path = tmp_path / "timm.safetensors"
   save_file(state, str(path))
-  _fails(capsys, tmp_path, path, match="missing tensor stages.3.blocks.1.layer_scale2.scale (512)")
+  _fails(capsys, tmp_path, path, match="missing tensor stages.3.blocks.1.layer_scale2.scale [512]")
 
 
 def test_variant_flag_contradicts_weights(s12_release, tmp_path, capsys):
@@ -314,4 +375,8 @@ def test_check_passes_then_fails_when_a_weight_is_perturbed(s12_release, tmp_pat
     return dataclasses.replace(entry, transform=t)
 
   monkeypatch.setattr(cv, "TABLE", tuple(nudged(e) for e in cv.TABLE))
-  _fails(capsys, tmp_path, s12_release, "--check", match=["exceeds --tolerance 0.0001", "nothing was written"])
+  photo = tmp_path / "coffee.png"
+  from PIL import Image
+  Image.fromarray(skimage_data.coffee()).save(photo)
+  _fails(capsys, tmp_path, s12_release, "--check", "--images", photo,
+         match=["exceeds --tolerance 0.0001", "nothing was written"])
