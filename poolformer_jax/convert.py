@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from poolformer_jax import inference
 from poolformer_jax.model import VARIANTS, MetaFormer, PoolFormerConfig, get_config
 from poolformer_jax import pretrained
 from poolformer_jax.pretrained import PretrainedInfo, default_preprocessing
@@ -508,6 +509,8 @@ def convert(source: Source | str, *, model: str | None = None) -> Converted:
   else:  # head missing or mis-shaped (reported below): fall back to the metadata.
     num_classes = len((source.hf_config or {}).get("id2label", {})) or 1000
   labels = _hf_labels(source.hf_config, num_classes)
+  if labels is None and num_classes == 1000:  # release / timm files carry no names: ImageNet's
+    labels = inference.imagenet_labels()
   cfg = get_config(variant, num_classes=num_classes)
 
   abstract = nnx.eval_shape(lambda: MetaFormer(cfg, rngs=nnx.Rngs(0)))
