@@ -4,6 +4,8 @@ Layout of a pretrained directory:
   config.json   {"format", "variant", "num_classes", "labels", "preprocessing", "model"}
   params/       Orbax StandardCheckpointer checkpoint of nnx.state(model, nnx.Param) as a
                 plain nested dict.
+A training workdir (WORKDIR/config.json + WORKDIR/checkpoints/, see poolformer_jax.train) loads
+the same way: `load_pretrained(WORKDIR)` takes its newest verified checkpoint.
 Writes are atomic: everything goes to a temporary sibling directory that is renamed into
 place at the end, so a crash never leaves a half-written directory under the final name.
 No torch, no TensorFlow.
@@ -22,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath  # An Orbax dependency: local and gs:// paths alike.
 from flax import nnx
 
 from poolformer_jax.model import MetaFormer, PoolFormerConfig, get_config
@@ -29,6 +32,7 @@ from poolformer_jax.model import MetaFormer, PoolFormerConfig, get_config
 FORMAT = "poolformer_jax.pretrained/1"
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
+CHECKPOINTS_DIR = "checkpoints"  # In a training workdir.
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -97,16 +101,13 @@ def _config_from_json(d: Mapping) -> PoolFormerConfig:
   return PoolFormerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-def save_pretrained(directory: str, model: MetaFormer, *, variant: str,
-                    labels: list[str] | tuple[str, ...] | None = None,
-                    preprocessing: Mapping[str, Any] | None = None,
-                    overwrite: bool = False) -> str:
-  """Writes `model` so that `load_pretrained(directory)` rebuilds it; returns the path."""
-  cfg = model.cfg
-  if model.features_only:
-    raise ValueError("save_pretrained saves classifiers; this model was built features_only")
-  if labels is not None and len(labels) != cfg.num_classes:
-    raise ValueError(f"{len(labels)} labels for a model with {cfg.num_classes} classes")
+def write_config(directory: str, cfg: PoolFormerConfig, *, variant: str,
+                 labels: list[str] | tuple[str, ...] | None = None,
+                 preprocessing: Mapping[str, Any] | None = None) -> None:
+  """Writes DIRECTORY/config.json: the architecture, classes and eval preprocessing.
+
+  Also written into a training workdir, which `load_pretrained` then reads like a converted model.
+  """
   pre = default_preprocessing(cfg.crop_pct)
   pre.update(preprocessing or {})
   config = {
@@ -117,6 +118,19 @@ def save_pretrained(directory: str, model: MetaFormer, *, variant: str,
       "preprocessing": {k: list(v) if isinstance(v, tuple) else v for k, v in pre.items()},
       "model": _config_to_json(cfg),
   }
+  (epath.Path(directory) / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+
+
+def save_pretrained(directory: str, model: MetaFormer, *, variant: str,
+                    labels: list[str] | tuple[str, ...] | None = None,
+                    preprocessing: Mapping[str, Any] | None = None,
+                    overwrite: bool = False) -> str:
+  """Writes `model` so that `load_pretrained(directory)` rebuilds it; returns the path."""
+  cfg = model.cfg
+  if model.features_only:
+    raise ValueError("save_pretrained saves classifiers; this model was built features_only")
+  if labels is not None and len(labels) != cfg.num_classes:
+    raise ValueError(f"{len(labels)} labels for a model with {cfg.num_classes} classes")
   # Orbax needs host or jax arrays; plain numpy keeps the checkpoint device-agnostic.
   params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
@@ -125,25 +139,27 @@ def save_pretrained(directory: str, model: MetaFormer, *, variant: str,
       ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
       ckptr.wait_until_finished()
     # config.json last: a directory with it is complete (the rename makes that moot anyway).
-    with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-      json.dump(config, f, indent=2)
+    write_config(tmp, cfg, variant=variant, labels=labels, preprocessing=preprocessing)
 
   return atomic_directory(directory, write, overwrite=overwrite)
 
 
 def read_info(directory: str) -> tuple[PretrainedInfo, PoolFormerConfig]:
   """Reads config.json only (no weights)."""
-  path = os.path.join(directory, CONFIG_FILE)
-  if not os.path.isdir(directory):
+  path = epath.Path(directory) / CONFIG_FILE
+  if not epath.Path(directory).is_dir():
     raise FileNotFoundError(f"{directory} is not a directory; pass a directory written by "
-                            "convert_torch_weights.py or save_pretrained")
-  if not os.path.isfile(path):
+                            "convert_torch_weights.py, save_pretrained or the trainer")
+  if not path.is_file():
     raise FileNotFoundError(f"{directory} has no {CONFIG_FILE}; it was not written by "
-                            "save_pretrained (or the write did not finish)")
-  with open(path) as f:
-    config = json.load(f)
-  if config.get("format") != FORMAT:
-    raise ValueError(f"{path} has format {config.get('format')!r}, expected {FORMAT!r}")
+                            "save_pretrained or the trainer (or the write did not finish)")
+  try:
+    config = json.loads(path.read_text())
+  except ValueError as e:
+    raise ValueError(f"{path} is not valid JSON ({e})") from None
+  if not isinstance(config, dict) or config.get("format") != FORMAT:
+    got = config.get("format") if isinstance(config, dict) else type(config).__name__
+    raise ValueError(f"{path} has format {got!r}, expected {FORMAT!r}")
   cfg = (_config_from_json(config["model"]) if "model" in config else
          get_config(config["variant"], num_classes=config["num_classes"]))
   labels = config.get("labels")
@@ -153,23 +169,47 @@ def read_info(directory: str) -> tuple[PretrainedInfo, PoolFormerConfig]:
   return info, cfg
 
 
+def load_params(directory: str) -> tuple[dict, PretrainedInfo, PoolFormerConfig]:
+  """(parameters as a nested dict of numpy arrays, info, architecture) from either
+
+  * a pretrained directory (`params/`, written by the converter or `save_pretrained`), or
+  * a training workdir (`checkpoints/`): its newest checkpoint that passes verification.
+  """
+  info, cfg = read_info(directory)
+  abstract = nnx.eval_shape(lambda: MetaFormer(cfg, rngs=nnx.Rngs(0)))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+  root = epath.Path(directory)
+  if (root / PARAMS_DIR).is_dir():
+    with ocp.StandardCheckpointer() as ckptr:
+      params = ckptr.restore(root / PARAMS_DIR, target)
+  elif (root / CHECKPOINTS_DIR).is_dir():
+    from poolformer_jax import checkpointing  # pylint: disable=g-import-not-at-top
+    ckpt = checkpointing.Checkpointer(str(root / CHECKPOINTS_DIR), async_save=False,
+                                      read_only=True)
+    restored = ckpt.restore_latest({"params": target})
+    ckpt.close()
+    if restored is None:
+      raise FileNotFoundError(f"{directory} is a training workdir without any checkpoint yet")
+    params = restored[0]["params"]
+  else:
+    raise FileNotFoundError(f"{directory} has neither {PARAMS_DIR}/ (a converted model) nor "
+                            f"{CHECKPOINTS_DIR}/ (a training workdir)")
+  return jax.tree.map(np.asarray, params), info, cfg
+
+
 def load_pretrained(directory: str, *, dtype=jnp.float32,
                     rngs: nnx.Rngs | None = None) -> tuple[MetaFormer, PretrainedInfo]:
-  """A ready model (float32 params, `dtype` compute) and its info, from `save_pretrained`.
+  """A ready model (float32 params, `dtype` compute) and its info.
 
-  `rngs` only seeds variables that are not in the checkpoint (none for PoolFormer).
+  `directory` is a converted model / `save_pretrained` output, or a training workdir (its
+  latest verified checkpoint). `rngs` only seeds variables that are not in the checkpoint
+  (none for PoolFormer).
   """
-  directory = os.path.abspath(directory)
-  info, cfg = read_info(directory)
+  params, info, cfg = load_params(os.fspath(directory))
   abstract = nnx.eval_shape(lambda r: MetaFormer(cfg, dtype=dtype, rngs=r),
                             rngs if rngs is not None else nnx.Rngs(0))
   graphdef, state = nnx.split(abstract)
-  target = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
-  params_dir = os.path.join(directory, PARAMS_DIR)
-  if not os.path.isdir(params_dir):
-    raise FileNotFoundError(f"{directory} has no {PARAMS_DIR}/ checkpoint")
-  with ocp.StandardCheckpointer() as ckptr:
-    restored = ckptr.restore(params_dir, target)
-  restored = jax.tree.map(jnp.asarray, restored)
-  nnx.replace_by_pure_dict(state, restored)
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
   return nnx.merge(graphdef, state), info

@@ -7,3 +7,28 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # Nothing may wait on the network: the HF hub is never contacted.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def digits_data_dir(tmp_path_factory):
+  """A TFDS data_dir holding the prepared `digits` dataset (prepared offline, a few seconds)."""
+  from poolformer_jax.datasets import digits  # pylint: disable=g-import-not-at-top
+  data_dir = tmp_path_factory.mktemp("tfds")
+  digits.Digits(data_dir=str(data_dir)).download_and_prepare()
+  return str(data_dir)
+
+
+def load_config(spec: str):
+  """A config from configs/, as main.py loads it: 'demo.py:smoke' -> get_config('smoke')."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  name, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location(f"configs_{name[:-3]}", REPO / "configs" / name)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()

@@ -1,0 +1,134 @@
+"""Train, evaluate or classify images with PoolFormer in JAX.
+
+  python main.py                     # the embedded demo: digits on CPU, ~3 min, -> workdir/demo
+  python main.py --config=configs/imagenet.py:s12 --workdir=gs://BUCKET/runs/s12
+  python main.py --mode=eval --config=configs/imagenet.py:s12 \\
+      --config.init_from=checkpoints/poolformer_s12 --workdir=/tmp/eval_s12
+  python main.py --mode=predict --checkpoint=checkpoints/poolformer_s12 photos/ cat.jpg
+
+Any config field can be overridden: --config.batch_size=1024 --config.data.data_dir=gs://...
+A run resumes from WORKDIR/checkpoints by itself. On a multi-host TPU pod, run the same command
+on every host (JAX finds its peers); elsewhere pass --coordinator_address, --num_processes and
+--process_id. The work lives in poolformer_jax.train and poolformer_jax.inference.
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+config_flags.DEFINE_config_file("config", os.path.join(_HERE, "configs", "demo.py"),
+                                "Config file (ml_collections), optionally `file.py:arg`.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard events "
+                    "(local or gs://). Default: workdir/<config name>.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"], "What to do.")
+flags.DEFINE_string("checkpoint", None, "predict: a converted model directory or a training "
+                    "workdir.")
+flags.DEFINE_enum("format", "table", ["table", "jsonl"], "predict: output format.")
+flags.DEFINE_integer("top_k", 5, "predict: classes per image.")
+flags.DEFINE_integer("batch_size", 32, "predict: images per forward pass.")
+flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0.")
+flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
+
+FLAGS = flags.FLAGS
+
+
+def default_workdir() -> str:
+  """workdir/<config file stem>[_<arg>], e.g. workdir/demo, workdir/imagenet_s12."""
+  name = config_flags.get_config_filename(FLAGS["config"])
+  path, _, arg = name.partition(":")
+  stem = os.path.splitext(os.path.basename(path))[0]
+  return os.path.join("workdir", f"{stem}_{arg}" if arg else stem)
+
+
+def _init_distributed() -> None:
+  """Joins the other processes: explicit flags, or auto-detection on multi-host TPU VMs."""
+  import jax  # pylint: disable=g-import-not-at-top
+  explicit = FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None
+  tpu_pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  if explicit:
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  elif tpu_pod:
+    jax.distributed.initialize()
+
+
+def predict(argv) -> int:
+  from poolformer_jax import inference, pretrained  # pylint: disable=g-import-not-at-top
+  paths = argv[1:]
+  if not FLAGS.checkpoint or not paths:
+    raise ValueError("--mode=predict needs --checkpoint=DIR and image files or folders, e.g. "
+                     "python main.py --mode=predict --checkpoint=checkpoints/poolformer_s12 "
+                     "photos/")
+  if FLAGS.batch_size < 1 or FLAGS.top_k < 1:
+    raise ValueError("--batch_size and --top_k must be >= 1")
+  model, info = pretrained.load_pretrained(FLAGS.checkpoint)
+  files = inference.list_image_files(paths)
+  results, failed = inference.classify_files(
+      model, files, preprocessing=info.preprocessing, labels=info.labels, top_k=FLAGS.top_k,
+      batch_size=FLAGS.batch_size, progress=len(files) > FLAGS.batch_size and sys.stderr.isatty())
+  if FLAGS.format == "jsonl":
+    print(inference.format_jsonl(results, failed))
+  else:
+    if results:
+      print(inference.format_table(results))
+    for path, message in failed.items():
+      print(f"error: {message}", file=sys.stderr)
+  if failed:
+    print(f"{len(failed)} of {len(files)} file(s) could not be read: "
+          f"{', '.join(failed)}", file=sys.stderr)
+  return 1 if failed else 0
+
+
+class _OwnInfoOnly(std_logging.Filter):
+  """Console: INFO from poolformer_jax only (Orbax, TFDS, XLA chatter hidden), WARNING+ from all."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or "poolformer_jax" in record.pathname
+
+
+def main(argv) -> int:
+  logging.get_absl_handler().python_handler.addFilter(_OwnInfoOnly())
+  if FLAGS.mode != "predict" and len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]} (files are for --mode=predict)")
+  # Imported here: flag parsing and --help stay fast, and TF/JAX start after absl's logging.
+  from poolformer_jax import checkpointing, input_pipeline, train  # pylint: disable=g-import-not-at-top
+  errors = (train.ConfigError, input_pipeline.DatasetNotFoundError, checkpointing.CheckpointError,
+            FileNotFoundError, FileExistsError, ValueError)
+  try:
+    if FLAGS.mode == "predict":
+      return predict(argv)
+    _init_distributed()
+    workdir = FLAGS.workdir or default_workdir()
+    if FLAGS.mode == "eval":
+      train.evaluate(FLAGS.config, workdir)
+    else:
+      result = train.train_and_evaluate(FLAGS.config, workdir)
+      top1 = result.get("eval/top1")
+      print(f"done: {workdir} step {result['step']}"
+            + (f", eval/top1 {top1:.4f}" if top1 is not None else ""))
+    return 0
+  except train.Preempted as e:
+    logging.warning("%s", e)
+    print(f"{e}", file=sys.stderr)
+    return train.PREEMPTED_EXIT_CODE
+  except train.TrainingDivergedError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  except errors as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+  app.run(lambda argv: sys.exit(main(argv)))

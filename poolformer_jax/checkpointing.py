@@ -1,0 +1,181 @@
+"""Training checkpoints: Orbax `CheckpointManager`, async saves, verified restores.
+
+A step directory `WORKDIR/checkpoints/<step>/` holds the items
+  params/  the model's parameters (a plain nested dict, the same tree `load_pretrained` reads)
+  train/   everything else that resumes a run: optimizer state, EMA params, step
+  meta/    JSON: step, a fingerprint of every saved array, anything the trainer adds
+Orbax writes a step to a temporary directory and renames it when complete, so a process killed
+mid-write leaves a `*.orbax-checkpoint-tmp*` directory that is never mistaken for a checkpoint.
+
+Why fingerprints: Orbax stores zstd-compressed chunks without checksums, so a flipped byte in
+an array file can restore silently as wrong weights (measured: it does). Every array's bits are
+hashed on device before saving (a position-weighted sum mod 2^32: exact integer arithmetic, so
+the same on any number of devices) and checked after restoring; a mismatch names the step and
+the array. An option falls back to the newest step that verifies.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+from absl import logging
+from etils import epath  # An Orbax dependency: local and gs:// paths alike.
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+ITEMS = ("params", "train")
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be restored as saved; the message names the step and the array."""
+
+
+@jax.jit
+def fingerprints(tree):
+  """Per array: sum over elements of bits(x_i) * (2i + 1), mod 2^32.
+
+  Any single changed element changes it (the weights are odd); dtype-generic via the bits.
+  """
+  def one(x):
+    x = jnp.asarray(x)
+    if x.dtype.itemsize == 1:
+      bits = jax.lax.bitcast_convert_type(x, jnp.uint8)
+    elif x.dtype.itemsize == 2:
+      bits = jax.lax.bitcast_convert_type(x, jnp.uint16)
+    elif x.dtype.itemsize == 4:
+      bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    else:
+      raise TypeError(f"cannot fingerprint {x.dtype}")
+    weights = jax.lax.iota(jnp.uint32, x.size).reshape(x.shape) * jnp.uint32(2) + jnp.uint32(1)
+    return jnp.sum(bits.astype(jnp.uint32) * weights, dtype=jnp.uint32)
+
+  return jax.tree.map(one, tree)
+
+
+def _flat_fingerprints(items: dict[str, Any]) -> dict[str, int]:
+  out = {}
+  for name, tree in items.items():
+    prints = jax.device_get(fingerprints(tree))
+    for path, value in jax.tree_util.tree_leaves_with_path(prints):
+      out[f"{name}/{path_name(path)}"] = int(value)
+  return out
+
+
+def path_name(path) -> str:
+  """A tree path as dotted text: stages.2.blocks.0.mlp.fc1.kernel."""
+  return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+class Checkpointer:
+  """Saves and restores training state in `directory` (any path Orbax supports, gs:// too)."""
+
+  def __init__(self, directory: str, *, max_to_keep: int | None = 3, async_save: bool = True,
+               read_only: bool = False):
+    self.directory = directory
+    incomplete = _incomplete_steps(directory)
+    if incomplete:
+      logging.warning("Ignoring %d incomplete checkpoint(s) from a save that did not finish "
+                      "(the process was killed while writing): %s", len(incomplete),
+                      ", ".join(incomplete))
+    self.incomplete = incomplete
+    if read_only:
+      options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
+                                             save_interval_steps=0)
+    else:
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+          cleanup_tmp_directories=True, create=True)
+    self._manager = ocp.CheckpointManager(directory, options=options)
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, items: dict[str, Any], meta: dict | None = None) -> None:
+    """Starts an asynchronous save of `items` ({'params': ..., 'train': ...}) at `step`.
+
+    Returns once the arrays are copied off the devices, so the caller may donate them.
+    """
+    meta = {**(meta or {}), "step": int(step), "fingerprints": _flat_fingerprints(items)}
+    args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
+    self._manager.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args),
+                       force=True)
+
+  def restore(self, step: int, targets: dict[str, Any]) -> tuple[dict[str, Any], dict]:
+    """Restores `targets`' items (abstract trees with shardings) at `step`, verified.
+
+    Raises CheckpointError naming the step and the array when a file cannot be read or an
+    array's bits differ from what was saved.
+    """
+    where = os.path.join(str(self.directory), str(step))
+    args = {name: ocp.args.StandardRestore(tree) for name, tree in targets.items()}
+    try:
+      restored = self._manager.restore(
+          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **args))
+    except Exception as e:  # Orbax/TensorStore raise many types; all mean "unreadable".
+      raise CheckpointError(f"checkpoint step {step} cannot be read ({where}): "
+                            f"{_summarise(e)}") from e
+    meta = restored["meta"]
+    expected = (meta or {}).get("fingerprints")
+    if not expected:
+      raise CheckpointError(f"checkpoint step {step} has no fingerprints in {where}/meta; "
+                            "it was not written by this trainer or its meta file is damaged")
+    got = _flat_fingerprints({name: restored[name] for name in targets})
+    for key, value in got.items():
+      if expected.get(key) != value:
+        item, array = key.split("/", 1)
+        raise CheckpointError(
+            f"checkpoint step {step} is corrupt: array '{array}' in {where}/{item} does not "
+            "match the fingerprint saved with it (the file was altered or damaged after saving)")
+    return {name: restored[name] for name in targets}, meta
+
+  def restore_latest(self, targets: dict[str, Any], *, fallback: bool = False):
+    """(items, meta) of the newest step, or None without checkpoints.
+
+    With `fallback`, a step that fails verification is skipped (with a warning) for the newest
+    one that passes; without it the error says how to fall back.
+    """
+    steps = self.all_steps()
+    for i, step in enumerate(reversed(steps)):
+      try:
+        return self.restore(step, targets)
+      except CheckpointError as e:
+        older = steps[:len(steps) - 1 - i]
+        if not fallback:
+          hint = (f" To resume from the previous step ({older[-1]}), rerun with "
+                  "--config.checkpoint_fallback=True, or delete that step's directory."
+                  if older else " There is no older checkpoint to fall back to.")
+          raise CheckpointError(f"{e}.{hint}") from e
+        logging.warning("%s; falling back to an older checkpoint.", e)
+    if steps:
+      raise CheckpointError(f"no checkpoint in {self.directory} passes verification "
+                            f"(steps {steps}); delete them to start over")
+    return None
+
+  def wait_until_finished(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def _incomplete_steps(directory: str) -> list[str]:
+  """Step directories left by an interrupted save (Orbax's temporary names)."""
+  path = epath.Path(directory)
+  if not path.exists():
+    return []
+  return sorted(p.name for p in path.iterdir() if ".orbax-checkpoint-tmp" in p.name)
+
+
+def _summarise(error: Exception) -> str:
+  """The first line of an Orbax/TensorStore error, plus the array it was reading if named."""
+  text = str(error)
+  first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+  arrays = re.findall(r"'path': '([^'/][^']*)/'", text)
+  suffix = f" (array '{arrays[-1]}')" if arrays else ""
+  return f"{type(error).__name__}: {first[:300]}{suffix}"

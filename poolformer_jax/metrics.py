@@ -1,0 +1,156 @@
+"""What a run reports: `WORKDIR/metrics.jsonl`, TensorBoard events, and the console.
+
+`metrics.jsonl` holds one JSON object per logged step ({"step", "loss", "lr", ..., "img/s/chip",
+"step_time", "eta_s", "mfu"} for training, {"step", "eval/top1", "eval/top5", "eval/loss"} for
+evaluations), so runs can be compared by scripts. Only process 0 writes; paths may be gs://.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+from absl import logging
+import jax
+import tensorflow as tf
+
+# Peak dense bf16 FLOP/s per chip, for MFU. Chips not listed (CPUs) report mfu = None.
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+
+def peak_flops(device) -> float | None:
+  kind = getattr(device, "device_kind", "")
+  for prefix, flops in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
+    if kind.startswith(prefix):
+      return flops
+  return None
+
+
+def step_flops(compiled) -> float | None:
+  """FLOPs of one call of a compiled function on one device, from XLA's cost analysis."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # Not every backend implements it.  pylint: disable=broad-except
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  flops = (cost or {}).get("flops")
+  return float(flops) if flops and flops > 0 else None
+
+
+class MetricWriter:
+  """Appends records to metrics.jsonl and TensorBoard (process 0 only)."""
+
+  def __init__(self, workdir: str, *, resume_step: int | None = None):
+    self.active = jax.process_index() == 0
+    self.path = f"{workdir}/metrics.jsonl"
+    if not self.active:
+      return
+    if resume_step is not None:
+      self._truncate_after(resume_step)
+    from flax.metrics import tensorboard  # pylint: disable=g-import-not-at-top
+    self._tb = tensorboard.SummaryWriter(f"{workdir}/tensorboard")
+
+  def _truncate_after(self, step: int) -> None:
+    """On resume, drops records logged after the restored step (they will be logged again)."""
+    if not tf.io.gfile.exists(self.path):
+      return
+    with tf.io.gfile.GFile(self.path) as f:
+      lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+      tmp = self.path + ".tmp"
+      with tf.io.gfile.GFile(tmp, "w") as f:
+        f.writelines(kept)
+      tf.io.gfile.rename(tmp, self.path, overwrite=True)
+
+  def write(self, step: int, record: dict) -> None:
+    if not self.active:
+      return
+    record = {"step": int(step), **{k: _plain(v) for k, v in record.items()}}
+    with tf.io.gfile.GFile(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    for key, value in record.items():
+      if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+        self._tb.scalar(key, value, step)
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self.active:
+      self._tb.close()
+
+
+def _plain(value):
+  if hasattr(value, "item"):
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)  # JSON has no NaN/inf; keep the record readable by any parser.
+  return value
+
+
+class Throughput:
+  """Images/s per chip, step time, ETA and MFU over the interval since the last report."""
+
+  def __init__(self, *, batch_size: int, num_devices: int, total_steps: int,
+               flops_per_step: float | None, peak: float | None):
+    self.batch_size, self.num_devices, self.total_steps = batch_size, num_devices, total_steps
+    self.flops_per_step, self.peak = flops_per_step, peak
+    self.reset(0)
+
+  def reset(self, step: int) -> None:
+    self._t0, self._step0 = time.perf_counter(), step
+
+  def report(self, step: int) -> dict:
+    elapsed = time.perf_counter() - self._t0
+    steps = step - self._step0
+    if steps <= 0 or elapsed <= 0:
+      return {}
+    step_time = elapsed / steps
+    out = {
+        "img/s/chip": self.batch_size / step_time / self.num_devices,
+        "step_time": step_time,
+        "eta_s": step_time * max(self.total_steps - step, 0),
+        "mfu": (self.flops_per_step / step_time / self.peak
+                if self.flops_per_step and self.peak else None),
+    }
+    self.reset(step)
+    return out
+
+
+def format_progress(step: int, total: int, record: dict) -> str:
+  """One console line: 'step 120/600 (20%) | loss 0.53 | lr 1.0e-03 | 812 img/s/chip | ...'."""
+  parts = [f"step {step}/{total} ({100 * step / max(total, 1):.0f}%)"]
+  for key, fmt in (("loss", "{:.4f}"), ("lr", "{:.2e}"), ("grad_norm", "{:.3f}")):
+    if key in record:
+      parts.append(f"{key} {fmt.format(record[key])}")
+  if "img/s/chip" in record:
+    parts.append(f"{record['img/s/chip']:.0f} img/s/chip")
+    parts.append(f"{record['step_time'] * 1e3:.0f} ms/step")
+    if record.get("mfu") is not None:
+      parts.append(f"MFU {100 * record['mfu']:.1f}%")
+    parts.append(f"ETA {_duration(record['eta_s'])}")
+  return " | ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(seconds)
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def log(message: str) -> None:
+  if jax.process_index() == 0:
+    logging.info(message)

@@ -1,0 +1,651 @@
+"""The trainer: one program for a laptop CPU, a GPU, a TPU VM and a TPU pod.
+
+`train_and_evaluate(config, workdir)` reads like a checklist (big_vision style): validate, mesh,
+data, model and optimizer, sharded state (restored or initialised), compiled steps, then the loop
+with logging, evaluation, checkpoints and preemption. `evaluate(config, workdir)` scores a
+checkpoint or a converted model on the eval split.
+
+Design points:
+  * The train step is a pure function of (state, batch): stochastic depth and Mixup draw from
+    keys folded from (seed, step), the data stream is a pure function of (seed, step), so a
+    resumed run reproduces an uninterrupted one exactly.
+  * One `jax.jit` per step with explicit in/out shardings and the state donated; compiled ahead
+    of time, so it can never retrace (a changed shape is an error, not a silent recompile), and
+    its FLOPs come from XLA's cost analysis (for MFU).
+  * The NNX model is split once into a static graph and a plain dict of parameters, and merged
+    inside the step (the Flax performance guide's pattern).
+  * The host reads step n-1's metrics after dispatching step n, so the accelerator never waits
+    on the host, and a NaN/inf stops the run one step later, before anything is saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import signal
+import threading
+import time
+import uuid
+from typing import Any
+
+from absl import logging
+import flax
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tensorflow as tf
+
+from poolformer_jax import checkpointing
+from poolformer_jax import input_pipeline
+from poolformer_jax import metrics as metrics_lib
+from poolformer_jax import mixup
+from poolformer_jax import model as model_lib
+from poolformer_jax import optimizer as optimizer_lib
+from poolformer_jax import pretrained
+from poolformer_jax import sharding as sharding_lib
+
+# Exit code of a run stopped by SIGTERM after saving (BSD's EX_TEMPFAIL: "try again").
+PREEMPTED_EXIT_CODE = 75
+
+
+class ConfigError(ValueError):
+  """A config or environment that cannot work; raised before any expensive work."""
+
+
+class TrainingDivergedError(RuntimeError):
+  """The loss or the gradients became NaN/inf; nothing after the last good step is saved."""
+
+
+class Preempted(Exception):  # pylint: disable=g-bad-exception-name
+  """SIGTERM was received; a checkpoint was saved at `step`."""
+
+  def __init__(self, step: int):
+    super().__init__(f"preempted at step {step}: checkpoint saved; rerun the same command "
+                     "to resume")
+    self.step = step
+
+
+# ---------------------------------------------------------------------------
+# Config.
+# ---------------------------------------------------------------------------
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The PoolFormer-S12 ImageNet-1k recipe of the release; configs/ override it.
+
+  Numeric options use 0 / '' for "off" (not None) so that every field can be overridden from
+  the command line (`--config.ema_decay=0.9999`).
+  """
+  c = ml_collections.ConfigDict()
+  c.model = "poolformer_s12"
+  c.model_overrides = ml_collections.ConfigDict()  # PoolFormerConfig fields, e.g. token_mixer.
+  c.num_classes = 0  # 0: from the dataset.
+  c.dtype = "bfloat16"  # Compute dtype; parameters and optimizer state stay float32.
+  c.matmul_precision = "default"  # 'highest' for float32-exact matmuls (parity checks).
+  c.data = input_pipeline.default_data_config()
+
+  c.seed = 0
+  c.batch_size = 4096  # Global: split over all chips and processes.
+  c.grad_accum_steps = 1  # Micro-batches per step: batch 4096 on fewer chips, same update.
+  c.eval_batch_size = 1024
+  c.num_epochs = 300.0  # Cosine part (warmup included)...
+  c.cooldown_epochs = 10.0  # ...then this many epochs at min_lr.
+  c.total_steps = 0  # > 0 overrides the epoch count (smoke runs).
+  c.warmup_epochs = 5.0
+  c.base_lr = 1e-3  # lr = base_lr * batch_size / lr_base_batch_size.
+  c.lr_base_batch_size = 1024
+  c.warmup_lr = 1e-6
+  c.min_lr = 1e-5
+  c.weight_decay = 0.05  # Weights only: no decay on norms, layer scales, biases.
+  c.adam_b1 = 0.9
+  c.adam_b2 = 0.999
+  c.adam_eps = 1e-8
+  c.grad_clip_norm = 0.0  # 0: no clipping (the release clips nothing).
+  c.label_smoothing = 0.1
+  c.mixup_alpha = 0.8
+  c.cutmix_alpha = 1.0
+  c.mixup_prob = 1.0
+  c.mixup_switch_prob = 0.5
+  c.ema_decay = 0.0  # > 0: also keep and evaluate an EMA of the weights.
+
+  c.fsdp = 1  # Chips per parameter shard (1: pure data parallelism).
+  c.log_every_steps = 100
+  c.eval_every_steps = 0  # 0: once per epoch (and always at the end).
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.async_checkpoints = True
+  c.checkpoint_fallback = False  # Restore the newest step that verifies if the latest is corrupt.
+  c.init_from = ""  # A converted model / pretrained dir or a training workdir: start from it.
+  return c
+
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def validate_config(config, *, workdir: str | None, num_devices: int,
+                    process_count: int) -> None:
+  """Every check that needs no data and no compilation; raises ConfigError with the fix."""
+  if config.model not in model_lib.VARIANTS:
+    raise ConfigError(f"unknown model {config.model!r}; valid: {', '.join(model_lib.list_models())}")
+  try:
+    model_lib.get_config(config.model, **config.model_overrides.to_dict())
+  except ValueError as e:
+    raise ConfigError(f"config.model_overrides: {e}") from None
+  if config.dtype not in _DTYPES:
+    raise ConfigError(f"config.dtype={config.dtype!r}; use one of {sorted(_DTYPES)}")
+  size = config.data.image_size
+  if size <= 0 or size % 32:
+    raise ConfigError(f"config.data.image_size={size} must be a positive multiple of 32 "
+                      "(the network downsamples by 32), e.g. 224 or 256")
+  if config.fsdp < 1 or num_devices % config.fsdp:
+    raise ConfigError(f"config.fsdp={config.fsdp} must divide the number of devices "
+                      f"({num_devices})")
+  b, k = config.batch_size, config.grad_accum_steps
+  if k < 1 or b % k:
+    raise ConfigError(f"config.batch_size={b} must be divisible by config.grad_accum_steps={k}")
+  if (b // k) % num_devices:
+    raise ConfigError(
+        f"config.batch_size={b} (per micro-batch {b // k}) must be divisible by the "
+        f"data-parallel size, the number of devices ({num_devices}); e.g. "
+        f"--config.batch_size={max(num_devices * k, b // (num_devices * k) * num_devices * k)}")
+  if b % process_count:
+    raise ConfigError(f"config.batch_size={b} must be divisible by the number of processes "
+                      f"({process_count})")
+  if (config.mixup_alpha > 0 or config.cutmix_alpha > 0) and (b // k // num_devices) % 2:
+    raise ConfigError(f"Mixup/CutMix pairs images on each device: the per-device micro-batch "
+                      f"({b // k // num_devices}) must be even")
+  if config.eval_batch_size % num_devices or config.eval_batch_size % process_count:
+    raise ConfigError(f"config.eval_batch_size={config.eval_batch_size} must be divisible by "
+                      f"the number of devices ({num_devices})")
+  if not 0.0 <= config.ema_decay < 1.0:
+    raise ConfigError(f"config.ema_decay={config.ema_decay} must be in [0, 1)")
+  for name in ("log_every_steps", "checkpoint_every_steps"):
+    if config[name] < 1:
+      raise ConfigError(f"config.{name}={config[name]} must be >= 1")
+  if config.init_from:
+    _check_init_from(config)
+  if workdir is not None:
+    _check_writable(workdir)
+
+
+def _check_writable(workdir: str) -> None:
+  try:
+    tf.io.gfile.makedirs(workdir)
+    probe = os.path.join(workdir, f".write-test-{uuid.uuid4().hex[:8]}")
+    with tf.io.gfile.GFile(probe, "w") as f:
+      f.write("ok")
+    tf.io.gfile.remove(probe)
+  except (tf.errors.OpError, OSError) as e:
+    raise ConfigError(f"workdir {workdir} is not writable ({type(e).__name__}: "
+                      f"{getattr(e, 'message', e)}); choose another --workdir") from None
+
+
+_ARCHITECTURE_FIELDS = ("depths", "widths", "token_mixer", "mixer_size", "mlp_ratio",
+                        "in_channels")
+
+
+def _check_init_from(config) -> None:
+  """init_from must exist and hold the same architecture (the head may differ)."""
+  try:
+    _, source_cfg = pretrained.read_info(config.init_from)
+  except (FileNotFoundError, ValueError) as e:
+    raise ConfigError(f"config.init_from: {e}") from None
+  ours = model_lib.get_config(config.model, **config.model_overrides.to_dict())
+  diff = [f"{f}: {getattr(source_cfg, f)} there, {getattr(ours, f)} here"
+          for f in _ARCHITECTURE_FIELDS if getattr(source_cfg, f) != getattr(ours, f)]
+  if diff:
+    raise ConfigError(f"config.init_from={config.init_from} is another architecture than "
+                      f"config.model={config.model} ({'; '.join(diff)})")
+
+
+# ---------------------------------------------------------------------------
+# State and steps.
+# ---------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimizer steps taken.
+  params: Any  # Plain nested dict (nnx.to_pure_dict of the model's nnx.Param state).
+  opt_state: Any
+  ema: Any  # EMA of params, or None.
+
+  def checkpoint_items(self) -> dict[str, Any]:
+    train = {"step": self.step, "opt_state": self.opt_state}
+    if self.ema is not None:
+      train["ema"] = self.ema
+    return {"params": self.params, "train": train}
+
+  @classmethod
+  def from_checkpoint_items(cls, items):
+    train = items["train"]
+    return cls(step=train["step"], params=items["params"], opt_state=train["opt_state"],
+               ema=train.get("ema"))
+
+
+@dataclasses.dataclass
+class Trainer:
+  """Everything built once from the config: model graph, optimizer, shardings, step functions."""
+
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  num_classes: int
+  steps_per_epoch: int
+  total_steps: int
+
+  def __post_init__(self):
+    c = self.config
+    self.model_config = model_lib.get_config(c.model, num_classes=self.num_classes,
+                                             **c.model_overrides.to_dict())
+    self.dtype = _DTYPES[c.dtype]
+    abstract_model = nnx.eval_shape(self._new_model, nnx.Rngs(0))
+    self.graphdef, _ = nnx.split(abstract_model)
+    self.schedule = optimizer_lib.learning_rate_schedule(c, self.steps_per_epoch)
+    self.tx = optimizer_lib.make_optimizer(c, self.schedule)
+    abstract = jax.eval_shape(self._init, jnp.uint32(0))
+    self.state_sharding = sharding_lib.state_shardings(abstract, self.mesh)
+    self.abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+        self.state_sharding)
+    self.batch_sharding = sharding_lib.batch_sharding(self.mesh)
+    self.replicated = sharding_lib.replicated(self.mesh)
+    self.train_traces = 0  # Incremented when the train step is traced: must end at 1.
+
+  def _new_model(self, rngs):
+    return model_lib.MetaFormer(self.model_config, dtype=self.dtype, rngs=rngs)
+
+  def _init(self, seed):
+    model = self._new_model(nnx.Rngs(jax.random.key(seed)))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    ema = params if self.config.ema_decay > 0 else None
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=self.tx.init(params), ema=ema)
+
+  def init_state(self, seed: int) -> TrainState:
+    """A fresh state, created directly in its sharded layout (no host copy)."""
+    return jax.jit(self._init, out_shardings=self.state_sharding)(jnp.uint32(seed))
+
+  # -- train step ----------------------------------------------------------
+
+  def _loss(self, params, images, targets, key):
+    model = nnx.merge(self.graphdef, params)
+    logits = model(images.astype(self.dtype), train=True, key=key).astype(jnp.float32)
+    return optax.softmax_cross_entropy(logits, targets).mean()
+
+  def _gradients(self, params, images, targets, key):
+    """Mean loss and gradients over the batch, in `grad_accum_steps` micro-batches."""
+    k = self.config.grad_accum_steps
+    if k == 1:
+      return jax.value_and_grad(self._loss)(params, images, targets, key)
+    # Micro-batch i takes rows i, i+k, i+2k, ...: every device keeps its own rows (no
+    # resharding); the mean of k equal-sized means is the mean over the batch.
+    def split(x):
+      x = x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1)
+      spec = jax.sharding.PartitionSpec(None, sharding_lib.BATCH_AXES)
+      return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(self.mesh, spec))
+
+    def body(carry, inputs):
+      i, x, t = inputs
+      loss, grads = jax.value_and_grad(self._loss)(params, x, t, jax.random.fold_in(key, i))
+      return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(k), split(images), split(targets)))
+    return jax.tree.map(lambda g: g / k, (loss, grads))
+
+  def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+    self.train_traces += 1
+    c = self.config
+    key = jax.random.fold_in(jax.random.key(c.seed), state.step)
+    mix_key, depth_key = jax.random.split(key)
+    images, targets = mixup.mix(
+        mix_key, batch["image"], batch["label"], num_classes=self.num_classes,
+        mixup_alpha=c.mixup_alpha, cutmix_alpha=c.cutmix_alpha, prob=c.mixup_prob,
+        switch_prob=c.mixup_switch_prob, label_smoothing=c.label_smoothing)
+    loss, grads = self._gradients(state.params, images, targets, depth_key)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema
+    if ema is not None:
+      ema = optax.incremental_update(params, ema, 1.0 - c.ema_decay)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+               "lr": self.schedule(state.step)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
+
+  def compile_train_step(self):
+    """The AOT-compiled step: (state, batch) -> (state, metrics), state donated."""
+    batch = self.abstract_batch(self.config.batch_size, train=True)
+    jitted = jax.jit(self.train_step,
+                     in_shardings=(self.state_sharding, self.batch_sharding),
+                     out_shardings=(self.state_sharding, self.replicated),
+                     donate_argnums=0)
+    return jitted.lower(self.abstract_state, batch).compile()
+
+  def abstract_batch(self, batch_size: int, *, train: bool):
+    size = self.config.data.image_size
+    batch = {
+        "image": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32,
+                                      sharding=self.batch_sharding),
+        "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=self.batch_sharding),
+    }
+    if not train:
+      batch["mask"] = jax.ShapeDtypeStruct((batch_size,), jnp.float32,
+                                           sharding=self.batch_sharding)
+    return batch
+
+  # -- eval step -----------------------------------------------------------
+
+  def eval_step(self, params, batch) -> dict:
+    """Masked sums over the batch: loss, top-1 and top-5 hits, example count."""
+    model = nnx.merge(self.graphdef, params)
+    logits = model(batch["image"].astype(self.dtype)).astype(jnp.float32)
+    labels, mask = batch["label"], batch["mask"]
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    k = min(5, self.num_classes)
+    _, top = jax.lax.top_k(logits, k)
+    hits = top == labels[:, None]
+    return {"loss": jnp.sum(loss * mask), "top1": jnp.sum(hits[:, 0] * mask),
+            "top5": jnp.sum(jnp.any(hits, axis=1) * mask), "count": jnp.sum(mask)}
+
+  def compile_eval_step(self):
+    batch = self.abstract_batch(self.config.eval_batch_size, train=False)
+    jitted = jax.jit(self.eval_step, in_shardings=(self.state_sharding.params,
+                                                   self.batch_sharding),
+                     out_shardings=self.replicated)
+    return jitted.lower(self.abstract_state.params, batch).compile()
+
+  # -- checkpoints ---------------------------------------------------------
+
+  def restore_targets(self) -> dict[str, Any]:
+    return self.abstract_state.checkpoint_items()
+
+  def load_params(self, state: TrainState, directory: str) -> TrainState:
+    """`state` with params (and EMA) from a pretrained dir or workdir; a new head if needed."""
+    loaded, info, _ = pretrained.load_params(directory)
+    same_head = info.num_classes == self.num_classes
+    flat_loaded = dict(_flatten(loaded))
+    kept_new = []
+
+    def pick(path, current, sharding):
+      name = checkpointing.path_name(path)
+      if name in flat_loaded and (same_head or not name.startswith("head.")):
+        value = np.asarray(flat_loaded[name], np.float32)
+        if value.shape != current.shape:
+          raise ConfigError(f"init_from {directory}: {name} has shape {value.shape}, "
+                            f"this model needs {current.shape}")
+        return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
+      kept_new.append(name)
+      return current
+
+    params = jax.tree_util.tree_map_with_path(pick, state.params, self.state_sharding.params)
+    if not same_head:
+      metrics_lib.log(f"init_from {directory}: it has {info.num_classes} classes, this run "
+                      f"{self.num_classes}; the head is newly initialised "
+                      f"({', '.join(kept_new)}), every other tensor is loaded")
+    elif kept_new:
+      raise ConfigError(f"init_from {directory} lacks {kept_new}")
+    ema = params if state.ema is not None else None
+    return state.replace(params=params, ema=ema)
+
+
+def _flatten(tree):
+  return [(checkpointing.path_name(p), v) for p, v in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+# ---------------------------------------------------------------------------
+# Evaluation.
+# ---------------------------------------------------------------------------
+
+
+def run_eval(eval_step, params, eval_batches, sharding) -> dict[str, float]:
+  """Top-1, top-5 and mean loss over the whole eval split (padding masked out)."""
+  totals = None
+  for batch in sharding_lib.prefetch_to_device(eval_batches, sharding):
+    out = eval_step(params, batch)
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  totals = jax.device_get(totals)
+  count = float(totals["count"])
+  return {"top1": float(totals["top1"]) / count, "top5": float(totals["top5"]) / count,
+          "loss": float(totals["loss"]) / count, "examples": int(count)}
+
+
+def _eval_record(trainer, eval_step, state, eval_batches) -> dict:
+  sets = {"eval": state.params}
+  if state.ema is not None:
+    sets["eval_ema"] = state.ema
+  record = {}
+  for prefix, params in sets.items():
+    result = run_eval(eval_step, params, eval_batches, trainer.batch_sharding)
+    record.update({f"{prefix}/{k}": v for k, v in result.items()})
+  return record
+
+
+# ---------------------------------------------------------------------------
+# Setup shared by train and eval.
+# ---------------------------------------------------------------------------
+
+
+def _setup(config, workdir: str | None):
+  """Validation, precision, mesh, dataset info: everything before compiling."""
+  validate_config(config, workdir=workdir, num_devices=jax.device_count(),
+                  process_count=jax.process_count())
+  if config.matmul_precision != "default":
+    jax.config.update("jax_default_matmul_precision", config.matmul_precision)
+  mesh = sharding_lib.make_mesh(config.fsdp)
+  info = input_pipeline.get_dataset_info(config.data)
+  num_classes = config.num_classes or info.num_classes
+  if num_classes != info.num_classes:
+    raise ConfigError(f"config.num_classes={num_classes} but dataset {config.data.dataset!r} "
+                      f"has {info.num_classes} classes")
+  return mesh, info, num_classes
+
+
+def _write_run_files(workdir, config, trainer, info) -> None:
+  """WORKDIR/config.json (what load_pretrained needs) and the full run config."""
+  if jax.process_index() != 0:
+    return
+  labels = list(info.label_names) if info.label_names else None
+  pre = pretrained.default_preprocessing(config.data.crop_pct, config.data.image_size)
+  pre.update(interpolation=config.data.interpolation, mean=list(config.data.mean),
+             std=list(config.data.std))
+  pretrained.write_config(workdir, trainer.model_config, variant=config.model, labels=labels,
+                          preprocessing=pre)
+  with tf.io.gfile.GFile(os.path.join(workdir, "train_config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+
+class _SigtermFlag:
+  """Set by SIGTERM (single process); multi-host runs use JAX's preemption sync point."""
+
+  def __init__(self):
+    self.event = threading.Event()
+    self.previous = None
+
+  def __enter__(self):
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self.previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint after this step, then exiting.")
+    self.event.set()
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.event.is_set()
+
+  def __exit__(self, *exc):
+    if self.previous is not None:
+      signal.signal(signal.SIGTERM, self.previous)
+
+
+# ---------------------------------------------------------------------------
+# The main loop.
+# ---------------------------------------------------------------------------
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (resuming from WORKDIR/checkpoints if present), evaluates, checkpoints.
+
+  Returns the final record (eval metrics at the last step, plus `compiles`). Raises
+  ConfigError / DatasetNotFoundError before any expensive work, TrainingDivergedError on
+  NaN/inf, Preempted after saving on SIGTERM.
+  """
+  # --- Validate, mesh, data sizes -----------------------------------------
+  mesh, info, num_classes = _setup(config, workdir)
+  steps_per_epoch = input_pipeline.batches_per_epoch(config.data,
+                                                     global_batch_size=config.batch_size)
+  total = optimizer_lib.total_steps(config, steps_per_epoch)
+  eval_every = config.eval_every_steps or steps_per_epoch
+  trainer = Trainer(config, mesh, num_classes, steps_per_epoch, total)
+  _write_run_files(workdir, config, trainer, info)
+  metrics_lib.log(
+      f"{config.model} ({model_lib.count_params(nnx.eval_shape(trainer._new_model, nnx.Rngs(0)))}"
+      f" params, {num_classes} classes) on {jax.device_count()} {jax.devices()[0].device_kind} "
+      f"device(s) in {jax.process_count()} process(es), mesh {dict(mesh.shape)}; "
+      f"{total} steps of batch {config.batch_size} ({steps_per_epoch} per epoch)")
+
+  # --- State: restore the latest checkpoint, or initialise ----------------
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                    max_to_keep=config.keep_checkpoints,
+                                    async_save=config.async_checkpoints)
+  restored = ckpt.restore_latest(trainer.restore_targets(), fallback=config.checkpoint_fallback)
+  if restored is not None:
+    state = TrainState.from_checkpoint_items(restored[0])
+    metrics_lib.log(f"Resumed from checkpoint step {int(state.step)} in {ckpt.directory}")
+  else:
+    state = trainer.init_state(config.seed)
+    if config.init_from:
+      state = trainer.load_params(state, config.init_from)
+      metrics_lib.log(f"Initialised from {config.init_from}")
+  start = int(state.step)
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start)
+
+  # --- Data and compiled steps ---------------------------------------------
+  eval_batches, _ = input_pipeline.create_eval_iterator(
+      config.data, global_batch_size=config.eval_batch_size)
+  eval_step = trainer.compile_eval_step()
+  if start >= total:
+    ckpt.close()
+    writer.close()
+    record = _eval_record(trainer, eval_step, state, eval_batches)
+    metrics_lib.log(f"Training was already complete at step {start}: " + ", ".join(
+        f"{k} {v:.4f}" for k, v in record.items() if not k.endswith("examples")))
+    return {"step": start, **record, "compiles": trainer.train_traces}
+  train_batches = sharding_lib.prefetch_to_device(
+      input_pipeline.create_train_iterator(config.data, global_batch_size=config.batch_size,
+                                           seed=config.seed, start_step=start),
+      trainer.batch_sharding)
+  t0 = time.perf_counter()
+  train_step = trainer.compile_train_step()
+  metrics_lib.log(f"Compiled the train step in {time.perf_counter() - t0:.1f} s")
+  throughput = metrics_lib.Throughput(
+      batch_size=config.batch_size, num_devices=jax.device_count(), total_steps=total,
+      flops_per_step=metrics_lib.step_flops(train_step),
+      peak=metrics_lib.peak_flops(jax.devices()[0]))
+
+  def save(step):
+    ckpt.save(step, state.checkpoint_items(),
+              meta={"epoch": step / steps_per_epoch, "data_position": step,
+                    "config": config.model})
+
+  # --- Loop ------------------------------------------------------------------
+  final = {}
+  history = []  # Host copies of the metrics since the last log line.
+  pending = None  # (step, device metrics) not yet read back.
+
+  def drain():
+    """Reads back the pending step's metrics; stops the run on NaN/inf."""
+    nonlocal pending
+    if pending is None:
+      return
+    step, device_metrics = pending
+    pending = None
+    host = jax.device_get(device_metrics)
+    bad = {k: float(v) for k, v in host.items() if not np.isfinite(v)}
+    if bad:
+      ckpt.wait_until_finished()
+      writer.write(step, {**{k: float(v) for k, v in host.items()}, "diverged": True})
+      last = ckpt.latest_step()
+      raise TrainingDivergedError(
+          f"{', '.join(f'{k} = {v}' for k, v in bad.items())} at step {step}: stopped without "
+          f"saving. The last good checkpoint is "
+          f"{f'step {last} in {ckpt.directory}' if last is not None else 'none (no checkpoint yet)'}"
+          ". Lower the learning rate, set --config.grad_clip_norm, or check the input data.")
+    history.append(host)
+
+  with _SigtermFlag() as sigterm:
+    try:
+      throughput.reset(start)
+      for step in range(start + 1, total + 1):
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+          state, step_metrics = train_step(state, next(train_batches))
+        drain()  # Step n-1's metrics, while step n runs.
+        pending = (step, step_metrics)
+        preempted = sigterm.reached(step)
+        if step % config.log_every_steps == 0 or step == total or preempted:
+          drain()
+          record = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
+          record.update(throughput.report(step))
+          history.clear()
+          writer.write(step, record)
+          metrics_lib.log(metrics_lib.format_progress(step, total, record))
+        if step % eval_every == 0 or step == total:
+          drain()
+          record = _eval_record(trainer, eval_step, state, eval_batches)
+          writer.write(step, record)
+          metrics_lib.log(f"step {step}: " + ", ".join(
+              f"{k} {v:.4f}" for k, v in record.items() if not k.endswith("examples")))
+          final.update(record)
+          throughput.reset(step)  # Eval time is not training time.
+        if step % config.checkpoint_every_steps == 0 or step == total or preempted:
+          drain()  # Never save a state whose step produced NaN/inf.
+          save(step)
+          throughput.reset(step)  # Nor is the (blocking part of the) save.
+        if preempted:
+          ckpt.wait_until_finished()
+          raise Preempted(step)
+    finally:
+      ckpt.wait_until_finished()
+      ckpt.close()
+      writer.close()
+  return {"step": total, **final, "compiles": trainer.train_traces}
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Scores `config.init_from` (e.g. converted release weights), else WORKDIR's latest checkpoint.
+
+  This is how ImageNet accuracy parity of converted weights is checked: the release's eval
+  transform on `imagenet2012`'s validation split, every image counted once.
+  """
+  mesh, info, num_classes = _setup(config, workdir)
+  trainer = Trainer(config, mesh, num_classes, steps_per_epoch=1, total_steps=1)
+  if config.init_from:
+    state = trainer.load_params(trainer.init_state(config.seed), config.init_from)
+    source, step = config.init_from, 0
+  else:
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    restored = ckpt.restore_latest(trainer.restore_targets(),
+                                   fallback=config.checkpoint_fallback)
+    ckpt.close()
+    if restored is None:
+      raise ConfigError(f"nothing to evaluate: no checkpoint in {workdir}/checkpoints and no "
+                        "--config.init_from")
+    state = TrainState.from_checkpoint_items(restored[0])
+    source, step = f"{workdir} step {int(state.step)}", int(state.step)
+  eval_batches, _ = input_pipeline.create_eval_iterator(
+      config.data, global_batch_size=config.eval_batch_size)
+  record = _eval_record(trainer, trainer.compile_eval_step(), state, eval_batches)
+  writer = metrics_lib.MetricWriter(workdir)
+  writer.write(step, {**record, "source": source})
+  writer.close()
+  metrics_lib.log(f"{source}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
+  return record

@@ -1,0 +1,308 @@
+"""The trainer: optimizer, Mixup, the sharded step, accumulation, and whole runs on real data."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import REPO, load_config
+from poolformer_jax import mixup
+from poolformer_jax import optimizer
+from poolformer_jax import sharding
+from poolformer_jax import train
+
+TINY = dict(depths=(1, 1, 1, 1), widths=(8, 16, 24, 32))
+
+
+def tiny_config(**overrides):
+  c = train.default_config()
+  c.model_overrides.depths = TINY["depths"]
+  c.model_overrides.widths = TINY["widths"]
+  c.dtype = "float32"
+  c.data.image_size = 32
+  c.batch_size = 16
+  c.eval_batch_size = 16
+  c.total_steps = 10
+  c.warmup_epochs = 1.0
+  c.cooldown_epochs = 0.0
+  c.base_lr = 1e-3
+  c.lr_base_batch_size = 16
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+def make_trainer(config, devices, num_classes=10):
+  mesh = sharding.make_mesh(config.fsdp, devices)
+  return train.Trainer(config, mesh, num_classes, steps_per_epoch=4, total_steps=10)
+
+
+def random_batches(n, batch_size, size=32, num_classes=10, seed=0):
+  rng = np.random.default_rng(seed)
+  return [{"image": rng.normal(size=(batch_size, size, size, 3)).astype(np.float32),
+           "label": rng.integers(0, num_classes, batch_size).astype(np.int32)}
+          for _ in range(n)]
+
+
+def run_steps(trainer, batches):
+  """Initial state + the compiled step over `batches`; returns (host params, host metrics)."""
+  state = trainer.init_state(0)
+  step = trainer.compile_train_step()
+  history = []
+  for batch in batches:
+    state, metrics = step(state, sharding.global_batch(batch, trainer.batch_sharding))
+    history.append(jax.device_get(metrics))
+  return jax.device_get(state.params), history, state
+
+
+def max_abs_diff(a, b):
+  return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+def test_schedule_warms_up_decays_and_cools_down():
+  c = train.default_config()
+  c.batch_size, c.num_epochs, c.warmup_epochs, c.cooldown_epochs = 2048, 10.0, 2.0, 3.0
+  steps_per_epoch = 10
+  lr = optimizer.learning_rate_schedule(c, steps_per_epoch)
+  peak = 1e-3 * 2048 / 1024  # The release's lr = 1e-3 * batch / 1024.
+  assert optimizer.total_steps(c, steps_per_epoch) == 130
+  assert float(lr(0)) == pytest.approx(c.warmup_lr, rel=1e-4)  # float32
+  assert float(lr(20)) == pytest.approx(peak, rel=1e-6)
+  assert float(lr(10)) == pytest.approx((c.warmup_lr + peak) / 2, rel=1e-4)  # linear warmup
+  # Cosine from the peak at step 20 to min_lr at step 100, then constant for 30 steps.
+  assert float(lr(60)) == pytest.approx((peak + c.min_lr) / 2, rel=1e-4)
+  for step in (100, 115, 129):
+    assert float(lr(step)) == pytest.approx(c.min_lr, rel=1e-6)
+  values = [float(lr(s)) for s in range(20, 101)]
+  assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_weight_decay_skips_norms_layer_scales_and_biases():
+  """With zero gradients AdamW only decays: weights shrink, ndim <= 1 parameters stay put."""
+  c = tiny_config(weight_decay=0.5)
+  trainer = make_trainer(c, jax.devices()[:1])
+  params = jax.device_get(trainer.init_state(0).params)
+  tx = optimizer.make_optimizer(c, optax.constant_schedule(0.1))
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  new = jax.device_get(optax.apply_updates(params, updates))
+  decayed = unchanged = 0
+  for (path, old), new_value in zip(jax.tree_util.tree_leaves_with_path(params),
+                                    jax.tree.leaves(new)):
+    name = jax.tree_util.keystr(path)
+    if old.ndim > 1:
+      np.testing.assert_allclose(new_value, old * (1 - 0.1 * 0.5), rtol=1e-6, err_msg=name)
+      decayed += 1
+    else:
+      assert any(k in name for k in ("norm", "layer_scale", "bias")), name
+      np.testing.assert_array_equal(new_value, old, err_msg=name)
+      unchanged += 1
+  assert decayed >= 10 and unchanged >= 20
+
+
+# --------------------------------------------------------------------------- mixup
+
+
+def test_label_smoothing_matches_timm_formula():
+  t = np.asarray(mixup.smooth_one_hot(jnp.array([2, 0]), 5, 0.1))
+  np.testing.assert_allclose(t[0], [0.02, 0.02, 0.92, 0.02, 0.02], rtol=1e-6)
+  np.testing.assert_allclose(t.sum(1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["mixup", "cutmix"])
+def test_mixup_and_cutmix_mix_images_and_targets_with_the_same_lambda(mode):
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(8, 16, 16, 3)), jnp.float32)
+  labels = jnp.arange(8) % 4
+  alphas = dict(mixup_alpha=0.8, cutmix_alpha=0.0) if mode == "mixup" else dict(
+      mixup_alpha=0.0, cutmix_alpha=1.0)
+  for seed in range(5):
+    mixed, targets = mixup.mix(jax.random.key(seed), images, labels, num_classes=4,
+                               label_smoothing=0.0, **alphas)
+    mixed, targets = np.asarray(mixed), np.asarray(targets)
+    partner = np.asarray(mixup.partner(images))
+    np.testing.assert_allclose(targets.sum(1), 1.0, rtol=1e-6)
+    lam = targets[0, labels[0]]  # Own class weight (row 0's partner has another class).
+    if mode == "mixup":
+      np.testing.assert_allclose(mixed, lam * images + (1 - lam) * partner, atol=1e-5)
+    else:  # Each pixel comes from one of the two; the partner's share of pixels is 1 - lam.
+      from_partner = np.all(mixed == partner, axis=-1) & ~np.all(mixed == images, axis=-1)
+      assert np.all(np.all(mixed == images, -1) | np.all(mixed == partner, -1))
+      assert from_partner.mean(axis=(1, 2))[0] == pytest.approx(1 - lam, abs=1e-6)
+    # The pairs are neighbours: 0<->1, 2<->3, ...
+    np.testing.assert_array_equal(np.asarray(mixup.partner(jnp.arange(6))), [1, 0, 3, 2, 5, 4])
+
+
+def test_mixup_off_returns_images_and_smoothed_targets():
+  images = jnp.ones((4, 8, 8, 3))
+  mixed, targets = mixup.mix(jax.random.key(0), images, jnp.array([0, 1, 2, 3]), num_classes=4,
+                             label_smoothing=0.1)
+  assert mixed is images
+  np.testing.assert_allclose(np.asarray(targets).max(1), 0.925, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def test_sharded_step_equals_single_device_step_and_traces_once():
+  """8-way data parallel == 1 device on the same global batch, Mixup and drop path included.
+
+  Tolerance: the 8-way gradient is an all-reduce of partial sums, so float32 sums are added in
+  another order (relative error ~1e-7 per op); after Adam's normalisation and 3 steps at lr 1e-3
+  parameters agree to 1e-5 absolute (a disagreement of the data or randomness would be ~1e-3).
+  """
+  assert jax.device_count() == 8
+  c = tiny_config(mixup_alpha=0.8, cutmix_alpha=1.0)
+  c.model_overrides.drop_path_rate = 0.2
+  batches = random_batches(3, 16)
+  single = make_trainer(c, jax.devices()[:1])
+  sharded = make_trainer(c, jax.devices())
+  p1, m1, _ = run_steps(single, batches)
+  p8, m8, state = run_steps(sharded, batches)
+  assert max_abs_diff(p1, p8) < 1e-5
+  np.testing.assert_allclose([m["loss"] for m in m1], [m["loss"] for m in m8], rtol=1e-5)
+  assert sharded.train_traces == 1 and single.train_traces == 1
+  # The state really is laid out over the 8 devices and the batch split 2 per device.
+  assert len(state.params["head"]["kernel"].sharding.device_set) == 8
+  assert sharded.batch_sharding.shard_shape((16, 32, 32, 3)) == (2, 32, 32, 3)
+
+
+def test_fsdp_shards_parameters_and_computes_the_same_step():
+  c = tiny_config()
+  c.model_overrides.widths = (16, 32, 64, 128)  # Big enough for some arrays to be split.
+  batches = random_batches(2, 16)
+  p_dp, _, _ = run_steps(make_trainer(c, jax.devices()), batches)
+  c.fsdp = 4
+  fsdp = make_trainer(c, jax.devices())
+  p_fsdp, _, state = run_steps(fsdp, batches)
+  assert max_abs_diff(p_dp, p_fsdp) < 1e-5
+  kernel = state.params["stages"][3]["blocks"][0]["mlp"]["fc1"]["kernel"]  # 128 x 512
+  assert kernel.sharding.shard_shape(kernel.shape) == (128, 128)
+  mu = state.opt_state[0].mu["stages"][3]["blocks"][0]["mlp"]["fc1"]["kernel"]
+  assert mu.sharding == kernel.sharding  # Adam's moments live where their parameters do.
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  """k micro-batches of b == one batch of k*b (drop path off: its masks depend on batch shape)."""
+  c = tiny_config(mixup_alpha=0.8, cutmix_alpha=1.0, batch_size=32)
+  c.model_overrides.drop_path_rate = 0.0
+  batches = random_batches(2, 32)
+  p_big, m_big, _ = run_steps(make_trainer(c, jax.devices()), batches)
+  c.grad_accum_steps = 4
+  p_acc, m_acc, _ = run_steps(make_trainer(c, jax.devices()), batches)
+  assert max_abs_diff(p_big, p_acc) < 1e-5
+  for a, b in zip(m_big, m_acc):
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+# --------------------------------------------------------------------------- whole runs
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(digits_data_dir, tmp_path_factory):
+  """The demo's smoke config (real digits, tiny PoolFormer), trained in-process on 8 devices."""
+  config = load_config("demo.py:smoke")
+  config.data.data_dir = digits_data_dir
+  workdir = str(tmp_path_factory.mktemp("smoke"))
+  result = train.train_and_evaluate(config, workdir)
+  return config, workdir, result
+
+
+def test_smoke_run_logs_evaluates_and_checkpoints(smoke_run):
+  config, workdir, result = smoke_run
+  assert result["step"] == 40 and result["compiles"] == 1
+  assert result["eval/examples"] == 360  # Every test image exactly once.
+  assert result["eval/top1"] > 0.3  # Learns (10 classes: chance is 0.1) in 40 tiny steps.
+  records = read_metrics(workdir)
+  train_records = [r for r in records if "loss" in r]
+  evals = [r for r in records if "eval/top1" in r]
+  assert [r["step"] for r in train_records] == [10, 20, 30, 40]
+  assert [r["step"] for r in evals] == [20, 40]
+  for r in train_records:
+    assert {"lr", "grad_norm", "img/s/chip", "step_time", "eta_s", "mfu"} <= set(r)
+    assert r["img/s/chip"] > 0 and np.isfinite(r["loss"])
+  assert train_records[-1]["loss"] < train_records[0]["loss"]
+  assert evals[-1]["eval/top1"] == pytest.approx(result["eval/top1"])
+  assert any(f.startswith("events.out.tfevents")
+             for f in os.listdir(os.path.join(workdir, "tensorboard")))
+  assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
+                if s.isdigit()) == [20, 40]
+
+
+def test_eval_mode_and_load_pretrained_read_the_run(smoke_run):
+  from poolformer_jax import pretrained
+  config, workdir, result = smoke_run
+  record = train.evaluate(config, workdir)
+  assert record["eval/top1"] == pytest.approx(result["eval/top1"])
+  model, info = pretrained.load_pretrained(workdir)
+  assert info.num_classes == 10 and info.labels == tuple(str(i) for i in range(10))
+  assert info.preprocessing["input_size"] == 32 and info.preprocessing["crop_pct"] == 1.0
+  assert model.cfg.widths == tuple(config.model_overrides.widths)
+
+
+def test_rerun_of_a_finished_run_trains_nothing(smoke_run):
+  config, workdir, result = smoke_run
+  before = read_metrics(workdir)
+  again = train.train_and_evaluate(config, workdir)
+  assert again["eval/top1"] == pytest.approx(result["eval/top1"])
+  assert again["compiles"] == 0  # Nothing left to train: the step was compiled, never traced again.
+  assert [r for r in read_metrics(workdir) if "loss" in r] == [r for r in before if "loss" in r]
+
+
+def test_init_from_a_run_with_another_head(smoke_run, tmp_path, caplog):
+  """Fine-tuning: a 3-class model starts from the 10-class run; only the head is new."""
+  from poolformer_jax import pretrained
+  _, workdir, _ = smoke_run
+  config = tiny_config(init_from=workdir)
+  config.model_overrides.widths = (16, 32, 48, 64)  # The smoke run's.
+  trainer = make_trainer(config, jax.devices(), num_classes=3)
+  fresh = trainer.init_state(0)
+  with caplog.at_level("INFO"):
+    state = trainer.load_params(fresh, workdir)
+  assert "the head is newly initialised" in caplog.text and "10 classes" in caplog.text
+  loaded, _, _ = pretrained.load_params(workdir)
+  got = jax.device_get(state.params)
+  np.testing.assert_array_equal(got["stages"][2]["blocks"][0]["mlp"]["fc1"]["kernel"],
+                                loaded["stages"][2]["blocks"][0]["mlp"]["fc1"]["kernel"])
+  np.testing.assert_array_equal(got["head"]["kernel"], jax.device_get(fresh.params)["head"]["kernel"])
+  assert got["head"]["kernel"].shape == (64, 3)
+  # Another architecture is refused before anything is built, naming both.
+  other = tiny_config(init_from=workdir)
+  other.model_overrides.widths = (16, 32, 48, 80)
+  with pytest.raises(train.ConfigError, match=r"another architecture.*widths: \(16, 32, 48, 64\)"
+                     r" there, \(16, 32, 48, 80\) here"):
+    train.validate_config(other, workdir=str(tmp_path), num_devices=8, process_count=1)
+
+
+@pytest.mark.slow
+def test_fake_imagenet_train_and_masked_eval(tmp_path):
+  """The real imagenet2012 builder on tiny fake ILSVRC tars, the release recipe, a few steps.
+
+  13 validation images with eval batch 8: the last batch is padded and masked, every image
+  counts once.
+  """
+  import fake_imagenet
+  fake_imagenet.prepare_fake_imagenet(tmp_path / "data", tmp_path / "manual")
+  config = tiny_config(batch_size=16, eval_batch_size=8, total_steps=3)
+  config.data.data_dir = str(tmp_path / "data")
+  config.data.shuffle_buffer = 64
+  config.dtype = "bfloat16"  # The ImageNet recipe's mixed precision.
+  result = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert result["eval/examples"] == 13
+  assert 0.0 <= result["eval/top1"] <= result["eval/top5"] <= 1.0
+  train_records = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+  assert train_records and all(np.isfinite(r["loss"]) for r in train_records)
