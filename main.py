@@ -91,9 +91,16 @@ def predict(argv) -> int:
 
 
 class _OwnInfoOnly(std_logging.Filter):
-  """Console: INFO from poolformer_jax only (Orbax, TFDS, XLA chatter hidden), WARNING+ from all."""
+  """Console: INFO from poolformer_jax only (Orbax, TFDS, XLA chatter hidden), WARNING+ from all.
+
+  Also hides asyncio's "Task exception was never retrieved" dumps: when a checkpoint file is
+  damaged, Orbax's other in-flight reads fail too and asyncio prints each one with a page of
+  TensorStore spec, after our one-line error has said what and where.
+  """
 
   def filter(self, record):
+    if record.name == "asyncio" and "never retrieved" in str(record.msg):
+      return False
     return record.levelno >= std_logging.WARNING or "poolformer_jax" in record.pathname
 
 

@@ -75,12 +75,12 @@ class Checkpointer:
   def __init__(self, directory: str, *, max_to_keep: int | None = 3, async_save: bool = True,
                read_only: bool = False):
     self.directory = directory
+    self.read_only = read_only
     incomplete = _incomplete_steps(directory)
     if incomplete:
       logging.warning("Ignoring %d incomplete checkpoint(s) from a save that did not finish "
                       "(the process was killed while writing): %s", len(incomplete),
                       ", ".join(incomplete))
-    self.incomplete = incomplete
     if read_only:
       options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
                                              save_interval_steps=0)
@@ -152,10 +152,25 @@ class Checkpointer:
                   if older else " There is no older checkpoint to fall back to.")
           raise CheckpointError(f"{e}.{hint}") from e
         logging.warning("%s; falling back to an older checkpoint.", e)
+        self._quarantine(step)
     if steps:
       raise CheckpointError(f"no checkpoint in {self.directory} passes verification "
                             f"(steps {steps}); delete them to start over")
     return None
+
+  def _quarantine(self, step: int) -> None:
+    """Moves a corrupt step out of the way (kept for inspection), so the run can save it anew."""
+    if self.read_only:
+      return
+    target = epath.Path(f"{self.directory}_corrupt") / str(step)
+    if jax.process_index() == 0:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      (epath.Path(self.directory) / str(step)).rename(target)
+      logging.warning("Moved corrupt checkpoint step %d to %s", step, target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"quarantine checkpoint {step}")
+    self._manager.reload()
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()
@@ -172,10 +187,17 @@ def _incomplete_steps(directory: str) -> list[str]:
   return sorted(p.name for p in path.iterdir() if ".orbax-checkpoint-tmp" in p.name)
 
 
-def _summarise(error: Exception) -> str:
-  """The first line of an Orbax/TensorStore error, plus the array it was reading if named."""
-  text = str(error)
-  first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
-  arrays = re.findall(r"'path': '([^'/][^']*)/'", text)
-  suffix = f" (array '{arrays[-1]}')" if arrays else ""
-  return f"{type(error).__name__}: {first[:300]}{suffix}"
+def _summarise(error: BaseException) -> str:
+  """The root cause of an Orbax/TensorStore error in one line, plus the array it names.
+
+  Orbax wraps TensorStore's error (e.g. 'OUT_OF_RANGE: Error reading "stem.conv.kernel/0.0.0.0"
+  in OCDBT database at local file ".../params/": Requested byte range ... is not valid') in a
+  generic one whose text is a page of spec; the root cause is what a user needs.
+  """
+  root = error
+  while root.__cause__ is not None or root.__context__ is not None:
+    root = root.__cause__ or root.__context__
+  text = str(root).strip()
+  line = text.splitlines()[0][:400] if text else type(root).__name__
+  array = re.search(r'reading "([^"/]+)/', text) or re.search(r"'path': '([^'/][^']*)/'", str(error))
+  return f"{line}" + (f" (array '{array[1]}')" if array else "")

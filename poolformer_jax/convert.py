@@ -232,9 +232,13 @@ class Source:
 def _read_json(path: str) -> dict:
   try:
     with open(path) as f:
-      return json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
+      data = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise ConversionError(f"could not read {path}: {e}") from None
+  if not isinstance(data, dict):
+    raise ConversionError(f"{path} holds a JSON {type(data).__name__}, not an object: it is not "
+                          "an HF config file")
+  return data
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:

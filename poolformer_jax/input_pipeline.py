@@ -26,6 +26,7 @@ from typing import Iterable, Iterator
 
 from absl import logging
 import ml_collections
+from ml_collections.config_dict import placeholder
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -61,12 +62,14 @@ def default_data_config() -> ml_collections.ConfigDict:
   """ImageNet-1k with the PoolFormer release recipe (timm's train/eval transforms)."""
   c = ml_collections.ConfigDict()
   c.dataset = "imagenet2012"  # 'imagenet2012' | 'digits' | any TFDS name | 'folder'.
-  c.data_dir = None  # TFDS data dir (None: TFDS default, ~/tensorflow_datasets).
-  c.manual_dir = None  # Where ILSVRC2012_img_{train,val}.tar live (None: <data_dir>/downloads/manual).
+  # Optional strings are typed placeholders (None until set) so the command line can set them:
+  # --config.data.data_dir=gs://bucket/tensorflow_datasets.
+  c.data_dir = placeholder(str)  # TFDS data dir (None: TFDS default, ~/tensorflow_datasets).
+  c.manual_dir = placeholder(str)  # ILSVRC2012_img_{train,val}.tar (None: <data_dir>/downloads/manual).
   c.prepare = False  # Run download_and_prepare for a TFDS dataset that is not prepared yet.
-  c.folder = None  # Root of <split>/<label>/*.jpg when dataset == 'folder'.
-  c.image_key = None  # Feature names; None: the dataset's supervised_keys (else 'image', 'label').
-  c.label_key = None
+  c.folder = placeholder(str)  # Root of <split>/<label>/*.jpg when dataset == 'folder'.
+  c.image_key = placeholder(str)  # Feature names; None: the dataset's supervised_keys.
+  c.label_key = placeholder(str)
   c.train_split = "train"
   c.eval_split = "validation"
   c.image_size = 224
@@ -76,7 +79,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.train_interpolation = "random"  # 'random' (bilinear or bicubic per image, as timm), 'bilinear', 'bicubic'.
   c.mean = IMAGENET_MEAN  # In 0..1 pixel scale.
   c.std = IMAGENET_STD
-  c.rrc_scale = (0.08, 1.0)  # Random-resized-crop area range; None: no crop, resize the whole image.
+  c.rrc_scale = placeholder(tuple)  # Random-resized-crop area range; None: no crop, resize whole.
+  c.rrc_scale = (0.08, 1.0)
   c.rrc_ratio = (3.0 / 4.0, 4.0 / 3.0)
   c.hflip = True
   c.randaugment = "rand-m9-mstd0.5-inc1"  # timm policy string; None or '' disables.

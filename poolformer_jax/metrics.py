@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 
 from absl import logging
@@ -64,16 +65,19 @@ class MetricWriter:
     self._tb = tensorboard.SummaryWriter(f"{workdir}/tensorboard")
 
   def _truncate_after(self, step: int) -> None:
-    """On resume, drops records logged after the restored step (they will be logged again)."""
+    """On resume, drops records logged after the restored step (they will be logged again).
+
+    Also drops a torn last line (the process was killed mid-write).
+    """
     if not tf.io.gfile.exists(self.path):
       return
     with tf.io.gfile.GFile(self.path) as f:
       lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
     if len(kept) != len(lines):
       tmp = self.path + ".tmp"
       with tf.io.gfile.GFile(tmp, "w") as f:
-        f.writelines(kept)
+        f.write("".join(kept))
       tf.io.gfile.rename(tmp, self.path, overwrite=True)
 
   def write(self, step: int, record: dict) -> None:
@@ -90,6 +94,22 @@ class MetricWriter:
   def close(self) -> None:
     if self.active:
       self._tb.close()
+
+
+def _step_of(line: str) -> int | None:
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None
+
+
+def host_memory_mb() -> float | None:
+  """This process's resident memory (Linux), for spotting leaks in long runs."""
+  try:
+    with open("/proc/self/statm") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+  except (OSError, ValueError, IndexError):
+    return None
 
 
 def _plain(value):
@@ -124,6 +144,7 @@ class Throughput:
         "eta_s": step_time * max(self.total_steps - step, 0),
         "mfu": (self.flops_per_step / step_time / self.peak
                 if self.flops_per_step and self.peak else None),
+        "host_memory_mb": host_memory_mb(),
     }
     self.reset(step)
     return out
