@@ -81,13 +81,11 @@ class Checkpointer:
       logging.warning("Ignoring %d incomplete checkpoint(s) from a save that did not finish "
                       "(the process was killed while writing): %s", len(incomplete),
                       ", ".join(incomplete))
-    if read_only:
-      options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
-                                             save_interval_steps=0)
-    else:
-      options = ocp.CheckpointManagerOptions(
-          max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-          cleanup_tmp_directories=True, create=True)
+    # read_only: this class then never saves, moves or cleans up anything. (Orbax's own
+    # read_only option would warn on every open.)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, enable_async_checkpointing=async_save and not read_only,
+        cleanup_tmp_directories=not read_only, create=not read_only)
     self._manager = ocp.CheckpointManager(directory, options=options)
 
   def all_steps(self) -> list[int]:
@@ -101,6 +99,8 @@ class Checkpointer:
 
     Returns once the arrays are copied off the devices, so the caller may donate them.
     """
+    if self.read_only:
+      raise ValueError(f"{self.directory} was opened read-only")
     meta = {**(meta or {}), "step": int(step), "fingerprints": _flat_fingerprints(items)}
     args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
     self._manager.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args),

@@ -124,11 +124,11 @@ def converted_random_model(tmp_path_factory):
                              labels=converted.info.labels,
                              preprocessing=converted.info.preprocessing)
   model, info = pretrained.load_pretrained(str(out))
-  return hf, model, info, torch
+  return hf, model, info, torch, out
 
 
 def test_predict_top5_matches_hf_pytorch_on_photos(converted_random_model):
-  hf, model, info, torch = converted_random_model
+  hf, model, info, torch, _ = converted_random_model
   images = photos_rgb()
   # Identical inputs for both models (preprocessing parity is tested above on its own).
   pixels = inference.preprocess(images, info.preprocessing).transpose(0, 3, 1, 2)
@@ -144,7 +144,7 @@ def test_predict_top5_matches_hf_pytorch_on_photos(converted_random_model):
 
 
 def test_classify_files_skips_and_reports_broken_files(converted_random_model, tmp_path):
-  _, model, info, _ = converted_random_model
+  _, model, info, _, _ = converted_random_model
   for name in ("coffee", "chelsea"):
     Image.fromarray(getattr(skimage_data, name)()).save(tmp_path / f"{name}.jpg")
   (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
@@ -163,7 +163,39 @@ def test_release_checkpoints_get_imagenet_names(converted_random_model, tmp_path
   """Release/timm files hold no class names; a 1000-class one is labelled with ImageNet's."""
   import helpers_torch
   from poolformer_jax import convert
-  hf, _, _, torch = converted_random_model
+  hf, _, _, torch, _ = converted_random_model
   torch.save(helpers_torch.to_release_keys(helpers_torch.hf_state(hf)), tmp_path / "s12.pth.tar")
   info = convert.convert(str(tmp_path / "s12.pth.tar")).info
   assert info.labels == inference.imagenet_labels() and info.labels[1] == "goldfish"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["table", "jsonl"])
+def test_predict_cli_classifies_a_folder_and_names_the_broken_file(converted_random_model,
+                                                                   tmp_path, fmt):
+  import json
+  import subprocess
+  import sys
+  _, model, info, _, checkpoint = converted_random_model
+  for name in ("coffee", "chelsea", "astronaut"):
+    Image.fromarray(getattr(skimage_data, name)()).save(tmp_path / f"{name}.png")
+  (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+  proc = subprocess.run(
+      [sys.executable, "main.py", "--mode=predict", f"--checkpoint={checkpoint}",
+       f"--format={fmt}", "--batch_size=2", "--top_k=3", str(tmp_path)],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 1  # Some file failed...
+  assert "1 of 4 file(s) could not be read" in proc.stderr and "broken.jpg" in proc.stderr
+  expected = inference.predict(model, [str(tmp_path / "chelsea.png")],
+                               preprocessing=info.preprocessing, labels=info.labels, top_k=3)[0]
+  if fmt == "jsonl":  # ...and every other one is classified, in order, machine-readable.
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [os.path.basename(r["path"]) for r in rows] == [
+        "astronaut.png", "chelsea.png", "coffee.png", "broken.jpg"]
+    assert "error" in rows[-1] and all(len(r["top_k"]) == 3 for r in rows[:3])
+    assert [t["index"] for t in rows[1]["top_k"]] == list(expected.indices)
+  else:
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 3 and lines[1].startswith(str(tmp_path / "chelsea.png"))
+    assert expected.labels[0] in lines[1]
