@@ -219,7 +219,7 @@ def test_save_is_atomic_when_writing_crashes(tmp_path, monkeypatch):
   def crash(*a, **k):
     raise KeyboardInterrupt("simulated crash while writing config.json")
 
-  monkeypatch.setattr(pretrained.json, "dump", crash)
+  monkeypatch.setattr(pretrained.json, "dumps", crash)
   with pytest.raises(KeyboardInterrupt):
     pretrained.save_pretrained(tmp_path / "out", model, variant="poolformer_s12")
   assert_nothing_written(tmp_path / "out")

@@ -2,9 +2,12 @@
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -76,22 +79,40 @@ def _params(directory):
 
 
 @pytest.mark.slow
-def test_main_trains_across_two_processes(tmp_path, digits_data_dir):
-  """The real trainer, 2 processes x 4 devices: per-process data, one metrics writer, one
-  checkpoint that loads."""
-  port = free_port()
+def test_main_across_two_processes_survives_preemption_of_one(tmp_path, digits_data_dir):
+  """The real trainer, 2 processes x 4 devices, per-process data. SIGTERM reaches ONE process:
+  JAX's preemption sync point makes both save the same step and exit 75; the same two commands
+  resume and finish, with one metrics writer and a checkpoint that loads."""
   workdir = tmp_path / "run"
-  outs = run_processes(
-      [[sys.executable, "main.py", "--config=configs/demo.py:smoke", f"--workdir={workdir}",
-        f"--config.data.data_dir={digits_data_dir}", "--config.total_steps=20",
-        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
-       for i in range(2)], devices=4)
+
+  def commands(port):
+    return [[sys.executable, "main.py", "--config=configs/demo.py:smoke", f"--workdir={workdir}",
+             f"--config.data.data_dir={digits_data_dir}", "--config.total_steps=30",
+             "--config.log_every_steps=1", f"--coordinator_address=127.0.0.1:{port}",
+             "--num_processes=2", f"--process_id={i}"] for i in range(2)]
+
+  procs = [subprocess.Popen(cmd, cwd=REPO, env=env(4), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for cmd in commands(free_port())]
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 600
+  while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+    assert time.time() < deadline and all(p.poll() is None for p in procs)
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGTERM)
+  errs = [p.communicate(timeout=300)[1] for p in procs]
+  assert [p.returncode for p in procs] == [75, 75], errs[0][-2000:] + errs[1][-2000:]
+  steps = {int(re.search(r"preempted at step (\d+)", e)[1]) for e in errs}
+  assert len(steps) == 1, steps  # Both agreed on the step.
+  step = steps.pop()
+  assert os.path.isdir(workdir / "checkpoints" / str(step)) and step < 30
+
+  outs = run_processes(commands(free_port()), devices=4)
   assert all("done:" in out for out, _ in outs)
+  assert f"Resumed from checkpoint step {step}" in outs[0][1]  # Process 0 does the talking.
   assert "8 cpu device(s) in 2 process(es)" in outs[0][1]
-  with open(workdir / "metrics.jsonl") as f:
-    records = [json.loads(line) for line in f]
+  records = [json.loads(line) for line in metrics.read_text().splitlines()]
+  assert [r["step"] for r in records if "loss" in r] == list(range(1, 31))  # One writer.
   evals = [r for r in records if "eval/top1" in r]
-  assert [r["step"] for r in evals] == [20] and evals[0]["eval/examples"] == 360
-  assert len([r for r in records if "loss" in r]) == 2  # Written once, by process 0.
+  assert [r["step"] for r in evals] == [20, 30] and evals[-1]["eval/examples"] == 360
   params, info, _ = pretrained.load_params(str(workdir))
   assert info.num_classes == 10 and np.all(np.isfinite(params["head"]["kernel"]))

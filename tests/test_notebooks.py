@@ -80,12 +80,14 @@ def test_convert_and_check_notebook(random_checkpoints, monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_train_on_tpu_notebook_plots_a_real_run(monkeypatch, tmp_path):
+def test_train_on_tpu_notebook_plots_a_real_run(monkeypatch, tmp_path, digits_data_dir):
   import subprocess
   import sys
   workdir = tmp_path / "run"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")  # As on a laptop.
   subprocess.run([sys.executable, "main.py", "--config=configs/demo.py:smoke",
-                  f"--workdir={workdir}"], cwd=REPO, check=True, timeout=900)
+                  f"--workdir={workdir}", f"--config.data.data_dir={digits_data_dir}"],
+                 cwd=REPO, env=env, check=True, timeout=900)
   nb = execute(REPO / "notebooks" / "train_on_tpu.ipynb",
                {"POOLFORMER_WORKDIR": str(workdir)}, monkeypatch)
   text = outputs_text(nb)

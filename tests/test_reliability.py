@@ -89,6 +89,10 @@ def wait_for(predicate, proc, timeout=300, what=""):
   raise AssertionError(f"timed out waiting for {what}")
 
 
+# Tests that share `reference_run` stay on one xdist worker, so it is computed once.
+SHARES_REFERENCE = pytest.mark.xdist_group("reference_run")
+
+
 @pytest.fixture(scope="module")
 def reference_run(digits_data_dir, tmp_path_factory):
   """The uninterrupted run every interrupted one must reproduce exactly."""
@@ -102,6 +106,7 @@ def reference_run(digits_data_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
+@SHARES_REFERENCE
 def test_sigterm_saves_exits_and_resumes_exactly(reference_run, digits_data_dir, tmp_path):
   """SIGTERM at a random step: checkpoint, clean exit (code 75) within seconds, exact resume."""
   workdir = tmp_path / "run"
@@ -129,6 +134,7 @@ def test_sigterm_saves_exits_and_resumes_exactly(reference_run, digits_data_dir,
 
 
 @pytest.mark.slow
+@SHARES_REFERENCE
 def test_sigkill_during_async_checkpoint_writes(reference_run, digits_data_dir, tmp_path):
   """SIGKILL while a checkpoint is being written, three times: each restart ignores the partial
   step, restores the last complete one, says so, and the run still ends exactly as uninterrupted."""
@@ -182,6 +188,7 @@ def _largest_array_file(step_dir):
 
 
 @pytest.mark.slow
+@SHARES_REFERENCE
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_corrupt_checkpoint_is_detected_and_fallback_restores_the_previous(
     reference_run, digits_data_dir, tmp_path, damage):

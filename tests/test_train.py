@@ -212,6 +212,10 @@ def read_metrics(workdir):
     return [json.loads(line) for line in f if line.strip()]
 
 
+# Tests that share `smoke_run` stay on one xdist worker, so it is computed once.
+SHARES_SMOKE_RUN = pytest.mark.xdist_group("smoke_run")
+
+
 @pytest.fixture(scope="module")
 def smoke_run(digits_data_dir, tmp_path_factory):
   """The demo's smoke config (real digits, tiny PoolFormer), trained in-process on 8 devices."""
@@ -222,6 +226,7 @@ def smoke_run(digits_data_dir, tmp_path_factory):
   return config, workdir, result
 
 
+@SHARES_SMOKE_RUN
 def test_smoke_run_logs_evaluates_and_checkpoints(smoke_run):
   config, workdir, result = smoke_run
   assert result["step"] == 40 and result["compiles"] == 1
@@ -243,6 +248,7 @@ def test_smoke_run_logs_evaluates_and_checkpoints(smoke_run):
                 if s.isdigit()) == [20, 40]
 
 
+@SHARES_SMOKE_RUN
 def test_eval_mode_and_load_pretrained_read_the_run(smoke_run):
   from poolformer_jax import pretrained
   config, workdir, result = smoke_run
@@ -254,6 +260,7 @@ def test_eval_mode_and_load_pretrained_read_the_run(smoke_run):
   assert model.cfg.widths == tuple(config.model_overrides.widths)
 
 
+@SHARES_SMOKE_RUN
 def test_rerun_of_a_finished_run_trains_nothing(smoke_run):
   config, workdir, result = smoke_run
   before = read_metrics(workdir)
@@ -263,6 +270,7 @@ def test_rerun_of_a_finished_run_trains_nothing(smoke_run):
   assert [r for r in read_metrics(workdir) if "loss" in r] == [r for r in before if "loss" in r]
 
 
+@SHARES_SMOKE_RUN
 def test_init_from_a_run_with_another_head(smoke_run, tmp_path, caplog):
   """Fine-tuning: a 3-class model starts from the 10-class run; only the head is new."""
   from poolformer_jax import pretrained
