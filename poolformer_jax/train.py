@@ -546,11 +546,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       trainer.batch_sharding)
   t0 = time.perf_counter()
   train_step = trainer.compile_train_step()
-  metrics_lib.log(f"Compiled the train step in {time.perf_counter() - t0:.1f} s")
+  flops = metrics_lib.step_flops(train_step)
+  metrics_lib.log(f"Compiled the train step in {time.perf_counter() - t0:.1f} s"
+                  + (f" ({flops / 1e9:.1f} GFLOP per step per device)" if flops else ""))
   throughput = metrics_lib.Throughput(
       batch_size=config.batch_size, num_devices=jax.device_count(), total_steps=total,
-      flops_per_step=metrics_lib.step_flops(train_step),
-      peak=metrics_lib.peak_flops(jax.devices()[0]))
+      flops_per_step=flops, peak=metrics_lib.peak_flops(jax.devices()[0]))
 
   def save(step):
     ckpt.save(step, state.checkpoint_items(),

@@ -204,6 +204,36 @@ def test_gradient_accumulation_equals_one_big_batch():
     assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
 
 
+def test_state_is_donated_and_flops_come_from_xla():
+  c = tiny_config()
+  trainer = make_trainer(c, jax.devices())
+  state = trainer.init_state(0)
+  step = trainer.compile_train_step()
+  batch = sharding.global_batch(random_batches(1, 16)[0], trainer.batch_sharding)
+  old_kernel = state.params["head"]["kernel"]
+  state, _ = step(state, batch)
+  assert old_kernel.is_deleted()  # Updated in place: no second copy of the state.
+  flops16 = train.metrics_lib.step_flops(step)
+  c.batch_size = 32
+  flops32 = train.metrics_lib.step_flops(make_trainer(c, jax.devices()).compile_train_step())
+  assert flops16 > 0 and flops32 / flops16 == pytest.approx(2.0, rel=0.1)  # Linear in batch.
+
+
+def test_ema_and_gradient_clipping():
+  c = tiny_config(ema_decay=0.75, grad_clip_norm=1e-3)
+  trainer = make_trainer(c, jax.devices()[:1])
+  before = jax.device_get(trainer.init_state(0).params)
+  params, history, state = run_steps(trainer, random_batches(1, 16))
+  ema = jax.device_get(state.ema)
+  for p0, p1, e in zip(jax.tree.leaves(before), jax.tree.leaves(params), jax.tree.leaves(ema)):
+    np.testing.assert_allclose(e, 0.75 * p0 + 0.25 * p1, rtol=1e-5, atol=1e-7)
+  assert "ema" in state.checkpoint_items()["train"]
+  # Adam's first moment after one step is (1 - b1) * the gradient it was given: the clipped one.
+  mu = jax.device_get(state.opt_state[1][0].mu)
+  assert history[0]["grad_norm"] > 1e-2  # The raw gradient is far above the clip...
+  assert float(optax.tree.norm(mu)) == pytest.approx((1 - c.adam_b1) * 1e-3, rel=1e-4)  # ...not used.
+
+
 # --------------------------------------------------------------------------- whole runs
 
 
