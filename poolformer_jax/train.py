@@ -21,8 +21,6 @@ Design points:
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import os
 import signal
 import threading
@@ -245,6 +243,7 @@ class Trainer:
     self.dtype = _DTYPES[c.dtype]
     abstract_model = nnx.eval_shape(self._new_model, nnx.Rngs(0))
     self.graphdef, _ = nnx.split(abstract_model)
+    self.num_params = model_lib.count_params(abstract_model)
     self.schedule = optimizer_lib.learning_rate_schedule(c, self.steps_per_epoch)
     self.tx = optimizer_lib.make_optimizer(c, self.schedule)
     abstract = jax.eval_shape(self._init, jnp.uint32(0))
@@ -508,10 +507,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   trainer = Trainer(config, mesh, num_classes, steps_per_epoch, total)
   _write_run_files(workdir, config, trainer, info)
   metrics_lib.log(
-      f"{config.model} ({model_lib.count_params(nnx.eval_shape(trainer._new_model, nnx.Rngs(0)))}"
-      f" params, {num_classes} classes) on {jax.device_count()} {jax.devices()[0].device_kind} "
-      f"device(s) in {jax.process_count()} process(es), mesh {dict(mesh.shape)}; "
-      f"{total} steps of batch {config.batch_size} ({steps_per_epoch} per epoch)")
+      f"{config.model} ({trainer.num_params:,} params, {num_classes} classes) on "
+      f"{jax.device_count()} {jax.devices()[0].device_kind} device(s) in "
+      f"{jax.process_count()} process(es), mesh {dict(mesh.shape)}; {total} steps of batch "
+      f"{config.batch_size} ({steps_per_epoch} per epoch)")
 
   # --- State: restore the latest checkpoint, or initialise ----------------
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -611,7 +610,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           drain()  # Never save a state whose step produced NaN/inf.
           save(step)
           throughput.reset(step)  # Nor is the (blocking part of the) save.
-        if preempted:
+        if preempted and step < total:
           ckpt.wait_until_finished()
           raise Preempted(step)
     finally:
@@ -633,7 +632,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = trainer.load_params(trainer.init_state(config.seed), config.init_from)
     source, step = config.init_from, 0
   else:
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
     restored = ckpt.restore_latest(trainer.restore_targets(),
                                    fallback=config.checkpoint_fallback)
     ckpt.close()
