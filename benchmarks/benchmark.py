@@ -11,11 +11,14 @@ through poolformer_jax.convert, so the logits are compared too):
   * first-call time (trace + compile + one run) of our jit and of torch.compile (inductor's
     on-disk caches disabled, so it is a cold compile like ours);
   * peak memory, measured the same way for every framework in a fresh subprocess each: on CPU
-    the process's resident-set high-water mark (VmHWM, reset after warm-up through
-    /proc/self/clear_refs) minus its RSS before the model was built; on GPU the allocator's
-    peak. For ours the compiled executable's memory_analysis() is reported as well;
+    the process's resident-set high-water mark over three steps (VmHWM, reset through
+    /proc/self/clear_refs after two warm-up steps and a malloc_trim) minus its RSS before the
+    model was built; on GPU the allocator's peak. For ours the compiled executable's
+    memory_analysis() (temp + argument + output - aliased bytes) is reported as well;
   * the training input pipeline alone (JPEG decode + random-resized crop + RandAugment + erasing)
     over real photos written as a folder dataset, in a subprocess on all cores and pinned to one.
+
+--malloc-hugepages re-runs everything with glibc's transparent-huge-page tunable (see HUGEPAGES).
 
 Timings are taken in ONE process, interleaved (A B C A B C ...) after warm-up, and reported as
 medians with ratios, so a noisy neighbour slows every contender alike. The device kind and count
@@ -26,6 +29,7 @@ and a PNG plot next to it, and prints a table.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
 import json
 import os
@@ -37,6 +41,10 @@ import time
 
 import numpy as np
 
+PARTS = ("inference", "training", "memory", "pipeline")
+# Transparent huge pages for malloc's large blocks: XLA:CPU maps a fresh buffer arena for
+# every execution, so 4 KiB pages cost one page fault each (~200k per S12 training step).
+HUGEPAGES = "glibc.malloc.hugetlb=1"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
@@ -68,7 +76,7 @@ def build_torch(cfg, device, ours=None):
   fields["drop_path_rate"] = cfg.drop_path_rate  # Same linear schedule as ours in train mode.
   model = transformers.PoolFormerForImageClassification(transformers.PoolFormerConfig(**fields))
   if ours is not None:
-    state = {k: torch.from_numpy(v) for k, v in convert.to_torch_state(ours, "hf").items()}
+    state = {k: torch.from_numpy(np.array(v)) for k, v in convert.to_torch_state(ours, "hf").items()}
     own = model.state_dict()
     model.load_state_dict({k: v.reshape(own[k].shape) for k, v in state.items()}, strict=True)
   return model.to(device).eval()
@@ -344,6 +352,10 @@ def memory_worker(args):
   for i in range(2):  # Warm-up: compile, optimizer state, allocator pools.
     run(i)
   out["rss_after_warmup_mb"] = (_rss_kb("VmRSS") - rss0) / 1024
+  # Give freed heap back to the OS (for JAX mostly the compiler's, for PyTorch its freed
+  # activations), the same call for every contender, so the peak below is what one step needs.
+  ctypes.CDLL("libc.so.6").malloc_trim(0)
+  out["rss_after_trim_mb"] = (_rss_kb("VmRSS") - rss0) / 1024
   _reset_peak_rss()
   for i in range(3):
     run(10 + i)
@@ -357,8 +369,7 @@ def bench_memory(args, results):
   contenders = [("ours", "infer"), ("torch_eager", "infer")]
   if not args.no_torch_compile:
     contenders.append(("torch_compile", "infer"))
-  if not args.skip_training:
-    contenders += [("ours", "train"), ("torch_eager", "train")]
+  contenders += [("ours", "train"), ("torch_eager", "train")]
   for what, mode in contenders:
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", f"{what}:{mode}",
            "--variant", args.variant, "--dtype", args.dtype, "--image-size", str(args.image_size),
@@ -518,13 +529,19 @@ def main():
   p.add_argument("--warmup", type=int, default=2, help="untimed calls per contender first")
   p.add_argument("--out", default="results.json", help="JSON path; the plot goes next to it")
   p.add_argument("--no-torch-compile", action="store_true")
-  p.add_argument("--skip-training", action="store_true")
-  p.add_argument("--skip-memory", action="store_true")
-  p.add_argument("--skip-pipeline", action="store_true")
+  p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
+                 help="what to measure (default: all)")
+  p.add_argument("--malloc-hugepages", action="store_true",
+                 help="re-run under GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (both frameworks)")
   p.add_argument("--pipeline-batches", type=int, default=10, help="timed batches of 32")
   p.add_argument("--memory-worker", help=argparse.SUPPRESS)
   p.add_argument("--pipeline-worker", help=argparse.SUPPRESS)
   args = p.parse_args()
+  if args.malloc_hugepages and HUGEPAGES not in os.environ.get("GLIBC_TUNABLES", ""):
+    # glibc reads its tunables at start-up, so the flag takes effect through a re-exec.
+    env = dict(os.environ, GLIBC_TUNABLES=":".join(
+        t for t in (os.environ.get("GLIBC_TUNABLES"), HUGEPAGES) if t))
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
   if args.memory_worker:
     return memory_worker(args)
   if args.pipeline_worker:
@@ -543,19 +560,21 @@ def main():
                   "cpu": platform.processor() or platform.machine()},
       "versions": {"jax": jax.__version__, "torch": torch.__version__},
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
       "inference": [], "training": None, "memory": [], "input_pipeline": {},
   }
   print(f"jax: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}); "
         f"torch: {device}, {torch.get_num_threads()} threads", flush=True)
   ours = build_ours(args)
   tmodel = build_torch(ours.cfg, device, ours)
-  bench_inference(args, ours, tmodel, device, results)
-  if not args.skip_training:
+  if "inference" in args.parts:
+    bench_inference(args, ours, tmodel, device, results)
+  if "training" in args.parts:
     bench_training(args, ours, tmodel, device, results)
   del tmodel
-  if not args.skip_memory:
+  if "memory" in args.parts:
     bench_memory(args, results)
-  if not args.skip_pipeline:
+  if "pipeline" in args.parts:
     bench_pipeline(args, results)
   with open(args.out, "w") as f:
     json.dump(results, f, indent=1)
