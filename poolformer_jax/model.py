@@ -264,9 +264,9 @@ def _sum_rows(x):
 
 
 def _outer_sum(a, b):
-  """sum over rows of a[..., i] * b[..., j]: a dense layer's weight gradient, in float32."""
+  """sum over rows of a[..., i] * b[..., j]: a dense layer's weight gradient (as autodiff's)."""
   rows = tuple(range(a.ndim - 1))
-  return lax.dot_general(a, b, ((rows, rows), ((), ())), preferred_element_type=jnp.float32)
+  return lax.dot_general(a, b, ((rows, rows), ((), ())))
 
 
 @jax.custom_vjp

@@ -488,3 +488,21 @@ def test_remat_gives_the_same_loss_and_gradients():
   np.testing.assert_allclose(l1, l0, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_gradients_are_finite_and_close_to_float32():
+  """The MLP's custom backward in bfloat16 (XLA:CPU has no bf16 x bf16 -> f32 dot kernel)."""
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64, 64, 3)), jnp.float32)
+  grads = []
+  for dtype in (jnp.float32, jnp.bfloat16):
+    m = tiny_model(layer_scale_init=0.5, dtype=dtype)
+    graphdef, params = nnx.split(m, nnx.Param)
+
+    def loss(params):
+      return jnp.sum(nnx.merge(graphdef, params)(x).astype(jnp.float32) ** 2)
+
+    grads.append(jax.jit(jax.grad(loss))(params))
+  for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    assert b.dtype == jnp.float32 and np.all(np.isfinite(b))
+    scale = float(jnp.abs(a).max()) + 1e-6
+    assert float(jnp.abs(a - b).max()) <= 0.1 * scale
