@@ -356,3 +356,153 @@ def test_s12_logits_match_hf_with_random_weights():
   assert ref.std() > 0.1  # logits are not degenerate
   assert np.abs(got - ref).max() <= 1e-4, np.abs(got - ref).max()
   np.testing.assert_array_equal(got.argmax(-1), ref.argmax(-1))
+
+
+# --------------------------------------------------------------------------- fast paths
+
+
+def naive_avg_pool(x: np.ndarray, k: int) -> np.ndarray:
+  """k x k stride-1 average over the cells that exist, in float64."""
+  n, h, w, c = x.shape
+  p = k // 2
+  out = np.empty(x.shape, np.float64)
+  for i in range(h):
+    for j in range(w):
+      window = x[:, max(i - p, 0):i + p + 1, max(j - p, 0):j + p + 1, :]
+      out[:, i, j, :] = window.reshape(n, -1, c).mean(axis=1)
+  return out
+
+
+@pytest.mark.parametrize("shape,k", [((2, 5, 7, 3), 3), ((1, 1, 1, 2), 3), ((1, 2, 9, 4), 3),
+                                     ((2, 6, 4, 3), 5), ((1, 3, 3, 1), 7)])
+def test_avg_pool_exclude_pad_matches_naive_numpy(shape, k):
+  x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+  got = np.asarray(jax.jit(pf.avg_pool_exclude_pad, static_argnums=1)(jnp.asarray(x), k))
+  np.testing.assert_allclose(got, naive_avg_pool(x, k), rtol=1e-6, atol=1e-6)
+  # Border divisors: a constant map stays exactly constant.
+  const = np.asarray(pf.avg_pool_exclude_pad(jnp.full(shape, 3.0), k))
+  np.testing.assert_allclose(const, 3.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+def test_group_norm_matches_numpy_including_large_means(offset):
+  rng = np.random.default_rng(0)
+  x = (offset + rng.normal(size=(3, 6, 5, 8)) * rng.uniform(0.1, 2.0, size=(3, 1, 1, 1)))
+  norm = pf.GroupNorm1(8, 1e-5, dtype=jnp.float32, param_dtype=jnp.float32)
+  norm.scale[...] = jnp.asarray(rng.normal(size=8), jnp.float32)
+  norm.bias[...] = jnp.asarray(rng.normal(size=8), jnp.float32)
+  mean = x.mean(axis=(1, 2, 3), keepdims=True)
+  var = x.var(axis=(1, 2, 3), keepdims=True)
+  ref = (x - mean) / np.sqrt(var + 1e-5) * np.asarray(norm.scale[...]) + np.asarray(norm.bias[...])
+  got = np.asarray(norm(jnp.asarray(x, jnp.float32)))
+  # float32 input: |x| ~ 1e3 carries ~6e-5 of rounding, i.e. a few 1e-4 after dividing by std.
+  np.testing.assert_allclose(got, ref, atol=1e-5 if offset == 0 else 2e-3)
+  m, rstd = norm.moments(jnp.asarray(x, jnp.float32))
+  np.testing.assert_allclose(np.asarray(rstd), 1 / np.sqrt(var + 1e-5), rtol=1e-3 if offset else 1e-5)
+
+
+def test_fused_pooling_mixer_equals_pool_of_norm_values_and_gradients():
+  """The block computes `rstd * scale * (pool(x) - x)` for `pool(norm1(x)) - norm1(x)`."""
+  block = tiny_model(layer_scale_init=1.0).stages[1].blocks[0]
+  rng = np.random.default_rng(0)
+  block.norm1.scale[...] = jnp.asarray(rng.normal(size=16), jnp.float32)
+  block.norm1.bias[...] = jnp.asarray(rng.normal(size=16), jnp.float32)
+  x = jnp.asarray(3.0 + rng.normal(size=(2, 6, 7, 16)), jnp.float32)
+
+  def reference(x):
+    return pf.Pooling(16)(block.norm1(x))
+
+  with jax.default_matmul_precision("highest"):
+    np.testing.assert_allclose(block.mix(x), reference(x), rtol=1e-5, atol=1e-5)
+    cot = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    g_fast = jax.grad(lambda x: jnp.sum(block.mix(x) * cot))(x)
+    g_ref = jax.grad(lambda x: jnp.sum(reference(x) * cot))(x)
+  np.testing.assert_allclose(g_fast, g_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_mlp_apply_gradients_equal_autodiff():
+  rng = np.random.default_rng(0)
+  args = [jnp.asarray(rng.normal(size=s), jnp.float32)
+          for s in [(2, 5, 5, 8), (8, 32), (32,), (32, 8), (8,)]]
+  cot = jnp.asarray(rng.normal(size=(2, 5, 5, 8)), jnp.float32)
+
+  def plain(x, w1, b1, w2, b2):
+    return jax.nn.gelu(x @ w1 + b1, approximate=False) @ w2 + b2
+
+  with jax.default_matmul_precision("highest"):
+    np.testing.assert_allclose(pf.mlp_apply(*args), plain(*args), rtol=1e-5, atol=1e-5)
+    got = jax.grad(lambda *a: jnp.sum(pf.mlp_apply(*a) * cot), argnums=range(5))(*args)
+    ref = jax.grad(lambda *a: jnp.sum(plain(*a) * cot), argnums=range(5))(*args)
+  for g, r in zip(got, ref):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-4 * float(jnp.abs(r).max()))
+
+
+def test_s12_gradients_match_hf_with_random_weights():
+  """Every parameter's gradient, and the input's, equal PyTorch autograd's through HF's model."""
+  torch = pytest.importorskip("torch")
+  hf = random_hf_poolformer_s12(num_labels=10)
+  ours = pf.create_model("poolformer_s12", num_classes=10, rngs=nnx.Rngs(0))
+  hf_to_jax_state(hf, ours)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 64, 64, 3)).astype(np.float32)
+  cot = rng.normal(size=(2, 10)).astype(np.float32)
+  xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_(True)
+  (hf(xt).logits * torch.from_numpy(cot)).sum().backward()
+  ref_dx = xt.grad.numpy().transpose(0, 2, 3, 1)
+  # Load HF's gradients into a second model with the same (independent) name mapping.
+  grads_as_model = pf.create_model("poolformer_s12", num_classes=10, rngs=nnx.Rngs(0))
+  with torch.no_grad():
+    for p in hf.parameters():
+      p.copy_(p.grad)
+  hf_to_jax_state(hf, grads_as_model)
+  ref = nnx.to_pure_dict(nnx.state(grads_as_model, nnx.Param))
+
+  graphdef, params = nnx.split(ours, nnx.Param)
+
+  def loss(params, x):
+    return jnp.sum(nnx.merge(graphdef, params)(x) * cot)
+
+  with jax.default_matmul_precision("highest"):
+    g_params, g_x = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, jnp.asarray(x))
+  np.testing.assert_allclose(g_x, ref_dx, atol=1e-4 * np.abs(ref_dx).max())
+  got = nnx.traversals.flatten_mapping(nnx.to_pure_dict(g_params))
+  for path, r in nnx.traversals.flatten_mapping(ref).items():
+    r = np.asarray(r)
+    scale = max(np.abs(r).max(), 1e-3)  # norm1.bias: exactly 0 for us, rounding noise in HF
+    np.testing.assert_allclose(got[path], r, atol=1e-4 * scale, err_msg=str(path))
+
+
+def test_remat_gives_the_same_loss_and_gradients():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64, 64, 3)), jnp.float32)
+  key = jax.random.key(3)
+  grads = []
+  for remat in (False, True):
+    m = tiny_model(drop_path_rate=0.3, layer_scale_init=0.5, remat=remat)
+    graphdef, params = nnx.split(m, nnx.Param)
+
+    def loss(params):
+      return jnp.sum(nnx.merge(graphdef, params)(x, train=True, key=key) ** 2)
+
+    grads.append(jax.jit(jax.value_and_grad(loss))(params))
+  (l0, g0), (l1, g1) = grads
+  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_gradients_are_finite_and_close_to_float32():
+  """The MLP's custom backward in bfloat16 (XLA:CPU has no bf16 x bf16 -> f32 dot kernel)."""
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64, 64, 3)), jnp.float32)
+  grads = []
+  for dtype in (jnp.float32, jnp.bfloat16):
+    m = tiny_model(layer_scale_init=0.5, dtype=dtype)
+    graphdef, params = nnx.split(m, nnx.Param)
+
+    def loss(params):
+      return jnp.sum(nnx.merge(graphdef, params)(x).astype(jnp.float32) ** 2)
+
+    grads.append(jax.jit(jax.grad(loss))(params))
+  for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    assert b.dtype == jnp.float32 and np.all(np.isfinite(b))
+    scale = float(jnp.abs(a).max()) + 1e-6
+    assert float(jnp.abs(a - b).max()) <= 0.1 * scale

@@ -1,0 +1,588 @@
+r"""Speed and memory of our PoolFormer against HF transformers' PyTorch model.
+
+  python benchmarks/benchmark.py --variant poolformer_s12 --batch-sizes 8 32 \
+      --train-batch-size 16 --dtype float32 --image-size 224 --repeats 10 --out results.json
+
+Measures, for one variant, with random weights (the SAME weights in both frameworks, copied
+through poolformer_jax.convert, so the logits are compared too):
+  * inference images/s: our jitted forward vs PyTorch eager (inference_mode) vs torch.compile;
+  * training-step images/s (forward + backward + AdamW, softmax cross-entropy, stochastic depth
+    at the variant's rate in both): ours vs PyTorch eager;
+  * first-call time (trace + compile + one run) of our jit and of torch.compile (inductor's
+    on-disk caches disabled, so it is a cold compile like ours);
+  * peak memory, measured the same way for every framework in a fresh subprocess each: on CPU
+    the process's resident-set high-water mark over three steps (VmHWM, reset through
+    /proc/self/clear_refs after two warm-up steps and a malloc_trim) minus its RSS before the
+    model was built; on GPU the allocator's peak. For ours the compiled executable's
+    memory_analysis() (temp + argument + output - aliased bytes) is reported as well;
+  * the training input pipeline alone (JPEG decode + random-resized crop + RandAugment + erasing)
+    over real photos written as a folder dataset, in a subprocess on all cores and pinned to one.
+
+--malloc-hugepages re-runs everything with glibc's transparent-huge-page tunable (see HUGEPAGES).
+
+Timings are taken in ONE process, interleaved (A B C A B C ...) after warm-up, and reported as
+medians with ratios, so a noisy neighbour slows every contender alike. The device kind and count
+come from jax.devices(); PyTorch runs on CUDA when available, else on the CPU. Writes a JSON file
+and a PNG plot next to it, and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import functools
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+PARTS = ("inference", "training", "memory", "pipeline")
+# Transparent huge pages for malloc's large blocks: XLA:CPU maps a fresh buffer arena for
+# every execution, so 4 KiB pages cost one page fault each (~200k per S12 training step).
+HUGEPAGES = "glibc.malloc.hugetlb=1"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+# ---------------------------------------------------------------------------
+# Models and steps.
+# ---------------------------------------------------------------------------
+
+
+def jax_dtype(name):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def build_ours(args, num_classes=1000):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from poolformer_jax import model as pf  # pylint: disable=g-import-not-at-top
+  return pf.create_model(args.variant, num_classes=num_classes, rngs=nnx.Rngs(0),
+                         dtype=jax_dtype(args.dtype))
+
+
+def build_torch(cfg, device, ours=None):
+  """HF's PoolFormerForImageClassification for `cfg`, holding `ours`'s weights if given."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from poolformer_jax import convert  # pylint: disable=g-import-not-at-top
+  fields = convert.hf_config_dict(cfg, None)
+  fields.pop("architectures"), fields.pop("model_type")
+  fields["drop_path_rate"] = cfg.drop_path_rate  # Same linear schedule as ours in train mode.
+  model = transformers.PoolFormerForImageClassification(transformers.PoolFormerConfig(**fields))
+  if ours is not None:
+    state = {k: torch.from_numpy(np.array(v)) for k, v in convert.to_torch_state(ours, "hf").items()}
+    own = model.state_dict()
+    model.load_state_dict({k: v.reshape(own[k].shape) for k, v in state.items()}, strict=True)
+  return model.to(device).eval()
+
+
+def make_forward(model):
+  """Our inference function: split once, merge inside jit (no graph traversal per call)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  graphdef, state = nnx.split(model)
+  fwd = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+  return fwd, state
+
+
+def make_train_step(model, learning_rate=1e-3, weight_decay=0.05):
+  """A minimal jitted train step (stand-in until the trainer module lands).
+
+  Returns (step, params, opt_state, rest); `step(params, opt_state, rest, x, y, key)` returns
+  the new (params, opt_state, loss) and donates the old params and optimizer state, so XLA
+  updates them in place.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = optax.adamw(learning_rate, weight_decay=weight_decay)
+  opt_state = tx.init(params)
+
+  def loss_fn(params, rest, x, y, key):
+    logits = nnx.merge(graphdef, params, rest)(x, train=True, key=key)
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(params, opt_state, rest, x, y, key):
+    loss, grads = jax.value_and_grad(loss_fn)(params, rest, x, y, key)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return step, params, opt_state, rest
+
+
+def torch_device():
+  import torch  # pylint: disable=g-import-not-at-top
+  return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def torch_sync(device):
+  import torch  # pylint: disable=g-import-not-at-top
+  if device.type == "cuda":
+    torch.cuda.synchronize()
+
+
+def torch_autocast(args, device):
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  if args.dtype == "float32":
+    return contextlib.nullcontext()
+  return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def torch_infer_fn(model, x, args, device):
+  import torch  # pylint: disable=g-import-not-at-top
+
+  def run():
+    with torch.inference_mode(), torch_autocast(args, device):
+      out = model(x).logits
+    torch_sync(device)
+    return out
+
+  return run
+
+
+def torch_train_fn(model, x, y, args, device):
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  model.train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+
+  def run():
+    opt.zero_grad(set_to_none=True)
+    with torch_autocast(args, device):
+      logits = model(x).logits
+    loss = F.cross_entropy(logits.float(), y)
+    loss.backward()
+    opt.step()
+    torch_sync(device)
+    return loss
+
+  return run
+
+
+def inputs(args, batch, num_classes=1000, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(batch, args.image_size, args.image_size, 3)).astype(np.float32)
+  y = rng.integers(0, num_classes, size=(batch,)).astype(np.int32)
+  return x, y
+
+
+# ---------------------------------------------------------------------------
+# Timing.
+# ---------------------------------------------------------------------------
+
+
+def timed(fn):
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
+
+
+def interleaved(fns: dict, repeats: int, warmup: int) -> dict:
+  """Median seconds per call of each function, measured A B C A B C ... after warm-up."""
+  for _ in range(warmup):
+    for fn in fns.values():
+      fn()
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      time.sleep(0.02)  # Let the other framework's spinning worker threads go idle.
+      times[name].append(timed(fn))
+  return {name: float(np.median(t)) for name, t in times.items()}, times
+
+
+def bench_inference(args, ours, tmodel, device, results):
+  import jax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  if not args.no_torch_compile:
+    import torch._inductor.config as inductor_config  # pylint: disable=g-import-not-at-top
+    inductor_config.force_disable_caches = True  # A cold compile, like ours.
+  fwd, state = make_forward(ours)
+  compiled = None if args.no_torch_compile else torch.compile(tmodel, dynamic=False)
+  for batch in args.batch_sizes:
+    x, _ = inputs(args, batch)
+    xj = jax.device_put(x)  # float32 in; a bfloat16 model casts inside its first conv.
+    xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
+    row = {"batch": batch}
+    # First calls: trace + compile + one execution.
+    t0 = time.perf_counter()
+    lowered = fwd.lower(state, xj)
+    t1 = time.perf_counter()
+    exe = lowered.compile()
+    t2 = time.perf_counter()
+    logits = np.asarray(exe(state, xj).astype(np.float32))
+    row["ours_first_call_s"] = time.perf_counter() - t0
+    row["ours_trace_s"], row["ours_compile_s"] = t1 - t0, t2 - t1
+    fns = {"ours": lambda: exe(state, xj).block_until_ready(),
+           "torch_eager": torch_infer_fn(tmodel, xt, args, device)}
+    ref = fns["torch_eager"]().float().cpu().numpy()
+    row["max_abs_logit_diff_vs_torch"] = float(np.abs(logits - ref).max())
+    if compiled is not None:
+      fns["torch_compile"] = torch_infer_fn(compiled, xt, args, device)
+      row["torch_compile_first_call_s"] = timed(fns["torch_compile"])
+    med, raw = interleaved(fns, args.repeats, args.warmup)
+    for name, sec in med.items():
+      row[f"{name}_images_per_s"] = batch / sec
+      row[f"{name}_raw_s"] = raw[name]
+    results["inference"].append(row)
+    print(f"  inference batch {batch}: " + ", ".join(
+        f"{n} {batch / s:.1f} img/s" for n, s in med.items()), flush=True)
+
+
+def bench_training(args, ours, tmodel, device, results):
+  import jax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  batch = args.train_batch_size
+  x, y = inputs(args, batch)
+  xj, yj = jax.device_put(x), jax.device_put(y)
+  xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
+  yt = torch.from_numpy(y.astype(np.int64)).to(device)
+  step, params, opt_state, rest = make_train_step(ours)
+  key = jax.random.key(0)
+  t0 = time.perf_counter()
+  exe = step.lower(params, opt_state, rest, xj, yj, key).compile()
+  compile_s = time.perf_counter() - t0
+  carry = {"params": params, "opt_state": opt_state, "i": 0}
+
+  def ours_step():
+    carry["i"] += 1
+    p, o, loss = exe(carry["params"], carry["opt_state"], rest, xj, yj,
+                     jax.random.fold_in(key, carry["i"]))
+    carry["params"], carry["opt_state"] = p, o
+    loss.block_until_ready()
+
+  fns = {"ours": ours_step, "torch_eager": torch_train_fn(tmodel, xt, yt, args, device)}
+  med, raw = interleaved(fns, args.repeats, args.warmup)
+  row = {"batch": batch, "ours_compile_s": compile_s}
+  for name, sec in med.items():
+    row[f"{name}_images_per_s"] = batch / sec
+    row[f"{name}_raw_s"] = raw[name]
+  results["training"] = row
+  print(f"  training batch {batch}: " + ", ".join(
+      f"{n} {batch / s:.1f} img/s" for n, s in med.items()), flush=True)
+
+
+# ---------------------------------------------------------------------------
+# Memory: one fresh subprocess per (framework, mode), measured the same way.
+# ---------------------------------------------------------------------------
+
+
+def _rss_kb(field):
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1])
+  raise RuntimeError(field)
+
+
+def _reset_peak_rss():
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # Resets VmHWM to the current RSS (Linux >= 4.0).
+
+
+def memory_worker(args):
+  """Runs in a subprocess: prints one JSON line with the peak memory of one contender."""
+  what, mode = args.memory_worker.split(":")
+  batch = args.train_batch_size if mode == "train" else max(args.batch_sizes)
+  x, y = inputs(args, batch)
+  out = {"contender": what, "mode": mode, "batch": batch}
+  if what == "ours":
+    import jax  # pylint: disable=g-import-not-at-top
+    from poolformer_jax import model as _  # pylint: disable=g-import-not-at-top,unused-import
+    on_cpu = jax.devices()[0].platform == "cpu"
+    xj, yj = jax.device_put(x), jax.device_put(y)  # Initialises the runtime before rss0.
+    rss0 = _rss_kb("VmRSS")
+    model = build_ours(args)
+    if mode == "train":
+      step, params, opt_state, rest = make_train_step(model)
+      del model
+      exe = step.lower(params, opt_state, rest, xj, yj, jax.random.key(0)).compile()
+      carry = [params, opt_state]
+
+      def run(i):
+        p, o, loss = exe(carry[0], carry[1], rest, xj, yj, jax.random.key(i))
+        carry[:] = [p, o]
+        loss.block_until_ready()
+    else:
+      fwd, state = make_forward(model)
+      del model
+      exe = fwd.lower(state, xj).compile()
+
+      def run(i):
+        del i
+        exe(state, xj).block_until_ready()
+    ma = exe.memory_analysis()
+    if ma is not None:
+      out["xla_memory_analysis_mb"] = {
+          k: getattr(ma, k) / 2**20 for k in ("temp_size_in_bytes", "argument_size_in_bytes",
+                                               "output_size_in_bytes", "alias_size_in_bytes")}
+      out["xla_total_mb"] = (ma.temp_size_in_bytes + ma.argument_size_in_bytes +
+                             ma.output_size_in_bytes - ma.alias_size_in_bytes) / 2**20
+    device_peak = (lambda: jax.devices()[0].memory_stats()["peak_bytes_in_use"]) \
+        if not on_cpu else None
+  else:
+    import torch  # pylint: disable=g-import-not-at-top
+    from poolformer_jax import model as pf  # pylint: disable=g-import-not-at-top
+    device = torch_device()
+    on_cpu = device.type == "cpu"
+    xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
+    rss0 = _rss_kb("VmRSS")
+    tmodel = build_torch(pf.get_config(args.variant), device)  # HF's own random init.
+    if mode == "train":
+      fn = torch_train_fn(tmodel, xt, torch.from_numpy(y.astype(np.int64)).to(device), args,
+                          device)
+    else:
+      if what == "torch_compile":
+        tmodel = torch.compile(tmodel, dynamic=False)
+      fn = torch_infer_fn(tmodel, xt, args, device)
+
+    def run(i):
+      del i
+      fn()
+    device_peak = torch.cuda.max_memory_allocated if not on_cpu else None
+  for i in range(2):  # Warm-up: compile, optimizer state, allocator pools.
+    run(i)
+  out["rss_after_warmup_mb"] = (_rss_kb("VmRSS") - rss0) / 1024
+  # Give freed heap back to the OS (for JAX mostly the compiler's, for PyTorch its freed
+  # activations), the same call for every contender, so the peak below is what one step needs.
+  ctypes.CDLL("libc.so.6").malloc_trim(0)
+  out["rss_after_trim_mb"] = (_rss_kb("VmRSS") - rss0) / 1024
+  _reset_peak_rss()
+  for i in range(3):
+    run(10 + i)
+  out["peak_rss_mb"] = (_rss_kb("VmHWM") - rss0) / 1024
+  if device_peak is not None:
+    out["device_peak_mb"] = device_peak() / 2**20
+  print("MEMORY_JSON " + json.dumps(out), flush=True)
+
+
+def bench_memory(args, results):
+  contenders = [("ours", "infer"), ("torch_eager", "infer")]
+  if not args.no_torch_compile:
+    contenders.append(("torch_compile", "infer"))
+  contenders += [("ours", "train"), ("torch_eager", "train")]
+  for what, mode in contenders:
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", f"{what}:{mode}",
+           "--variant", args.variant, "--dtype", args.dtype, "--image-size", str(args.image_size),
+           "--train-batch-size", str(args.train_batch_size), "--batch-sizes",
+           *map(str, args.batch_sizes)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    line = [l for l in proc.stdout.splitlines() if l.startswith("MEMORY_JSON ")]
+    if proc.returncode or not line:
+      print(f"  memory {what}:{mode} failed:\n{proc.stderr[-2000:]}", flush=True)
+      continue
+    rec = json.loads(line[0].split(" ", 1)[1])
+    results["memory"].append(rec)
+    print(f"  memory {what} {mode} batch {rec['batch']}: peak RSS +{rec['peak_rss_mb']:.0f} MB"
+          + (f", XLA buffers {rec['xla_total_mb']:.0f} MB" if "xla_total_mb" in rec else ""),
+          flush=True)
+
+
+# ---------------------------------------------------------------------------
+# Input pipeline: real JPEGs through the training preprocessing, in a subprocess.
+# ---------------------------------------------------------------------------
+
+
+def write_photo_folder(root, copies):
+  """scikit-image's sample photos as JPEGs in root/train/<label>/, `copies` of each."""
+  import skimage.data  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  names = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field",
+           "immunohistochemistry", "camera", "page")
+  n = 0
+  for i, name in enumerate(names):
+    a = getattr(skimage.data, name)()
+    a = np.repeat(a[..., None], 3, -1) if a.ndim == 2 else a[..., :3]
+    d = os.path.join(root, "train", f"class{i % 2}")
+    os.makedirs(d, exist_ok=True)
+    for c in range(copies):
+      Image.fromarray(a).save(os.path.join(d, f"{name}_{c}.jpg"), quality=90)
+      n += 1
+  return n
+
+
+def pipeline_worker(args):
+  if args.pipeline_worker == "one_core":
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+  cores = len(os.sched_getaffinity(0))
+  from poolformer_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  batch = 32
+  with tempfile.TemporaryDirectory() as root:
+    n = write_photo_folder(root, copies=8)
+    cfg = input_pipeline.default_data_config()
+    cfg.dataset, cfg.folder, cfg.image_size = "folder", root, args.image_size
+    it = input_pipeline.create_train_iterator(cfg, global_batch_size=batch, seed=0,
+                                              process_index=0, process_count=1)
+    for _ in range(3):
+      next(it)
+    steps = args.pipeline_batches
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      next(it)
+    sec = time.perf_counter() - t0
+  ips = steps * batch / sec
+  print("PIPELINE_JSON " + json.dumps({"cores": cores, "images": n, "images_per_s": ips,
+                                       "images_per_s_per_core": ips / cores}), flush=True)
+
+
+def bench_pipeline(args, results):
+  for mode in ("all_cores", "one_core"):
+    cmd = [sys.executable, os.path.abspath(__file__), "--pipeline-worker", mode,
+           "--image-size", str(args.image_size), "--pipeline-batches", str(args.pipeline_batches)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    line = [l for l in proc.stdout.splitlines() if l.startswith("PIPELINE_JSON ")]
+    if proc.returncode or not line:
+      print(f"  pipeline {mode} failed:\n{proc.stderr[-2000:]}", flush=True)
+      continue
+    rec = json.loads(line[0].split(" ", 1)[1])
+    results["input_pipeline"][mode] = rec
+    print(f"  input pipeline ({mode}, {rec['cores']} cores): {rec['images_per_s']:.1f} img/s, "
+          f"{rec['images_per_s_per_core']:.1f} img/s/core", flush=True)
+
+
+# ---------------------------------------------------------------------------
+# Report.
+# ---------------------------------------------------------------------------
+
+
+def table(results) -> str:
+  lines = []
+  names = [("ours", "ours"), ("torch_eager", "torch eager"), ("torch_compile", "torch.compile")]
+  lines.append(f"{'':24}" + "".join(f"{label:>15}" for _, label in names)
+               + f"{'ours/eager':>12}{'ours/compile':>14}")
+  rows = [(f"infer b={r['batch']} img/s", r) for r in results["inference"]]
+  if results.get("training"):
+    rows.append((f"train b={results['training']['batch']} img/s", results["training"]))
+  for label, r in rows:
+    vals = [r.get(f"{n}_images_per_s") for n, _ in names]
+    cells = "".join(f"{v:15.1f}" if v else f"{'-':>15}" for v in vals)
+    ratio = lambda a, b: f"{a / b:.2f}x" if a and b else "-"
+    lines.append(f"{label:24}{cells}{ratio(vals[0], vals[1]):>12}{ratio(vals[0], vals[2]):>14}")
+  for r in results["inference"][:1]:
+    lines.append(f"{'first call s (b=' + str(r['batch']) + ')':24}{r['ours_first_call_s']:15.1f}"
+                 f"{'-':>15}" + (f"{r['torch_compile_first_call_s']:15.1f}"
+                                 if "torch_compile_first_call_s" in r else f"{'-':>15}"))
+  if results.get("training"):
+    lines.append(f"{'train compile s':24}{results['training']['ours_compile_s']:15.1f}")
+  for mode in ("infer", "train"):
+    recs = {m["contender"]: m for m in results["memory"] if m["mode"] == mode}
+    if recs:
+      key = "device_peak_mb" if any("device_peak_mb" in m for m in recs.values()) else "peak_rss_mb"
+      vals = [recs.get(n, {}).get(key) for n, _ in names]
+      cells = "".join(f"{v:15.0f}" if v is not None else f"{'-':>15}" for v in vals)
+      batch = next(iter(recs.values()))["batch"]
+      lines.append(f"{mode + ' peak MB b=' + str(batch):24}{cells}"
+                   + (f"{vals[0] / vals[1]:11.2f}x" if vals[0] and vals[1] else ""))
+  for mode, rec in results["input_pipeline"].items():
+    lines.append(f"input pipeline ({mode}): {rec['images_per_s']:.1f} img/s = "
+                 f"{rec['images_per_s_per_core']:.1f} img/s per core")
+  return "\n".join(lines)
+
+
+def plot(results, path):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  names = ["ours", "torch_eager", "torch_compile"]
+  rows = [(f"infer b={r['batch']}", r) for r in results["inference"]]
+  if results.get("training"):
+    rows.append((f"train b={results['training']['batch']}", results["training"]))
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+  width = 0.8 / len(names)
+  for k, name in enumerate(names):
+    vals = [r.get(f"{name}_images_per_s", 0.0) for _, r in rows]
+    axes[0].bar(np.arange(len(rows)) + k * width, vals, width, label=name)
+  axes[0].set_xticks(np.arange(len(rows)) + width, [label for label, _ in rows])
+  axes[0].set_ylabel("images / s (median)")
+  axes[0].set_title(f"{results['variant']} {results['dtype']} {results['image_size']}px on "
+                    f"{results['devices']['jax_device_kind']}")
+  axes[0].legend()
+  mem = results["memory"]
+  if mem:
+    labels = [f"{m['contender']}\n{m['mode']} b={m['batch']}" for m in mem]
+    key = "device_peak_mb" if any("device_peak_mb" in m for m in mem) else "peak_rss_mb"
+    axes[1].bar(range(len(mem)), [m.get(key, 0.0) for m in mem],
+                color=["C0" if m["contender"] == "ours" else "C1" for m in mem])
+    axes[1].set_xticks(range(len(mem)), labels, fontsize=8)
+    axes[1].set_ylabel(f"peak memory MB ({key})")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--variant", default="poolformer_s12")
+  p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
+  p.add_argument("--train-batch-size", type=int, default=16)
+  p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+  p.add_argument("--image-size", type=int, default=224)
+  p.add_argument("--repeats", type=int, default=10, help="timed calls per contender (median)")
+  p.add_argument("--warmup", type=int, default=2, help="untimed calls per contender first")
+  p.add_argument("--out", default="results.json", help="JSON path; the plot goes next to it")
+  p.add_argument("--no-torch-compile", action="store_true")
+  p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
+                 help="what to measure (default: all)")
+  p.add_argument("--malloc-hugepages", action="store_true",
+                 help="re-run under GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (both frameworks)")
+  p.add_argument("--pipeline-batches", type=int, default=10, help="timed batches of 32")
+  p.add_argument("--memory-worker", help=argparse.SUPPRESS)
+  p.add_argument("--pipeline-worker", help=argparse.SUPPRESS)
+  args = p.parse_args()
+  if args.malloc_hugepages and HUGEPAGES not in os.environ.get("GLIBC_TUNABLES", ""):
+    # glibc reads its tunables at start-up, so the flag takes effect through a re-exec.
+    env = dict(os.environ, GLIBC_TUNABLES=":".join(
+        t for t in (os.environ.get("GLIBC_TUNABLES"), HUGEPAGES) if t))
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+  if args.memory_worker:
+    return memory_worker(args)
+  if args.pipeline_worker:
+    return pipeline_worker(args)
+
+  import jax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  devices = jax.devices()
+  device = torch_device()
+  results = {
+      "variant": args.variant, "dtype": args.dtype, "image_size": args.image_size,
+      "repeats": args.repeats, "warmup": args.warmup,
+      "devices": {"jax_platform": devices[0].platform, "jax_device_kind": devices[0].device_kind,
+                  "jax_device_count": len(devices), "torch_device": str(device),
+                  "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                  "cpu": platform.processor() or platform.machine()},
+      "versions": {"jax": jax.__version__, "torch": torch.__version__},
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+      "inference": [], "training": None, "memory": [], "input_pipeline": {},
+  }
+  print(f"jax: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}); "
+        f"torch: {device}, {torch.get_num_threads()} threads", flush=True)
+  ours = build_ours(args)
+  tmodel = build_torch(ours.cfg, device, ours)
+  if "inference" in args.parts:
+    bench_inference(args, ours, tmodel, device, results)
+  if "training" in args.parts:
+    bench_training(args, ours, tmodel, device, results)
+  del tmodel
+  if "memory" in args.parts:
+    bench_memory(args, results)
+  if "pipeline" in args.parts:
+    bench_pipeline(args, results)
+  with open(args.out, "w") as f:
+    json.dump(results, f, indent=1)
+  png = os.path.splitext(args.out)[0] + ".png"
+  plot(results, png)
+  print(f"\nwrote {args.out} and {png}\n")
+  print(table(results))
+
+
+if __name__ == "__main__":
+  main()
