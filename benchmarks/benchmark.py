@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import functools
+import importlib
 import json
 import os
 import platform
@@ -91,32 +91,23 @@ def make_forward(model):
   return fwd, state
 
 
-def make_train_step(model, learning_rate=1e-3, weight_decay=0.05):
-  """A minimal jitted train step (stand-in until the trainer module lands).
+def make_train_step(args, batch):
+  """The trainer's own compiled step (poolformer_jax.train), as `main.py` runs it.
 
-  Returns (step, params, opt_state, rest); `step(params, opt_state, rest, x, y, key)` returns
-  the new (params, opt_state, loss) and donates the old params and optimizer state, so XLA
-  updates them in place.
+  AdamW with the release's decay mask and schedule, stochastic depth at the variant's rate, the
+  state donated. Mixup/CutMix and label smoothing are off so PyTorch's loop does the same work.
+  Returns (compiled step, initial state, batch sharding); `step(state, batch)` returns
+  (state, metrics).
   """
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  tx = optax.adamw(learning_rate, weight_decay=weight_decay)
-  opt_state = tx.init(params)
-
-  def loss_fn(params, rest, x, y, key):
-    logits = nnx.merge(graphdef, params, rest)(x, train=True, key=key)
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
-
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def step(params, opt_state, rest, x, y, key):
-    loss, grads = jax.value_and_grad(loss_fn)(params, rest, x, y, key)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  return step, params, opt_state, rest
+  from poolformer_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  c = train.default_config()
+  c.model, c.dtype, c.batch_size = args.variant, args.dtype, batch
+  c.data.image_size = args.image_size
+  c.mixup_alpha = c.cutmix_alpha = c.label_smoothing = 0.0
+  trainer = train.Trainer(c, sharding.make_mesh(1, jax.devices()[:1]), 1000,
+                          steps_per_epoch=1000, total_steps=10**6)
+  return trainer.compile_train_step(), trainer.init_state(0), trainer.batch_sharding
 
 
 def torch_device():
@@ -239,26 +230,22 @@ def bench_inference(args, ours, tmodel, device, results):
 
 
 def bench_training(args, ours, tmodel, device, results):
-  import jax  # pylint: disable=g-import-not-at-top
+  del ours  # The trainer builds its own state.
   import torch  # pylint: disable=g-import-not-at-top
   batch = args.train_batch_size
+  from poolformer_jax import sharding  # pylint: disable=g-import-not-at-top
   x, y = inputs(args, batch)
-  xj, yj = jax.device_put(x), jax.device_put(y)
   xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
   yt = torch.from_numpy(y.astype(np.int64)).to(device)
-  step, params, opt_state, rest = make_train_step(ours)
-  key = jax.random.key(0)
   t0 = time.perf_counter()
-  exe = step.lower(params, opt_state, rest, xj, yj, key).compile()
+  exe, state, batch_sharding = make_train_step(args, batch)
   compile_s = time.perf_counter() - t0
-  carry = {"params": params, "opt_state": opt_state, "i": 0}
+  data = sharding.global_batch({"image": x, "label": y}, batch_sharding)
+  carry = {"state": state}
 
   def ours_step():
-    carry["i"] += 1
-    p, o, loss = exe(carry["params"], carry["opt_state"], rest, xj, yj,
-                     jax.random.fold_in(key, carry["i"]))
-    carry["params"], carry["opt_state"] = p, o
-    loss.block_until_ready()
+    carry["state"], metrics = exe(carry["state"], data)
+    metrics["loss"].block_until_ready()
 
   fns = {"ours": ours_step, "torch_eager": torch_train_fn(tmodel, xt, yt, args, device)}
   med, raw = interleaved(fns, args.repeats, args.warmup)
@@ -297,24 +284,23 @@ def memory_worker(args):
   out = {"contender": what, "mode": mode, "batch": batch}
   if what == "ours":
     import jax  # pylint: disable=g-import-not-at-top
-    from poolformer_jax import model as _  # pylint: disable=g-import-not-at-top,unused-import
+    # Imported before the baseline (TensorFlow comes with the trainer's input pipeline).
+    importlib.import_module("poolformer_jax.train")
+    from poolformer_jax import sharding  # pylint: disable=g-import-not-at-top
     on_cpu = jax.devices()[0].platform == "cpu"
-    xj, yj = jax.device_put(x), jax.device_put(y)  # Initialises the runtime before rss0.
+    xj = jax.device_put(x)  # Initialises the runtime before rss0.
     rss0 = _rss_kb("VmRSS")
-    model = build_ours(args)
     if mode == "train":
-      step, params, opt_state, rest = make_train_step(model)
-      del model
-      exe = step.lower(params, opt_state, rest, xj, yj, jax.random.key(0)).compile()
-      carry = [params, opt_state]
+      exe, state, batch_sharding = make_train_step(args, batch)
+      data = sharding.global_batch({"image": x, "label": y}, batch_sharding)
+      carry = [state]
 
       def run(i):
-        p, o, loss = exe(carry[0], carry[1], rest, xj, yj, jax.random.key(i))
-        carry[:] = [p, o]
-        loss.block_until_ready()
+        del i
+        carry[0], metrics = exe(carry[0], data)
+        metrics["loss"].block_until_ready()
     else:
-      fwd, state = make_forward(model)
-      del model
+      fwd, state = make_forward(build_ours(args))
       exe = fwd.lower(state, xj).compile()
 
       def run(i):

@@ -93,7 +93,7 @@ def wait_for(predicate, proc, timeout=300, what=""):
 SHARES_REFERENCE = pytest.mark.xdist_group("reference_run")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # Session: xdist may interleave other modules.
 def reference_run(digits_data_dir, tmp_path_factory):
   """The uninterrupted run every interrupted one must reproduce exactly."""
   workdir = tmp_path_factory.mktemp("reference")

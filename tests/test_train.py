@@ -246,7 +246,7 @@ def read_metrics(workdir):
 SHARES_SMOKE_RUN = pytest.mark.xdist_group("smoke_run")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # Session: xdist may interleave other modules.
 def smoke_run(digits_data_dir, tmp_path_factory):
   """The demo's smoke config (real digits, tiny PoolFormer), trained in-process on 8 devices."""
   config = load_config("demo.py:smoke")
