@@ -528,6 +528,11 @@ def main():
     env = dict(os.environ, GLIBC_TUNABLES=":".join(
         t for t in (os.environ.get("GLIBC_TUNABLES"), HUGEPAGES) if t))
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
+  out_dir = os.path.dirname(os.path.abspath(args.out))
+  try:  # Fail now, not after the measurements, if the result cannot be written.
+    os.makedirs(out_dir, exist_ok=True)
+  except OSError as e:
+    p.error(f"cannot create the directory of --out ({out_dir}): {e}")
   if args.memory_worker:
     return memory_worker(args)
   if args.pipeline_worker:
