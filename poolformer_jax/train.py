@@ -84,6 +84,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model_overrides = ml_collections.ConfigDict()  # PoolFormerConfig fields, e.g. token_mixer.
   c.num_classes = 0  # 0: from the dataset.
   c.dtype = "bfloat16"  # Compute dtype; parameters and optimizer state stay float32.
+  c.remat = False  # Recompute each block's activations in the backward pass: less memory.
   c.matmul_precision = "default"  # 'highest' for float32-exact matmuls (parity checks).
   c.data = input_pipeline.default_data_config()
 
@@ -256,7 +257,8 @@ class Trainer:
     self.train_traces = 0  # Incremented when the train step is traced: must end at 1.
 
   def _new_model(self, rngs):
-    return model_lib.MetaFormer(self.model_config, dtype=self.dtype, rngs=rngs)
+    return model_lib.MetaFormer(self.model_config, dtype=self.dtype, remat=self.config.remat,
+                                rngs=rngs)
 
   def _init(self, seed):
     model = self._new_model(nnx.Rngs(jax.random.key(seed)))

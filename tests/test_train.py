@@ -204,6 +204,15 @@ def test_gradient_accumulation_equals_one_big_batch():
     assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
 
 
+def test_remat_trains_identically():
+  c = tiny_config()
+  batches = random_batches(2, 16)
+  plain, _, _ = run_steps(make_trainer(c, jax.devices()[:1]), batches)
+  c.remat = True
+  remat, _, _ = run_steps(make_trainer(c, jax.devices()[:1]), batches)
+  assert max_abs_diff(plain, remat) < 1e-6
+
+
 def test_state_is_donated_and_flops_come_from_xla():
   c = tiny_config()
   trainer = make_trainer(c, jax.devices())
