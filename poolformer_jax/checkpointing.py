@@ -26,9 +26,6 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-ITEMS = ("params", "train")
-
-
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be restored as saved; the message names the step and the array."""
 

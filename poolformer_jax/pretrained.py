@@ -169,6 +169,14 @@ def read_info(directory: str) -> tuple[PretrainedInfo, PoolFormerConfig]:
   return info, cfg
 
 
+def abstract_params(cfg: PoolFormerConfig) -> dict:
+  """The parameter tree of `cfg` as shapes on one device: the target to restore a checkpoint into."""
+  abstract = nnx.eval_shape(lambda: MetaFormer(cfg, rngs=nnx.Rngs(0)))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                      nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+
+
 def load_params(directory: str) -> tuple[dict, PretrainedInfo, PoolFormerConfig]:
   """(parameters as a nested dict of numpy arrays, info, architecture) from either
 
@@ -176,10 +184,7 @@ def load_params(directory: str) -> tuple[dict, PretrainedInfo, PoolFormerConfig]
   * a training workdir (`checkpoints/`): its newest checkpoint that passes verification.
   """
   info, cfg = read_info(directory)
-  abstract = nnx.eval_shape(lambda: MetaFormer(cfg, rngs=nnx.Rngs(0)))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                        nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+  target = abstract_params(cfg)
   root = epath.Path(directory)
   if (root / PARAMS_DIR).is_dir():
     with ocp.StandardCheckpointer() as ckptr:

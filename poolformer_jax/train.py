@@ -415,6 +415,11 @@ def run_eval(eval_step, params, eval_batches, sharding) -> dict[str, float]:
           "loss": float(totals["loss"]) / count, "examples": int(count)}
 
 
+def _format_eval(record: dict) -> str:
+  """'eval/top1 0.9806, eval/top5 1.0000, eval/loss 0.1673' (example counts left out)."""
+  return ", ".join(f"{k} {v:.4f}" for k, v in record.items() if not k.endswith("examples"))
+
+
 def _eval_record(trainer, eval_step, state, eval_batches) -> dict:
   sets = {"eval": state.params}
   if state.ema is not None:
@@ -538,8 +543,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt.close()
     writer.close()
     record = _eval_record(trainer, eval_step, state, eval_batches)
-    metrics_lib.log(f"Training was already complete at step {start}: " + ", ".join(
-        f"{k} {v:.4f}" for k, v in record.items() if not k.endswith("examples")))
+    metrics_lib.log(f"Training was already complete at step {start}: {_format_eval(record)}")
     return {"step": start, **record, "compiles": trainer.train_traces}
   train_batches = sharding_lib.prefetch_to_device(
       input_pipeline.create_train_iterator(config.data, global_batch_size=config.batch_size,
@@ -604,8 +608,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           drain()
           record = _eval_record(trainer, eval_step, state, eval_batches)
           writer.write(step, record)
-          metrics_lib.log(f"step {step}: " + ", ".join(
-              f"{k} {v:.4f}" for k, v in record.items() if not k.endswith("examples")))
+          metrics_lib.log(f"step {step}: {_format_eval(record)}")
           final.update(record)
           throughput.reset(step)  # Eval time is not training time.
         if step % config.checkpoint_every_steps == 0 or step == total or preempted:
@@ -649,5 +652,5 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer = metrics_lib.MetricWriter(workdir)
   writer.write(step, {**record, "source": source})
   writer.close()
-  metrics_lib.log(f"{source}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
+  metrics_lib.log(f"{source}: {_format_eval(record)}")
   return record

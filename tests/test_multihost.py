@@ -64,14 +64,10 @@ def test_two_processes_equal_one_process_with_the_same_devices(tmp_path):
 
 
 def _params(directory):
-  from flax import nnx
   from poolformer_jax import model as model_lib
   cfg = model_lib.get_config("poolformer_s12", num_classes=10, depths=(1, 1, 1, 1),
                              widths=(8, 16, 24, 32))
-  abstract = nnx.eval_shape(lambda: model_lib.MetaFormer(cfg, rngs=nnx.Rngs(0)))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                        nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+  target = pretrained.abstract_params(cfg)
   ckpt = checkpointing.Checkpointer(str(directory), read_only=True)
   items, _ = ckpt.restore(3, {"params": target})
   ckpt.close()
