@@ -23,6 +23,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from poolformer_jax import cpu_tuning
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 config_flags.DEFINE_config_file("config", os.path.join(_HERE, "configs", "demo.py"),
@@ -138,4 +140,5 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
+  cpu_tuning.reexec_with_malloc_hugepages()  # Before JAX starts: see its docstring.
   app.run(lambda argv: sys.exit(main(argv)))

@@ -15,10 +15,14 @@ through poolformer_jax.convert, so the logits are compared too):
     /proc/self/clear_refs after two warm-up steps and a malloc_trim) minus its RSS before the
     model was built; on GPU the allocator's peak. For ours the compiled executable's
     memory_analysis() (temp + argument + output - aliased bytes) is reported as well;
+  * the FLOPs of the work (XLA's cost analysis) as GFLOP/s per contender, read against a
+    2048^3 float32 matmul timed in both frameworks (the most a model's matmuls can reach);
   * the training input pipeline alone (JPEG decode + random-resized crop + RandAugment + erasing)
     over real photos written as a folder dataset, in a subprocess on all cores and pinned to one.
 
---malloc-hugepages re-runs everything with glibc's transparent-huge-page tunable (see HUGEPAGES).
+The process runs with glibc's malloc huge-page tunable, as main.py does (both frameworks
+share the process, so both get it; see poolformer_jax.cpu_tuning); --system-malloc runs
+without it.
 
 Timings are taken in ONE process, interleaved (A B C A B C ...) after warm-up, and reported as
 medians with ratios, so a noisy neighbour slows every contender alike. The device kind and count
@@ -42,11 +46,10 @@ import time
 import numpy as np
 
 PARTS = ("inference", "training", "memory", "pipeline")
-# Transparent huge pages for malloc's large blocks: XLA:CPU maps a fresh buffer arena for
-# every execution, so 4 KiB pages cost one page fault each (~200k per S12 training step).
-HUGEPAGES = "glibc.malloc.hugetlb=1"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from poolformer_jax import cpu_tuning  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 # ---------------------------------------------------------------------------
@@ -83,11 +86,15 @@ def build_torch(cfg, device, ours=None):
 
 
 def make_forward(model):
-  """Our inference function: split once, merge inside jit (no graph traversal per call)."""
+  """Our inference function: split once, merge inside jit (no graph traversal per call).
+
+  Compiled with the options poolformer_jax.inference and the trainer's eval step use.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   graphdef, state = nnx.split(model)
-  fwd = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+  fwd = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x),
+                compiler_options=cpu_tuning.forward_compiler_options())
   return fwd, state
 
 
@@ -191,6 +198,38 @@ def interleaved(fns: dict, repeats: int, warmup: int) -> dict:
   return {name: float(np.median(t)) for name, t in times.items()}, times
 
 
+def gflop_per_image(compiled, batch):
+  """XLA's FLOP count of a compiled step, per image (the same work for every contender)."""
+  from poolformer_jax import metrics  # pylint: disable=g-import-not-at-top
+  flops = metrics.step_flops(compiled)
+  return flops / batch / 1e9 if flops else None
+
+
+def bench_matmul_peak(args, device, results):
+  """GFLOP/s of a 2048^3 float32 matmul in each framework: the roofline a model run is read against.
+
+  Both frameworks reach about the same figure on a CPU; a model's matmuls cannot beat it, and
+  its pooling, norms and GELU only add time.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  n = 2048
+  a = np.random.default_rng(0).normal(size=(n, n)).astype(np.float32)
+  ja = jax.device_put(a)
+  ta = torch.from_numpy(a).to(device)
+  matmul = jax.jit(lambda x: x @ x)
+
+  def torch_matmul():
+    torch.matmul(ta, ta)
+    torch_sync(device)
+
+  med, _ = interleaved({"xla": lambda: matmul(ja).block_until_ready(), "torch": torch_matmul},
+                       args.repeats, args.warmup)
+  results["matmul_peak_gflops"] = {name: 2 * n**3 / sec / 1e9 for name, sec in med.items()}
+  print("  2048^3 float32 matmul: " + ", ".join(
+      f"{name} {v:.0f} GFLOP/s" for name, v in results["matmul_peak_gflops"].items()), flush=True)
+
+
 def bench_inference(args, ours, tmodel, device, results):
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
@@ -212,6 +251,7 @@ def bench_inference(args, ours, tmodel, device, results):
     t2 = time.perf_counter()
     logits = np.asarray(exe(state, xj).astype(np.float32))
     row["ours_first_call_s"] = time.perf_counter() - t0
+    row["gflop_per_image"] = gflop_per_image(exe, batch)
     row["ours_trace_s"], row["ours_compile_s"] = t1 - t0, t2 - t1
     fns = {"ours": lambda: exe(state, xj).block_until_ready(),
            "torch_eager": torch_infer_fn(tmodel, xt, args, device)}
@@ -249,7 +289,7 @@ def bench_training(args, ours, tmodel, device, results):
 
   fns = {"ours": ours_step, "torch_eager": torch_train_fn(tmodel, xt, yt, args, device)}
   med, raw = interleaved(fns, args.repeats, args.warmup)
-  row = {"batch": batch, "ours_compile_s": compile_s}
+  row = {"batch": batch, "ours_compile_s": compile_s, "gflop_per_image": gflop_per_image(exe, batch)}
   for name, sec in med.items():
     row[f"{name}_images_per_s"] = batch / sec
     row[f"{name}_raw_s"] = raw[name]
@@ -453,6 +493,17 @@ def table(results) -> str:
     cells = "".join(f"{v:15.1f}" if v else f"{'-':>15}" for v in vals)
     ratio = lambda a, b: f"{a / b:.2f}x" if a and b else "-"
     lines.append(f"{label:24}{cells}{ratio(vals[0], vals[1]):>12}{ratio(vals[0], vals[2]):>14}")
+  peak = max((results.get("matmul_peak_gflops") or {}).values(), default=None)
+  for label, r in rows:
+    if not r.get("gflop_per_image"):
+      continue
+    vals = [r.get(f"{n}_images_per_s") for n, _ in names]
+    lines.append(f"{label.replace('img/s', 'GFLOP/s'):24}" + "".join(
+        f"{v * r['gflop_per_image']:9.0f}" + (f" ({v * r['gflop_per_image'] / peak:3.0%})"
+                                              if peak else " " * 6) if v else f"{'-':>15}"
+        for v in vals))
+  if peak:
+    lines.append(f"(percentages: of the best 2048^3 float32 matmul here, {peak:.0f} GFLOP/s)")
   for r in results["inference"][:1]:
     lines.append(f"{'first call s (b=' + str(r['batch']) + ')':24}{r['ours_first_call_s']:15.1f}"
                  f"{'-':>15}" + (f"{r['torch_compile_first_call_s']:15.1f}"
@@ -517,17 +568,14 @@ def main():
   p.add_argument("--no-torch-compile", action="store_true")
   p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
                  help="what to measure (default: all)")
-  p.add_argument("--malloc-hugepages", action="store_true",
-                 help="re-run under GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (both frameworks)")
+  p.add_argument("--system-malloc", action="store_true",
+                 help="do not re-run under GLIBC_TUNABLES=glibc.malloc.hugetlb=1")
   p.add_argument("--pipeline-batches", type=int, default=10, help="timed batches of 32")
   p.add_argument("--memory-worker", help=argparse.SUPPRESS)
   p.add_argument("--pipeline-worker", help=argparse.SUPPRESS)
   args = p.parse_args()
-  if args.malloc_hugepages and HUGEPAGES not in os.environ.get("GLIBC_TUNABLES", ""):
-    # glibc reads its tunables at start-up, so the flag takes effect through a re-exec.
-    env = dict(os.environ, GLIBC_TUNABLES=":".join(
-        t for t in (os.environ.get("GLIBC_TUNABLES"), HUGEPAGES) if t))
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+  if not args.system_malloc:
+    cpu_tuning.reexec_with_malloc_hugepages()
   out_dir = os.path.dirname(os.path.abspath(args.out))
   try:  # Fail now, not after the measurements, if the result cannot be written.
     os.makedirs(out_dir, exist_ok=True)
@@ -552,12 +600,15 @@ def main():
       "versions": {"jax": jax.__version__, "torch": torch.__version__},
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-      "inference": [], "training": None, "memory": [], "input_pipeline": {},
+      "matmul_peak_gflops": None, "inference": [], "training": None, "memory": [],
+      "input_pipeline": {},
   }
   print(f"jax: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}); "
         f"torch: {device}, {torch.get_num_threads()} threads", flush=True)
   ours = build_ours(args)
   tmodel = build_torch(ours.cfg, device, ours)
+  if "inference" in args.parts or "training" in args.parts:
+    bench_matmul_peak(args, device, results)
   if "inference" in args.parts:
     bench_inference(args, ours, tmodel, device, results)
   if "training" in args.parts:

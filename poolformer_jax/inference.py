@@ -23,6 +23,8 @@ import numpy as np
 from flax import nnx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from poolformer_jax import cpu_tuning
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
              "lanczos": Image.LANCZOS}
@@ -152,9 +154,12 @@ class Prediction:
   probs: tuple[float, ...]
 
 
-@nnx.jit
-def _probabilities(model, x):
-  return jax.nn.softmax(model(x).astype(jnp.float32), axis=-1)
+@functools.cache
+def _probabilities_fn(graphdef):
+  """The jitted softmax forward for one model structure (its weights are an argument)."""
+  def probabilities(state, x):
+    return jax.nn.softmax(nnx.merge(graphdef, state)(x).astype(jnp.float32), axis=-1)
+  return jax.jit(probabilities, compiler_options=cpu_tuning.forward_compiler_options())
 
 
 def predict(model, images: Sequence[Any], *, preprocessing: Mapping[str, Any] | None = None,
@@ -169,6 +174,8 @@ def predict(model, images: Sequence[Any], *, preprocessing: Mapping[str, Any] | 
   if labels is None:
     labels = imagenet_labels() if num_classes == 1000 else [str(i) for i in range(num_classes)]
   top_k = min(top_k, num_classes)
+  graphdef, state = nnx.split(model)
+  probabilities = _probabilities_fn(graphdef)
   results = []
   for start in range(0, len(images), batch_size):
     chunk = images[start:start + batch_size]
@@ -176,7 +183,7 @@ def predict(model, images: Sequence[Any], *, preprocessing: Mapping[str, Any] | 
     n = x.shape[0]
     if n < batch_size and len(images) > batch_size:  # keep one compiled shape
       x = np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], x.dtype)])
-    probs = np.asarray(_probabilities(model, jnp.asarray(x)))[:n]
+    probs = np.asarray(probabilities(state, jnp.asarray(x)))[:n]
     for row in probs:
       idx = np.argsort(-row)[:top_k]
       results.append(Prediction(tuple(int(i) for i in idx), tuple(labels[i] for i in idx),

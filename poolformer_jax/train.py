@@ -39,6 +39,7 @@ import optax
 import tensorflow as tf
 
 from poolformer_jax import checkpointing
+from poolformer_jax import cpu_tuning
 from poolformer_jax import input_pipeline
 from poolformer_jax import metrics as metrics_lib
 from poolformer_jax import mixup
@@ -357,7 +358,8 @@ class Trainer:
     batch = self.abstract_batch(self.config.eval_batch_size, train=False)
     jitted = jax.jit(self.eval_step, in_shardings=(self.state_sharding.params,
                                                    self.batch_sharding),
-                     out_shardings=self.replicated)
+                     out_shardings=self.replicated,
+                     compiler_options=cpu_tuning.forward_compiler_options())
     return jitted.lower(self.abstract_state.params, batch).compile()
 
   # -- checkpoints ---------------------------------------------------------
