@@ -3,7 +3,7 @@
   python benchmarks/matmul_throughput.py [--batch 8] [--repeats 30]
 
 The 1x1-conv MLPs are dense layers over B*H*W tokens: per stage, tokens x C -> 4C and back.
-Each shape is timed for both frameworks, interleaved, median of `repeats`, float32.
+Each shape is timed for both frameworks, one after the other, median of `repeats`, float32.
 """
 
 from __future__ import annotations
@@ -34,9 +34,11 @@ def main():
       ja, jb = jax.device_put(a), jax.device_put(b)
       ta, tb = torch.from_numpy(a), torch.from_numpy(b)
       runs = {"xla": lambda: matmul(ja, jb).block_until_ready(), "torch": lambda: ta @ tb}
+      # One framework at a time (A A A ... B B B), not interleaved: PyTorch's OpenMP workers
+      # spin for a while after each op and would take cores from an XLA call right after it.
       times = {name: [] for name in runs}
-      for i in range(args.repeats + 3):
-        for name, fn in runs.items():
+      for name, fn in runs.items():
+        for i in range(args.repeats + 3):
           t0 = time.perf_counter()
           fn()
           if i >= 3:  # Warm-up.

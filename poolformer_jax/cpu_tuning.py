@@ -6,8 +6,8 @@ Each is measured with `benchmarks/benchmark.py` (PoolFormer-S12, float32, 2 core
   step at batch 16) from malloc, which maps them fresh from the kernel and unmaps them after:
   with 4 KiB pages, ~200k page faults and ~0.3 s of kernel time per training step. glibc's
   `glibc.malloc.hugetlb=1` tunable backs those mappings with 2 MiB transparent huge pages
-  (kernel THP mode `madvise` or `always`): a few hundred faults. Training +7%, inference
-  +8-15%. glibc reads tunables only at start-up, so the entry points re-execute themselves
+  (kernel THP mode `madvise` or `always`): a few hundred faults. Training +4-7%, inference
+  +6-15%. glibc reads tunables only at start-up, so the entry points re-execute themselves
   once with it set.
 * Forward-only programs (inference, evaluation) compiled without XLA's YNNPACK fusions:
   +7-8% images/s. Training steps keep them: without, a step ran 1.7x slower.
