@@ -71,6 +71,9 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int | None = 3, async_save: bool = True,
                read_only: bool = False):
+    # Orbax writes only to absolute paths; `python main.py` defaults to a relative workdir.
+    if "://" not in directory:
+      directory = os.path.abspath(directory)
     self.directory = directory
     self.read_only = read_only
     incomplete = _incomplete_steps(directory)

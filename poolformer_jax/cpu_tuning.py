@@ -12,7 +12,9 @@ Each is measured with `benchmarks/benchmark.py` (PoolFormer-S12, float32, 2 core
 * Forward-only programs (inference, evaluation) compiled without XLA's YNNPACK fusions:
   +7-8% images/s. Training steps keep them: without, a step ran 1.7x slower.
 
-Neither changes results beyond float32 rounding (the parity tests run with both).
+Neither changes results beyond float32 rounding: huge pages only move memory, and the forward
+options are tested against the default compile (tests/test_cpu_tuning.py) and, through
+`inference.predict`, against HF's PyTorch model.
 """
 
 from __future__ import annotations

@@ -357,14 +357,18 @@ def test_fake_imagenet_train_and_masked_eval(tmp_path):
 
 @pytest.mark.slow
 def test_embedded_default_reaches_97_percent(digits_data_dir, tmp_path):
-  """The README's main job (`python main.py`): S12 on real digits, 1 CPU device, >= 97% top-1."""
+  """The README's main job (`python main.py`): S12 on real digits, 1 CPU device, >= 97% top-1.
+
+  Run as the README runs it, with the default workdir: `workdir/demo`, relative to the cwd.
+  """
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  proc = subprocess.run([sys.executable, "main.py", f"--workdir={tmp_path}",
+  proc = subprocess.run([sys.executable, str(REPO / "main.py"),
                          f"--config.data.data_dir={digits_data_dir}"],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  evals = [r for r in read_metrics(tmp_path) if "eval/top1" in r]
+  workdir = tmp_path / "workdir" / "demo"
+  evals = [r for r in read_metrics(workdir) if "eval/top1" in r]
   assert evals[-1]["step"] == 440 and evals[-1]["eval/examples"] == 360
   assert evals[-1]["eval/top1"] >= 0.97, evals
-  assert f"eval/top1 {evals[-1]['eval/top1']:.4f}" in proc.stdout
-  assert os.path.isdir(tmp_path / "checkpoints" / "440")
+  assert f"done: workdir/demo step 440, eval/top1 {evals[-1]['eval/top1']:.4f}" in proc.stdout
+  assert os.path.isdir(workdir / "checkpoints" / "440")
