@@ -208,8 +208,8 @@ def gflop_per_image(compiled, batch):
 def bench_matmul_peak(args, device, results):
   """GFLOP/s of a 2048^3 float32 matmul in each framework: the roofline a model run is read against.
 
-  Both frameworks reach about the same figure on a CPU; a model's matmuls cannot beat it, and
-  its pooling, norms and GELU only add time.
+  The faster of the two is the most a model's matmuls reach on this machine; its pooling,
+  norms and GELU only add time on top.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
