@@ -66,14 +66,19 @@ def path_name(path) -> str:
   return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
+def orbax_path(directory) -> str:
+  """`directory` as Orbax accepts it: local paths made absolute (Orbax refuses relative ones,
+  and `python main.py` defaults to the relative `workdir/demo`); gs:// and other URLs as given."""
+  directory = str(directory)
+  return directory if "://" in directory else os.path.abspath(directory)
+
+
 class Checkpointer:
   """Saves and restores training state in `directory` (any path Orbax supports, gs:// too)."""
 
   def __init__(self, directory: str, *, max_to_keep: int | None = 3, async_save: bool = True,
                read_only: bool = False):
-    # Orbax writes only to absolute paths; `python main.py` defaults to a relative workdir.
-    if "://" not in directory:
-      directory = os.path.abspath(directory)
+    directory = orbax_path(directory)
     self.directory = directory
     self.read_only = read_only
     incomplete = _incomplete_steps(directory)

@@ -183,14 +183,14 @@ def load_params(directory: str) -> tuple[dict, PretrainedInfo, PoolFormerConfig]
   * a pretrained directory (`params/`, written by the converter or `save_pretrained`), or
   * a training workdir (`checkpoints/`): its newest checkpoint that passes verification.
   """
+  from poolformer_jax import checkpointing  # pylint: disable=g-import-not-at-top
   info, cfg = read_info(directory)
   target = abstract_params(cfg)
-  root = epath.Path(directory)
+  root = epath.Path(checkpointing.orbax_path(directory))
   if (root / PARAMS_DIR).is_dir():
     with ocp.StandardCheckpointer() as ckptr:
       params = ckptr.restore(root / PARAMS_DIR, target)
   elif (root / CHECKPOINTS_DIR).is_dir():
-    from poolformer_jax import checkpointing  # pylint: disable=g-import-not-at-top
     ckpt = checkpointing.Checkpointer(str(root / CHECKPOINTS_DIR), async_save=False,
                                       read_only=True)
     restored = ckpt.restore_latest({"params": target})

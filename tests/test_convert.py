@@ -213,6 +213,17 @@ def test_save_load_pretrained_is_bit_exact(tmp_path):
     pretrained.save_pretrained(path, model, variant="poolformer_s12")
 
 
+def test_save_and_load_pretrained_with_a_relative_path(tmp_path, monkeypatch):
+  """README commands pass relative directories (--checkpoint=checkpoints/poolformer_s12);
+  Orbax itself accepts only absolute ones."""
+  model = _random_jax_model(seed=4, num_classes=3)
+  monkeypatch.chdir(tmp_path)
+  pretrained.save_pretrained("checkpoints/m", model, variant="poolformer_s12")
+  loaded, _ = load_pretrained("checkpoints/m")
+  a, b = params_of(model), params_of(loaded)
+  assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def test_save_is_atomic_when_writing_crashes(tmp_path, monkeypatch):
   model = _random_jax_model(num_classes=3)
 
