@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from poolformer_jax import model as pf
+from poolformer_jax import ops
 
 EXPECTED_PARAMS = {
     "poolformer_s12": 11_915_176,
@@ -377,10 +378,10 @@ def naive_avg_pool(x: np.ndarray, k: int) -> np.ndarray:
                                      ((2, 6, 4, 3), 5), ((1, 3, 3, 1), 7)])
 def test_avg_pool_exclude_pad_matches_naive_numpy(shape, k):
   x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
-  got = np.asarray(jax.jit(pf.avg_pool_exclude_pad, static_argnums=1)(jnp.asarray(x), k))
+  got = np.asarray(jax.jit(ops.avg_pool_exclude_pad, static_argnums=1)(jnp.asarray(x), k))
   np.testing.assert_allclose(got, naive_avg_pool(x, k), rtol=1e-6, atol=1e-6)
   # Border divisors: a constant map stays exactly constant.
-  const = np.asarray(pf.avg_pool_exclude_pad(jnp.full(shape, 3.0), k))
+  const = np.asarray(ops.avg_pool_exclude_pad(jnp.full(shape, 3.0), k))
   np.testing.assert_allclose(const, 3.0, rtol=1e-6)
 
 
@@ -430,8 +431,8 @@ def test_mlp_apply_gradients_equal_autodiff():
     return jax.nn.gelu(x @ w1 + b1, approximate=False) @ w2 + b2
 
   with jax.default_matmul_precision("highest"):
-    np.testing.assert_allclose(pf.mlp_apply(*args), plain(*args), rtol=1e-5, atol=1e-5)
-    got = jax.grad(lambda *a: jnp.sum(pf.mlp_apply(*a) * cot), argnums=range(5))(*args)
+    np.testing.assert_allclose(ops.mlp_apply(*args), plain(*args), rtol=1e-5, atol=1e-5)
+    got = jax.grad(lambda *a: jnp.sum(ops.mlp_apply(*a) * cot), argnums=range(5))(*args)
     ref = jax.grad(lambda *a: jnp.sum(plain(*a) * cot), argnums=range(5))(*args)
   for g, r in zip(got, ref):
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-4 * float(jnp.abs(r).max()))
