@@ -94,7 +94,7 @@ def make_forward(model):
   from flax import nnx  # pylint: disable=g-import-not-at-top
   graphdef, state = nnx.split(model)
   fwd = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x),
-                compiler_options=cpu_tuning.forward_compiler_options())
+                compiler_options=cpu_tuning.forward_compiler_options(jax.devices()[0].platform))
   return fwd, state
 
 

@@ -22,8 +22,6 @@ from __future__ import annotations
 import os
 import sys
 
-import jax
-
 HUGEPAGES_TUNABLE = "glibc.malloc.hugetlb"
 _FORWARD_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
@@ -45,6 +43,11 @@ def reexec_with_malloc_hugepages() -> None:
   os.execve(sys.executable, sys.orig_argv, env)
 
 
-def forward_compiler_options() -> dict[str, str] | None:
-  """`compiler_options` for a jitted forward-only program: the CPU options above, else None."""
-  return dict(_FORWARD_CPU_OPTIONS) if jax.default_backend() == "cpu" else None
+def forward_compiler_options(platform: str) -> dict[str, str] | None:
+  """`compiler_options` for a forward-only program compiled for `platform` (a device's
+  `.platform`, e.g. of the mesh it runs on): the CPU options above, else None.
+
+  Decided by the devices compiled for, not by the process's default backend: a TPU program
+  compiled ahead of time on a CPU host must not get XLA:CPU's options.
+  """
+  return dict(_FORWARD_CPU_OPTIONS) if platform == "cpu" else None

@@ -159,7 +159,9 @@ def _probabilities_fn(graphdef):
   """The jitted softmax forward for one model structure (its weights are an argument)."""
   def probabilities(state, x):
     return jax.nn.softmax(nnx.merge(graphdef, state)(x).astype(jnp.float32), axis=-1)
-  return jax.jit(probabilities, compiler_options=cpu_tuning.forward_compiler_options())
+  # Compiled for (and run on) the default device.
+  return jax.jit(probabilities, compiler_options=cpu_tuning.forward_compiler_options(
+      jax.devices()[0].platform))
 
 
 def predict(model, images: Sequence[Any], *, preprocessing: Mapping[str, Any] | None = None,

@@ -359,7 +359,8 @@ class Trainer:
     jitted = jax.jit(self.eval_step, in_shardings=(self.state_sharding.params,
                                                    self.batch_sharding),
                      out_shardings=self.replicated,
-                     compiler_options=cpu_tuning.forward_compiler_options())
+                     compiler_options=cpu_tuning.forward_compiler_options(
+                         self.mesh.devices.flat[0].platform))
     return jitted.lower(self.abstract_state.params, batch).compile()
 
   # -- checkpoints ---------------------------------------------------------

@@ -74,8 +74,11 @@ def test_forward_options_turn_ynnpack_off_and_keep_the_logits():
   graphdef, state = nnx.split(model)
   forward = lambda state, x: nnx.merge(graphdef, state)(x)
   x = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
-  options = cpu_tuning.forward_compiler_options()
+  options = cpu_tuning.forward_compiler_options(jax.devices()[0].platform)
   assert options == {"xla_cpu_experimental_ynn_fusion_type": ""}  # The tests run on CPU.
+  # Decided by the platform compiled for: a TPU or GPU program gets none of XLA:CPU's options.
+  assert cpu_tuning.forward_compiler_options("tpu") is None
+  assert cpu_tuning.forward_compiler_options("cuda") is None
   default = jax.jit(forward).lower(state, x).compile()
   tuned = jax.jit(forward, compiler_options=options).lower(state, x).compile()
   # The option took effect (an unknown or ignored option would leave the program as it was).
