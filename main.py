@@ -5,11 +5,14 @@
   python main.py --mode=eval --config=configs/imagenet.py:s12 \\
       --config.init_from=checkpoints/poolformer_s12 --workdir=/tmp/eval_s12
   python main.py --mode=predict --checkpoint=checkpoints/poolformer_s12 photos/ cat.jpg
+  python main.py --mode=compile --config=configs/imagenet.py:s12 --config.topology=v4-8
 
 Any config field can be overridden: --config.batch_size=1024 --config.data.data_dir=gs://...
 A run resumes from WORKDIR/checkpoints by itself. On a multi-host TPU pod, run the same command
 on every host (JAX finds its peers); elsewhere pass --coordinator_address, --num_processes and
---process_id. The work lives in poolformer_jax.train and poolformer_jax.inference.
+--process_id. Compile mode (needs libtpu, not a TPU) compiles the real train and eval steps
+for a Cloud TPU slice and reports whether they fit and how fast they can go. The work lives
+in poolformer_jax.train, poolformer_jax.inference and poolformer_jax.tpu_compile.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ config_flags.DEFINE_config_file("config", os.path.join(_HERE, "configs", "demo.p
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard events "
                     "(local or gs://). Default: workdir/<config name>.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "compile"],
+                  "What to do. compile: AOT-compile for --config.topology (a TPU slice such as "
+                  "v4-8) and report memory and speed bounds.")
 flags.DEFINE_string("checkpoint", None, "predict: a converted model directory or a training "
                     "workdir.")
 flags.DEFINE_enum("format", "table", ["table", "jsonl"], "predict: output format.")
@@ -117,6 +122,10 @@ def main(argv) -> int:
   try:
     if FLAGS.mode == "predict":
       return predict(argv)
+    if FLAGS.mode == "compile":
+      from poolformer_jax import tpu_compile  # pylint: disable=g-import-not-at-top
+      tpu_compile.run(FLAGS.config, FLAGS.workdir or default_workdir())
+      return 0
     _init_distributed()
     workdir = FLAGS.workdir or default_workdir()
     if FLAGS.mode == "eval":

@@ -114,6 +114,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.ema_decay = 0.0  # > 0: also keep and evaluate an EMA of the weights.
 
   c.fsdp = 1  # Chips per parameter shard (1: pure data parallelism).
+  c.topology = ""  # --mode=compile: the Cloud TPU slice to compile for, e.g. 'v4-8'.
+  c.num_slices = 1  # --mode=compile: that many slices (multislice over the data-center network).
   c.log_every_steps = 100
   c.eval_every_steps = 0  # 0: once per epoch (and always at the end).
   c.checkpoint_every_steps = 1000

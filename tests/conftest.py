@@ -4,6 +4,9 @@ import os
 
 # 8 fake CPU devices so sharding is exercised on a laptop; must be set before jax is imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The tests compute on the CPU. With libtpu installed (compile-mode tests), JAX would also try
+# to open a TPU; compile mode compiles for TPU topologies without one.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Nothing may wait on the network: the HF hub is never contacted.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

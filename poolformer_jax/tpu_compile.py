@@ -1,0 +1,420 @@
+"""Compile mode: will a config fit on a Cloud TPU slice, and how fast can it go?
+
+  python main.py --mode=compile --config=configs/imagenet.py:s12 --config.topology=v4-8
+
+runs on any machine with libtpu installed (`pip install -r requirements-tpu.txt`), no TPU
+needed: JAX compiles for a TPU topology ahead of time (`jax.experimental.topologies`). The
+mesh is laid over that topology's devices and handed to the same `train.Trainer` that trains,
+so what gets compiled is the program a run would execute: the real train and eval steps
+with their shardings, donation, gradient accumulation, FSDP and remat. XLA's analyses of it
+give the peak HBM per chip (does it fit?), and FLOPs and bytes accessed per chip-step, which
+with the chip's peak FLOP/s and HBM bandwidth bound the speed from above (the roofline) and
+the wall time of the whole recipe from below.
+
+XLA's cost analysis counts a loop body once: with `grad_accum_steps=K` the figures are those
+of one micro-batch step (plus the optimizer update), and a step costs K of them (the update
+is then counted K times, about 1% too much for PoolFormer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+
+from etils import epath  # An Orbax dependency: local and gs:// paths alike.
+import jax
+
+# The figures below are per chip. v4 and v5p chips hold two TensorCores that JAX drives as one
+# device ("megacore"); v5e and v6e chips have one. Either way: one JAX device per chip.
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """One TPU generation's per-chip peak figures, as Google publishes them."""
+
+  name: str
+  device_kind: str  # What JAX's devices call it.
+  peak_flops: float  # Dense bfloat16 FLOP/s.
+  hbm_bandwidth: float  # Bytes/s.
+  hbm_bytes: float
+  source: str
+
+
+GiB = 2**30
+_DOCS = "https://cloud.google.com/tpu/docs/"
+# HBM as the docs give it ("16 GB" is 16 GiB of HBM2). XLA refuses to compile a program that
+# needs more than it can use, a little less (e.g. 15.75 GiB of a v5e's 16).
+CHIPS = {
+    "v4": Chip("TPU v4", "TPU v4", 275e12, 1200e9, 32 * GiB, _DOCS + "v4"),
+    "v5e": Chip("TPU v5e", "TPU v5 lite", 197e12, 819e9, 16 * GiB, _DOCS + "v5e"),
+    "v5p": Chip("TPU v5p", "TPU v5", 459e12, 2765e9, 95 * GiB, _DOCS + "v5p"),
+    "v6e": Chip("TPU v6e", "TPU v6 lite", 918e12, 1638e9, 32 * GiB, _DOCS + "v6e"),
+}
+
+# Slice shapes (chips along each axis) by chip count, as the Cloud TPU docs list them.
+_SHAPES_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4),
+              128: (4, 4, 8), 256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16),
+              2048: (8, 16, 16), 4096: (16, 16, 16)}
+_SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8),
+              128: (8, 16), 256: (16, 16)}
+# generation: (libtpu's topology prefix, accelerator-type count is TensorCores (2 per chip)?)
+_GENERATIONS = {"v4": ("v4", True), "v5p": ("v5", True), "v5e": ("v5e", False),
+                "v6e": ("v6e", False)}
+_ALIASES = {"v5litepod": "v5e"}  # Cloud's accelerator-type name for v5e.
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  """A Cloud TPU slice by its accelerator type, e.g. `v4-8` (4 chips) or `v5e-16`."""
+
+  name: str
+  generation: str
+  shape: tuple[int, ...]  # Chips along each axis.
+  host_shape: tuple[int, int, int]  # Chips per host along each axis.
+
+  @property
+  def chip(self) -> Chip:
+    return CHIPS[self.generation]
+
+  @property
+  def num_chips(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def num_hosts(self) -> int:
+    return self.num_chips // math.prod(self.host_shape)
+
+  @property
+  def libtpu_name(self) -> str:
+    return f"{_GENERATIONS[self.generation][0]}:{'x'.join(map(str, self.shape))}"
+
+
+def known_topologies() -> list[str]:
+  names = []
+  for gen, (_, per_core) in _GENERATIONS.items():
+    shapes = _SHAPES_3D if per_core else _SHAPES_2D
+    names += [f"{gen}-{n * 2 if per_core else n}" for n in shapes]
+  return names
+
+
+def parse_topology(name: str) -> Topology:
+  """`v4-8` -> 4 chips in a 2x2x1 slice on one host; raises ValueError listing valid names.
+
+  As in Cloud's accelerator types, the count is TensorCores for v4 and v5p (two per chip)
+  and chips for v5e and v6e.
+  """
+  gen, _, count = name.partition("-")
+  gen = _ALIASES.get(gen, gen)
+  if gen in _GENERATIONS and count.isdigit():
+    per_core = _GENERATIONS[gen][1]
+    chips = int(count) // 2 if per_core else int(count)
+    shapes = _SHAPES_3D if per_core else _SHAPES_2D
+    if chips in shapes and (not per_core or int(count) % 2 == 0):
+      shape = shapes[chips]
+      if per_core:  # Hosts of 2x2x1 chips.
+        host = (2, 2, 1)
+      else:  # Hosts of up to 8 chips (2x4).
+        host = (2, 4, 1) if chips >= 8 else shape + (1,)
+      return Topology(f"{gen}-{count}", gen, shape, host)
+  raise ValueError(f"unknown TPU topology {name!r}; use an accelerator type such as "
+                   f"{', '.join(known_topologies())}")
+
+
+# ---------------------------------------------------------------------------
+# Devices.
+# ---------------------------------------------------------------------------
+
+
+def prepare_environment(topology: Topology) -> None:
+  """Before JAX starts a backend: this process computes on its CPU and only compiles for TPU.
+
+  libtpu then never opens a local TPU (one may be busy training), takes no lock on it, does
+  not ask the GCE metadata server what machine this is (which stalls off Google Cloud), and
+  does not warn that it cannot tell. None of these changes the compiled program.
+  """
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", topology.name)
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  jax.config.update("jax_platforms", "cpu")
+
+
+def topology_devices(topology: Topology, num_slices: int = 1) -> list:
+  """The compile-only devices of `num_slices` slices of `topology`."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  from poolformer_jax import train  # pylint: disable=g-import-not-at-top
+  megacore = _GENERATIONS[topology.generation][1]
+  try:
+    desc = topologies.get_topology_desc(
+        topology.libtpu_name, "tpu", chip_config_name="megacore" if megacore else "default",
+        chips_per_host_bounds=topology.host_shape, num_slices=num_slices)
+  except RuntimeError as e:
+    if "TPU support not installed" in str(e):
+      raise train.ConfigError(
+          "compile mode needs libtpu to compile for TPUs (no TPU is needed): "
+          "pip install -r requirements-tpu.txt") from None
+    raise
+  return list(desc.devices)
+
+
+# ---------------------------------------------------------------------------
+# Compile and measure.
+# ---------------------------------------------------------------------------
+
+# Training and eval sizes of the datasets compile mode knows without reading them.
+KNOWN_DATASETS = {  # name: (classes, train examples, eval examples of the default eval split)
+    "imagenet2012": (1000, 1_281_167, 50_000),
+    "digits": (10, 1437, 360),
+}
+
+
+def _step_report(compiled, *, images_per_chip: int, repeats: int, chip: Chip,
+                 compile_s: float) -> dict:
+  """Memory and cost of one compiled step per chip; `repeats` micro-batches per step."""
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  peak = memory.peak_memory_in_bytes or (
+      memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+      + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
+  flops, nbytes = float(cost["flops"]) * repeats, float(cost["bytes accessed"]) * repeats
+  compute_s, memory_s = flops / chip.peak_flops, nbytes / chip.hbm_bandwidth
+  step_s = max(compute_s, memory_s)
+  images = images_per_chip * repeats
+  return {
+      "images_per_chip": images,
+      "peak_hbm_bytes": int(peak),
+      "flops": flops,
+      "bytes_accessed": nbytes,
+      "flops_per_image": flops / images,
+      "bytes_per_image": nbytes / images,
+      "step_s_bound": step_s,
+      "bound_by": "HBM bandwidth" if memory_s >= compute_s else "compute",
+      "img_per_s_per_chip_bound": images / step_s,
+      "compile_s": round(compile_s, 1),
+  }
+
+
+def _timed(fn):
+  t0 = time.perf_counter()
+  out = fn()
+  return out, time.perf_counter() - t0
+
+
+def _xla_out_of_memory(e: Exception) -> tuple[float, float] | None:
+  """(GiB needed, GiB available) when `e` is XLA refusing a program larger than HBM."""
+  import re  # pylint: disable=g-import-not-at-top
+  m = re.search(r"HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", str(e))
+  m = m or re.search(r"Used ([\d.]+)G of ([\d.]+)G hbm", str(e))
+  return (float(m.group(1)), float(m.group(2))) if m else None
+
+
+def _knobs(config, num_chips: int) -> str:
+  per_chip = config.batch_size // config.grad_accum_steps // num_chips
+  return (f"now {per_chip} images per chip and micro-batch: --config.batch_size="
+          f"{config.batch_size} --config.grad_accum_steps={config.grad_accum_steps} "
+          f"--config.fsdp={config.fsdp} --config.remat={config.remat}")
+
+
+def compile_report(config) -> dict:
+  """Compiles the train and eval steps of `config` for `config.topology`; the measurements.
+
+  Raises train.ConfigError for a config that cannot work there (including one that does not
+  fit in HBM) and when libtpu is missing.
+  """
+  from poolformer_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from poolformer_jax import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  from poolformer_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from poolformer_jax import train  # pylint: disable=g-import-not-at-top
+
+  try:
+    topology = parse_topology(config.topology)
+  except ValueError as e:
+    raise train.ConfigError(f"config.topology: {e}") from None
+  if config.num_slices < 1:
+    raise train.ConfigError(f"config.num_slices={config.num_slices} must be >= 1")
+  chip = topology.chip
+  devices = topology_devices(topology, config.num_slices)
+  processes = sorted({d.process_index for d in devices})
+  train.validate_config(config, workdir=None, num_devices=len(devices),
+                        process_count=len(processes))
+  if config.matmul_precision != "default":
+    jax.config.update("jax_default_matmul_precision", config.matmul_precision)
+  num_classes, train_examples, eval_examples = KNOWN_DATASETS.get(config.data.dataset,
+                                                                  (0, 0, 0))
+  num_classes = config.num_classes or num_classes
+  if not num_classes:
+    raise train.ConfigError(f"compile mode does not read the data: set --config.num_classes "
+                            f"for dataset {config.data.dataset!r}")
+  steps_per_epoch = max(train_examples // config.batch_size, 1) if train_examples else 0
+  total_steps = optimizer_lib.total_steps(config, steps_per_epoch)
+  mesh = sharding_lib.make_mesh(config.fsdp, devices)
+  trainer = train.Trainer(config, mesh, num_classes, max(steps_per_epoch, 1),
+                          max(total_steps, 1))
+
+  accum = config.grad_accum_steps
+
+  def does_not_fit(needed: str, available: str) -> train.ConfigError:
+    return train.ConfigError(
+        f"{config.model} does not fit on {topology.name}: it needs {needed}, a {chip.name} "
+        f"has {available}. Lower the memory per chip ({_knobs(config, len(devices))}"
+        "): a smaller per-chip batch, more grad_accum_steps (same global batch), fsdp > 1 "
+        "(parameters and optimizer state sharded), remat=True (activations recomputed)")
+
+  try:
+    train_step, train_s = _timed(trainer.compile_train_step)
+    eval_step, eval_s = _timed(trainer.compile_eval_step)
+  except Exception as e:  # pylint: disable=broad-except
+    verdict = _xla_out_of_memory(e)
+    if verdict is None:
+      raise
+    raise does_not_fit(f"more than {verdict[0]:.1f} GiB of HBM per chip (XLA's count of its "
+                       "temporaries alone)", f"{verdict[1]:.1f} GiB usable") from None
+  n = len(devices)
+  steps = {
+      "train": _step_report(train_step, images_per_chip=config.batch_size // accum // n,
+                            repeats=accum, chip=chip, compile_s=train_s),
+      "eval": _step_report(eval_step, images_per_chip=config.eval_batch_size // n, repeats=1,
+                           chip=chip, compile_s=eval_s),
+  }
+  peak = max(s["peak_hbm_bytes"] for s in steps.values())
+  report = {
+      "topology": topology.name,
+      "num_slices": config.num_slices,
+      "chip": dataclasses.asdict(chip),
+      "chips": n,
+      "hosts": len(processes),
+      "mesh": dict(mesh.shape),
+      "mesh_devices": int(mesh.devices.size),
+      "mesh_processes": len({d.process_index for d in mesh.devices.flat}),
+      "model": config.model,
+      "params": trainer.num_params,
+      "num_classes": num_classes,
+      "dtype": config.dtype,
+      "batch_size": config.batch_size,
+      "grad_accum_steps": accum,
+      "eval_batch_size": config.eval_batch_size,
+      "fsdp": config.fsdp,
+      "remat": bool(config.remat),
+      "image_size": config.data.image_size,
+      "steps": steps,
+      "peak_hbm_bytes": peak,
+      "hbm_bytes": chip.hbm_bytes,
+      "fits": peak <= chip.hbm_bytes,
+      "recipe": _recipe(config, total_steps, steps_per_epoch, eval_examples, steps),
+  }
+  if not report["fits"]:
+    raise does_not_fit(f"{peak / GiB:.1f} GiB of HBM per chip", f"{chip.hbm_bytes / GiB:.1f} GiB")
+  return report
+
+
+def _recipe(config, total_steps, steps_per_epoch, eval_examples, steps) -> dict:
+  """Lower bound of the recipe's wall time on the slice: every step at its roofline bound."""
+  train_h = total_steps * steps["train"]["step_s_bound"] / 3600 if total_steps else None
+  eval_every = config.eval_every_steps or steps_per_epoch
+  if train_h is None or not eval_every or not eval_examples:
+    eval_h = 0.0
+  else:
+    evals = math.ceil(total_steps / eval_every)
+    eval_steps = math.ceil(eval_examples / config.eval_batch_size)
+    eval_h = evals * eval_steps * steps["eval"]["step_s_bound"] / 3600
+  return {
+      "steps": total_steps,
+      "steps_per_epoch": steps_per_epoch,
+      "epochs": total_steps / steps_per_epoch if steps_per_epoch else None,
+      "train_hours_bound": train_h,
+      "eval_hours_bound": eval_h,
+      "hours_bound": None if train_h is None else train_h + eval_h,
+  }
+
+
+# ---------------------------------------------------------------------------
+# Report.
+# ---------------------------------------------------------------------------
+
+
+def _si(x: float, unit: str) -> str:
+  """11.3e12, 'FLOP' -> '11.3 TFLOP'."""
+  for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+    if x >= factor:
+      return f"{x / factor:.1f} {prefix}{unit}"
+  return f"{x:.0f} {unit}"
+
+
+def _binary(n: float) -> str:
+  return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / 2**20:.0f} MiB"
+
+
+def _duration(hours: float) -> str:
+  if hours >= 1:
+    return f"{hours:.1f} h"
+  return f"{hours * 60:.1f} min" if hours * 60 >= 1 else f"{hours * 3600:.1f} s"
+
+
+def format_report(r: dict) -> str:
+  """The console table (GitHub markdown) with the lines that explain it."""
+  chip = r["chip"]
+  lines = [
+      f"{r['model']} ({r['params']:,} params, {r['dtype']}) on {r['topology']}"
+      + (f" x {r['num_slices']} slices" if r["num_slices"] > 1 else "")
+      + f": {r['chips']} {chip['name']} chips, {r['hosts']} host(s), mesh "
+      + " x ".join(f"{k}={v}" for k, v in r["mesh"].items()),
+      f"batch {r['batch_size']} ({r['batch_size'] // r['chips']} per chip"
+      + (f", {r['grad_accum_steps']} micro-batches" if r["grad_accum_steps"] > 1 else "")
+      + f"), eval batch {r['eval_batch_size']}, fsdp {r['fsdp']}, remat {r['remat']}",
+      "",
+      "| step | images/chip | peak HBM/chip | fits | FLOPs/chip-step | bytes/chip-step | "
+      "bytes/image | roofline img/s/chip | bound by |",
+      "|---|---|---|---|---|---|---|---|---|",
+  ]
+  for name, st in r["steps"].items():
+    spare = chip["hbm_bytes"] - st["peak_hbm_bytes"]
+    fits = f"yes, {_binary(spare)} spare" if spare >= 0 else f"NO, {_binary(-spare)} over"
+    lines.append(
+        f"| {name} | {st['images_per_chip']} | {_binary(st['peak_hbm_bytes'])} of "
+        f"{_binary(chip['hbm_bytes'])} | {fits} | {_si(st['flops'], 'FLOP')} | "
+        f"{_si(st['bytes_accessed'], 'B')} | {_si(st['bytes_per_image'], 'B')} | "
+        f"{st['img_per_s_per_chip_bound']:,.0f} | {st['bound_by']} |")
+  rec = r["recipe"]
+  lines.append("")
+  if rec["hours_bound"] is not None:
+    epochs = f"{rec['epochs']:.1f} epochs, " if rec["epochs"] else ""
+    lines.append(f"recipe ({epochs}{rec['steps']:,} steps of {r['batch_size']}): at least "
+                 f"{_duration(rec['hours_bound'])} on this slice "
+                 f"({_duration(rec['train_hours_bound'])} training + "
+                 f"{_duration(rec['eval_hours_bound'])} evaluation, every step at its "
+                 "roofline bound)")
+  else:
+    lines.append("recipe time: unknown (the epoch size of this dataset is not known here; "
+                 "set --config.total_steps)")
+  lines.append(f"{chip['name']}: {chip['peak_flops'] / 1e12:.0f} TFLOP/s bf16, "
+               f"{chip['hbm_bandwidth'] / 1e9:.0f} GB/s and {_binary(chip['hbm_bytes'])} of "
+               f"HBM per chip ({chip['source']})")
+  return "\n".join(lines)
+
+
+def report_path(workdir: str, r: dict) -> str:
+  slices = f"_x{r['num_slices']}" if r["num_slices"] > 1 else ""
+  return os.path.join(workdir, f"compile_{r['topology']}{slices}.json")
+
+
+def run(config, workdir: str) -> dict:
+  """Compile mode's entry point: compiles, prints the table, writes WORKDIR/compile_*.json."""
+  from poolformer_jax import train  # pylint: disable=g-import-not-at-top
+  if not config.topology:
+    raise train.ConfigError("--mode=compile needs --config.topology, e.g. "
+                            f"--config.topology=v4-8 (known: {', '.join(known_topologies())})")
+  try:
+    prepare_environment(parse_topology(config.topology))
+  except ValueError as e:
+    raise train.ConfigError(f"config.topology: {e}") from None
+  report = compile_report(config)
+  path = epath.Path(report_path(workdir, report))
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(report, indent=2))
+  print(format_report(report))
+  print(f"wrote {path}")
+  return report

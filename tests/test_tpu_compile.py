@@ -1,0 +1,177 @@
+"""Compile mode: the real steps compiled for Cloud TPU slices on this CPU-only machine.
+
+These need libtpu (requirements-tpu.txt, part of requirements-test.txt), not a TPU. Where
+it is missing they skip; CI (.ci/run) installs it and fails if it cannot be imported.
+"""
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, load_config
+from poolformer_jax import tpu_compile
+
+HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
+needs_libtpu = pytest.mark.skipif(not HAVE_LIBTPU, reason="libtpu is not installed "
+                                  "(pip install -r requirements-tpu.txt)")
+# One libtpu-loading worker: the compiles share it, and it runs them one at a time.
+pytestmark = pytest.mark.xdist_group("libtpu")
+
+
+def smoke(topology: str, **overrides):
+  """The smoke model (the demo's tiny MetaFormer) at a small batch, for `topology`."""
+  c = load_config("demo.py:smoke")
+  c.topology = topology
+  c.batch_size = 64
+  c.eval_batch_size = 64
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+def main_py(*args, env=None, timeout=300):
+  return subprocess.run([sys.executable, str(REPO / "main.py"), *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout,
+                        env=env or dict(os.environ))
+
+
+# --------------------------------------------------------------------------- topologies
+
+
+@pytest.mark.parametrize("name,chips,hosts,shape", [
+    ("v4-8", 4, 1, (2, 2, 1)), ("v4-16", 8, 2, (2, 2, 2)), ("v4-32", 16, 4, (2, 2, 4)),
+    ("v5p-8", 4, 1, (2, 2, 1)), ("v5e-8", 8, 1, (2, 4)), ("v5litepod-16", 16, 2, (4, 4)),
+    ("v5e-256", 256, 32, (16, 16)), ("v6e-8", 8, 1, (2, 4)), ("v5e-1", 1, 1, (1, 1))])
+def test_topology_names_are_cloud_accelerator_types(name, chips, hosts, shape):
+  t = tpu_compile.parse_topology(name)
+  assert (t.num_chips, t.num_hosts, t.shape) == (chips, hosts, shape)
+
+
+@pytest.mark.parametrize("bad", ["v4-6", "v4-7", "v5e-3", "v9-8", "v4", "tpu", ""])
+def test_unknown_topologies_are_refused_with_the_valid_names(bad):
+  with pytest.raises(ValueError, match="v4-8.*v5e-8"):
+    tpu_compile.parse_topology(bad)
+
+
+@needs_libtpu
+def test_every_known_topology_is_what_libtpu_builds():
+  """Our table of slice shapes and hosts agrees with libtpu's devices, for every name."""
+  tpu_compile.prepare_environment(tpu_compile.parse_topology("v4-8"))
+  for name in tpu_compile.known_topologies():
+    t = tpu_compile.parse_topology(name)
+    for slices in (1, 2):
+      devices = tpu_compile.topology_devices(t, slices)
+      assert len(devices) == t.num_chips * slices, name
+      assert len({d.process_index for d in devices}) == t.num_hosts * slices, name
+      assert {d.platform for d in devices} == {"tpu"}
+      assert {d.device_kind for d in devices} == {t.chip.device_kind}, name
+
+
+# --------------------------------------------------------------------------- compiling
+
+
+@pytest.fixture(scope="module")
+def v4_16_report():
+  config = smoke("v4-16")
+  tpu_compile.prepare_environment(tpu_compile.parse_topology("v4-16"))
+  return tpu_compile.compile_report(config)
+
+
+@needs_libtpu
+def test_multi_host_slice_compiles_over_every_device_and_process(v4_16_report):
+  r = v4_16_report
+  assert (r["chips"], r["hosts"]) == (8, 2)
+  # The mesh the Trainer compiled over spans all 8 chips of both hosts.
+  assert r["mesh"] == {"data": 8, "fsdp": 1}
+  assert (r["mesh_devices"], r["mesh_processes"]) == (8, 2)
+  train, ev = r["steps"]["train"], r["steps"]["eval"]
+  assert train["images_per_chip"] == 8 and ev["images_per_chip"] == 8
+  for step in (train, ev):
+    assert 0 < step["peak_hbm_bytes"] < r["hbm_bytes"]
+    assert step["flops"] > 0 and step["bytes_accessed"] > 0
+    assert step["img_per_s_per_chip_bound"] == pytest.approx(
+        step["images_per_chip"] / max(step["flops"] / r["chip"]["peak_flops"],
+                                      step["bytes_accessed"] / r["chip"]["hbm_bandwidth"]))
+  # Training costs about 3x the forward pass (forward + two backward matmuls per layer).
+  assert 2 < train["flops_per_image"] / ev["flops_per_image"] < 4.5
+  assert r["fits"]
+  assert r["recipe"]["steps"] == 40 and r["recipe"]["hours_bound"] > 0
+
+
+@needs_libtpu
+def test_tpu_program_has_no_cpu_only_conditional():
+  """The XLA:CPU barriers (a `conditional` per backward recomputation) stay out of a TPU
+  program compiled on a CPU host; the same step compiled for the CPU has them."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from poolformer_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  config = smoke("v4-8", batch_size=16, eval_batch_size=16)
+  topology = tpu_compile.parse_topology("v4-8")
+  tpu_compile.prepare_environment(topology)
+  texts = {}
+  for platform, devices in (("tpu", tpu_compile.topology_devices(topology)),
+                            ("cpu", jax.devices("cpu")[:4])):
+    trainer = train.Trainer(config, sharding.make_mesh(1, devices), 10, 10, 40)
+    texts[platform] = trainer.compile_train_step().as_text()
+  assert "conditional(" in texts["cpu"]
+  assert "conditional(" not in texts["tpu"]
+
+
+@needs_libtpu
+def test_compile_mode_prints_the_table_and_writes_json(tmp_path):
+  out = main_py("--mode=compile", "--config=configs/demo.py:smoke", "--config.topology=v4-8",
+                f"--workdir={tmp_path}")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "on v4-8: 4 TPU v4 chips, 1 host(s)" in out.stdout
+  assert "| train | 16 |" in out.stdout and "| eval | 30 |" in out.stdout
+  assert "https://cloud.google.com/tpu/docs/v4" in out.stdout
+  report = json.loads((tmp_path / "compile_v4-8.json").read_text())
+  assert report["topology"] == "v4-8" and report["chips"] == 4 and report["fits"]
+  assert report["steps"]["train"]["bytes_per_image"] > 0
+
+
+@needs_libtpu
+def test_config_that_does_not_fit_gets_one_clear_error(tmp_path):
+  """The smoke model at 224x224 and a huge per-chip batch on one 16 GB v5e chip."""
+  out = main_py("--mode=compile", "--config=configs/demo.py:smoke", "--config.topology=v5e-1",
+                "--config.data.image_size=224", "--config.batch_size=16384",
+                "--config.eval_batch_size=64", f"--workdir={tmp_path}")
+  assert out.returncode == 1, out.stdout + out.stderr[-3000:]
+  errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1, out.stderr[-3000:]
+  assert re.search(r"does not fit on v5e-1: it needs (more than )?[\d.]+ GiB of HBM per chip.*, "
+                   r"a TPU v5e has [\d.]+ GiB", errors[0]), errors[0]
+  for knob in ("16384 images per chip", "--config.batch_size=16384",
+               "--config.grad_accum_steps=1", "--config.fsdp=1", "--config.remat=False",
+               "grad_accum_steps", "fsdp > 1", "remat=True"):
+    assert knob in errors[0]
+  assert not list(tmp_path.glob("compile_*.json"))
+
+
+def test_without_libtpu_compile_mode_says_what_to_install(tmp_path):
+  """libtpu hidden from a fresh process: one error line naming the requirements file."""
+  code = ("import runpy, sys; sys.modules['libtpu'] = None; "
+          f"sys.argv = ['main.py', '--mode=compile', '--config=configs/demo.py:smoke', "
+          f"'--config.topology=v4-8', '--workdir={tmp_path}']; "
+          "runpy.run_path('main.py', run_name='__main__')")
+  env = {k: v for k, v in os.environ.items() if k != "TPU_LIBRARY_PATH"}
+  env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=0"  # No re-exec: keep the hidden module.
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       timeout=300, env=env)
+  assert out.returncode == 1, out.stdout + out.stderr[-3000:]
+  assert "error: compile mode needs libtpu" in out.stderr
+  assert "pip install -r requirements-tpu.txt" in out.stderr
+
+
+def test_compile_mode_needs_a_topology(tmp_path):
+  out = main_py("--mode=compile", "--config=configs/demo.py:smoke", f"--workdir={tmp_path}")
+  assert out.returncode == 1
+  assert "error: --mode=compile needs --config.topology" in out.stderr
+  out = main_py("--mode=compile", "--config=configs/demo.py:smoke", "--config.topology=v4-6",
+                f"--workdir={tmp_path}")
+  assert out.returncode == 1
+  assert "error: config.topology: unknown TPU topology 'v4-6'" in out.stderr
