@@ -250,6 +250,14 @@ def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
   return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
+def drop_path_factor(shape: tuple[int, ...], rate: float, key: jax.Array | None):
+  """`drop_path` as a per-sample float32 factor (0 or 1/(1-rate)), the same draw; or None."""
+  if key is None or rate == 0.0:
+    return None
+  mask = jax.random.bernoulli(key, 1.0 - rate, (shape[0],) + (1,) * (len(shape) - 1))
+  return mask.astype(jnp.float32) / (1.0 - rate)
+
+
 class MetaFormerBlock(nnx.Module):
   """`x += drop_path(ls1 * mixer(norm1(x)))`, then `x += drop_path(ls2 * mlp(norm2(x)))`."""
 
@@ -266,23 +274,26 @@ class MetaFormerBlock(nnx.Module):
                    rngs=rngs)
     self.layer_scale2 = LayerScale(dim, cfg.layer_scale_init, param_dtype=param_dtype)
 
-  def mix(self, x):
-    """`token_mixer(norm1(x))`.
+  def mix(self, x, key: jax.Array | None = None):
+    """`x + drop_path(ls1 * token_mixer(norm1(x)))`: the token-mixing half of the block.
 
-    For pooling it is computed as `rstd * scale * (pool(x) - x)`: the norm is a per-channel
-    affine map of x and the pool averages with weights that sum to 1, so the norm's mean and
-    bias cancel in `pool(norm(x)) - norm(x)`. The normalised map is then never materialised:
-    the statistics, pool, layer scale and residual add become one fused loop over x.
+    For pooling it is one op, `ops.pooling_residual`: the norm's mean and bias cancel in
+    `pool(norm(x)) - norm(x)`, so the normalised map is never materialised, and the
+    statistics, pool, layer scale, drop path and residual add are one loop over x.
     """
     if not isinstance(self.token_mixer, Pooling):
-      return self.token_mixer(self.norm1(x))
-    _, rstd = self.norm1.moments(x)
-    gain = rstd * self.norm1.scale[...].astype(jnp.float32)
-    return (self.token_mixer(x.astype(jnp.float32)) * gain).astype(x.dtype)
+      return x + drop_path(self.layer_scale1(self.token_mixer(self.norm1(x))), self.drop_rate,
+                           key)
+    scale = (self.norm1.scale[...].astype(jnp.float32)
+             * self.layer_scale1.scale[...].astype(jnp.float32)).reshape(1, 1, 1, -1)
+    keep = drop_path_factor(x.shape, self.drop_rate, key)
+    if keep is not None:
+      scale = scale * keep
+    return ops.pooling_residual(x, scale, self.norm1.eps, self.token_mixer.size)
 
   def __call__(self, x, key: jax.Array | None = None):
     k1, k2 = jax.random.split(key) if key is not None else (None, None)
-    x = ops.materialize_grad(x + drop_path(self.layer_scale1(self.mix(x)), self.drop_rate, k1))
+    x = ops.materialize_grad(self.mix(x, k1))
     x = x + drop_path(self.layer_scale2(self.mlp(self.norm2(x))), self.drop_rate, k2)
     return ops.materialize_grad(x)
 

@@ -4,17 +4,24 @@
 it is computed fast, with the same numbers:
 
 * `avg_pool_exclude_pad`: PyTorch's AvgPool2d(count_include_pad=False) as shifted sums.
+* `pooling_residual`: PoolFormer's whole token-mixing step, `x + ls * (pool(n) - n)` with
+  `n = norm(x)`, as one op with the norm folded in; its backward reads only x and the
+  gradient.
 * `gelu_exact`: PyTorch's erf GELU.
 * `mlp_apply`: the channel MLP with a backward pass that recomputes its widest activation.
-* `materialize_grad`, `run_after`: barriers for XLA:CPU's scheduler. They are chosen by the
-  platform a program is lowered for (`lax.platform_dependent`): a GPU or TPU program gets
-  plain code, even when it is compiled ahead of time on a CPU host.
+* `materialize_grad`, `run_after`: barriers for the compilers' schedulers.
 
-Every function here is tested against its plain definition (values and gradients).
+What is fastest differs between XLA:CPU and the accelerators' compilers, so some choices are
+made by the platform a program is LOWERED for (`lax.platform_dependent`), never by the
+default backend of the process: a TPU program compiled ahead of time on a CPU host gets the
+TPU's choices. Every function here is tested against its plain definition (values and
+gradients) on CPU, and the TPU choices by compiling for a TPU topology
+(`benchmarks/results/tpu_program.md` has the measurements).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -23,11 +30,99 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+# ---------------------------------------------------------------------------
+# Barriers.
+# ---------------------------------------------------------------------------
+
+
+def _cpu_barrier(token, fn, *args):
+  """XLA:CPU's barrier: a conditional on one element of `token` whose branches are both fn.
+
+  XLA:CPU turns `optimization_barrier` into control dependencies before fusion and
+  scheduling, so it does not stop a recomputation from being hoisted or merged; a
+  conditional does.
+  """
+  return lax.cond(jnp.isnan(token.ravel()[0]), fn, fn, *args)
+
+
+def _barrier(token, fn, *args):
+  """`fn(*args)` with its inputs tied to `token` by an optimization barrier."""
+  _, args = lax.optimization_barrier((token, args))
+  return fn(*args)
+
+
+def run_after(token: jax.Array, fn: Callable, *args):
+  """`fn(*args)`, computed only once `token` exists, and never merged with code outside it.
+
+  Used by backward passes that recompute a forward value: without it the compiler hoists
+  the recomputation into the forward pass or merges it with the forward's own copy, which
+  then stays alive until the backward pass (the memory the recomputation was meant to save).
+  An optimization barrier says so to the TPU and GPU compilers; XLA:CPU needs a conditional
+  instead (`_cpu_barrier`), which an accelerator must not get: it would cost a
+  host-visible branch and block fusion. The choice is made by the platform the program is
+  lowered for. A barrier also materialises every value it holds: see `run_after_on_cpu`.
+  """
+  return lax.platform_dependent(*args, cpu=functools.partial(_cpu_barrier, token, fn),
+                                default=functools.partial(_barrier, token, fn))
+
+
+def run_after_on_cpu(token: jax.Array, fn: Callable, *args):
+  """`run_after` on XLA:CPU, a plain call elsewhere: for backward passes whose inputs the
+  accelerators' compilers are better left free to recompute (a norm fused into a matmul's
+  input loop: a barrier would write the normalised map to HBM and read it back)."""
+  return lax.platform_dependent(*args, cpu=functools.partial(_cpu_barrier, token, fn),
+                                default=fn)
+
+
+@jax.custom_vjp
+def materialize_grad(x):
+  """The identity, whose gradient XLA:CPU computes once and stores.
+
+  Placed on each residual-stream tensor. Without it XLA:CPU leaves the gradient of the
+  residual stream as a chain of elementwise ops across blocks and re-computes the whole chain
+  inside every consumer, which made a training step 1.2x to 2x slower. Other compilers
+  materialise that gradient anyway: for them it is the plain identity.
+  """
+  return x
+
+
+def _materialize_grad_fwd(x):
+  return x, None
+
+
+def _materialize_grad_bwd(_, g):
+  return (lax.platform_dependent(g, cpu=lambda g: _cpu_barrier(g, lambda g: g * 1, g),
+                                 default=lambda g: g),)
+
+
+materialize_grad.defvjp(_materialize_grad_fwd, _materialize_grad_bwd)
+
+# ---------------------------------------------------------------------------
+# Pooling.
+# ---------------------------------------------------------------------------
+
+
 def _window_counts(n: int, size: int) -> np.ndarray:
   """How many of the `size` window cells centred on each of n positions lie inside [0, n)."""
   p = size // 2
   i = np.arange(n)
   return np.minimum(i + p, n - 1) - np.maximum(i - p, 0) + 1
+
+
+def _inverse_counts(h: int, w: int, size: int) -> np.ndarray:
+  """[h, w, 1] float32: 1 / the number of valid cells of each window (4, 6 or 9 for 3x3)."""
+  inv = 1.0 / np.outer(_window_counts(h, size), _window_counts(w, size))
+  return inv[:, :, None].astype(np.float32)
+
+
+def _separable_window_sum(x: jax.Array, size: int) -> jax.Array:
+  """Zero-padded `size` x `size` window sums as row sums, then column sums."""
+  p = size // 2
+  h, w = x.shape[1], x.shape[2]
+  rows = jnp.pad(x, ((0, 0), (p, p), (0, 0), (0, 0)))
+  x = sum(rows[:, i:i + h] for i in range(size))
+  cols = jnp.pad(x, ((0, 0), (0, 0), (p, p), (0, 0)))
+  return sum(cols[:, :, j:j + w] for j in range(size))
 
 
 def avg_pool_exclude_pad(x: jax.Array, size: int = 3) -> jax.Array:
@@ -39,14 +134,105 @@ def avg_pool_exclude_pad(x: jax.Array, size: int = 3) -> jax.Array:
   Flax's avg_pool is a reduce_window divided by a second reduce_window over ones; plain
   shifted adds fuse with the surrounding elementwise ops instead (5-7% of the forward pass).
   """
+  inv = _inverse_counts(x.shape[1], x.shape[2], size)
+  return _separable_window_sum(x, size) * jnp.asarray(inv, x.dtype)
+
+
+def window_sum_separable(x: jax.Array, size: int, weights: np.ndarray | None = None):
+  """float32 zero-padded `size` x `size` window sums of `x * weights` (weights [H, W, 1]):
+  separable sums of a float32 copy (XLA:CPU's fastest form)."""
+  xf = x.astype(jnp.float32)
+  return _separable_window_sum(xf if weights is None else xf * weights, size)
+
+
+def window_sum_taps(x: jax.Array, size: int, weights: np.ndarray | None = None):
+  """`window_sum_separable`'s value as `size**2` shifted reads of one array padded in its own
+  dtype, each converted to float32 where it is used (the TPU compiler's fastest form)."""
   p = size // 2
   h, w = x.shape[1], x.shape[2]
-  rows = jnp.pad(x, ((0, 0), (p, p), (0, 0), (0, 0)))
-  x = sum(rows[:, i:i + h] for i in range(size))
-  cols = jnp.pad(x, ((0, 0), (0, 0), (p, p), (0, 0)))
-  x = sum(cols[:, :, j:j + w] for j in range(size))
-  inv = 1.0 / np.outer(_window_counts(h, size), _window_counts(w, size))
-  return x * jnp.asarray(inv[:, :, None], x.dtype)
+  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  wp = None if weights is None else np.pad(weights, ((p, p), (p, p), (0, 0)))
+  total = 0.0
+  for i in range(size):
+    for j in range(size):
+      tap = xp[:, i:i + h, j:j + w].astype(jnp.float32)
+      total = total + (tap if wp is None else tap * wp[i:i + h, j:j + w])
+  return total
+
+
+def _window_sum_f32(x: jax.Array, size: int, weights: np.ndarray | None = None) -> jax.Array:
+  """float32 window sums of `x * weights`, in the form the target compiler handles best.
+
+  The TPU compiler fuses the `size**2` shifted reads of `window_sum_taps` into the loop that
+  consumes them; a separable sum, or a float32 copy to pad, is written to HBM and read back
+  instead (measured: two extra passes over the map). XLA:CPU is fastest on separable sums.
+  The two differ only in float32 rounding order.
+  """
+  return lax.platform_dependent(
+      x, cpu=lambda x: window_sum_separable(x, size, weights),
+      default=lambda x: window_sum_taps(x, size, weights))
+
+
+def _moments(xf: jax.Array, eps: float):
+  """Per-sample mean and 1/std over (H, W, C), two-pass as PyTorch's GroupNorm."""
+  axes = tuple(range(1, xf.ndim))
+  mean = jnp.mean(xf, axes, keepdims=True)
+  var = jnp.mean(jnp.square(xf - mean), axes, keepdims=True)
+  return mean, lax.rsqrt(var + eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def pooling_residual(x: jax.Array, scale: jax.Array, eps: float, size: int = 3) -> jax.Array:
+  """`x + (avg_pool(n) - n) * ls` with `n = GroupNorm1(x)`: PoolFormer's token-mixing step.
+
+  The norm is a per-sample affine map of x with a per-channel gain and the pool averages
+  with weights that sum to 1, so the norm's mean and bias cancel:
+  `avg_pool(n) - n = (avg_pool(x) - x) * rstd(x) * norm_scale`. `scale` is
+  `norm_scale * layer_scale`, optionally times the per-sample drop-path factor, shaped
+  [1 or N, 1, 1, C], float32. Computed in float32 from x in its own dtype, one rounding at
+  the end; the normalised map is never materialised.
+
+  The backward pass (written out) recomputes the pool from x and needs only x, the
+  per-sample statistics and the incoming gradient: two passes over them (one reduction,
+  one elementwise), where autodiff stores float32 intermediates.
+  """
+  return _pooling_residual_fwd(x, scale, eps, size)[0]
+
+
+def _pooling_residual_fwd(x, scale, eps, size):
+  xf = x.astype(jnp.float32)
+  mean, rstd = _moments(xf, eps)
+  inv = _inverse_counts(x.shape[1], x.shape[2], size)
+  mixed = _window_sum_f32(x, size) * inv - xf
+  return (xf + mixed * (rstd * scale)).astype(x.dtype), (x, scale, mean, rstd)
+
+
+def _pooling_residual_bwd_impl(size, res, dy):
+  x, scale, mean, rstd = res
+  xf, dyf = x.astype(jnp.float32), dy.astype(jnp.float32)
+  inv = _inverse_counts(x.shape[1], x.shape[2], size)
+  mixed = _window_sum_f32(x, size) * inv - xf
+  r = jnp.sum(dyf * mixed, axis=(1, 2), keepdims=True)  # [N, 1, 1, C]
+  dscale = jnp.sum(r * rstd, axis=0, keepdims=True) if scale.shape[0] == 1 else r * rstd
+  # rstd = (var + eps)^-1/2 and d var / dx = 2 (x - mean) / M (the mean's own term is 0).
+  drstd = jnp.sum(r * scale, axis=(1, 2, 3), keepdims=True)
+  per_sample = -drstd * rstd ** 3 / (x.shape[1] * x.shape[2] * x.shape[3])
+  # The pool's transpose: window sums of dy / count (the window is symmetric).
+  pooled_t = _window_sum_f32(dy, size, inv) * scale
+  dx = dyf + rstd * (pooled_t - dyf * scale) + per_sample * (xf - mean)
+  return dx.astype(x.dtype), dscale.astype(scale.dtype)
+
+
+def _pooling_residual_bwd(eps, size, res, dy):
+  del eps
+  return run_after(dy, functools.partial(_pooling_residual_bwd_impl, size), res, dy)
+
+
+pooling_residual.defvjp(_pooling_residual_fwd, _pooling_residual_bwd)
+
+# ---------------------------------------------------------------------------
+# The channel MLP.
+# ---------------------------------------------------------------------------
 
 
 def gelu_exact(x: jax.Array) -> jax.Array:
@@ -60,27 +246,6 @@ def gelu_exact(x: jax.Array) -> jax.Array:
 
 _INV_SQRT2 = 1 / math.sqrt(2)
 _INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)
-
-
-def run_after(token: jax.Array, fn: Callable, *args):
-  """`fn(*args)`, scheduled only once `token` exists, and never merged with code outside it.
-
-  In a program lowered for CPU this is a conditional on one element of `token` whose
-  branches are both `fn`. It is the barrier XLA:CPU respects: it turns
-  `optimization_barrier` (which jax.checkpoint relies on) into control dependencies before
-  fusion and scheduling, so a backward-pass recomputation gets hoisted into the forward pass
-  or merged with the forward's own copy, and chains of elementwise gradient ops get
-  re-fused (and re-computed) into every consumer.
-
-  For any other platform (GPU, TPU) it is a plain call: there a conditional costs a
-  host-visible branch and blocks fusion. The choice is made by the platform the program is
-  LOWERED for (`lax.platform_dependent`), not by the default backend of the process, so a
-  TPU program compiled ahead of time on a CPU host never gets the CPU's conditional.
-  """
-  def on_cpu(*args):
-    return lax.cond(jnp.isnan(token.ravel()[0]), fn, fn, *args)
-
-  return lax.platform_dependent(*args, cpu=on_cpu, default=fn)
 
 
 def _sum_rows(x):
@@ -100,8 +265,9 @@ def mlp_apply(x, w1, b1, w2, b2):
 
   Autodiff keeps gelu's output (the fc2 input, 4C channels: the largest tensor of every
   block) alive until the backward pass. Here the backward recomputes it, in the same
-  elementwise pass as gelu's derivative, inside `run_after` so XLA:CPU can neither hoist the
-  recomputation nor merge it with the forward's: training peak memory drops by a third.
+  elementwise pass as gelu's derivative, inside `run_after_on_cpu` so XLA:CPU can neither
+  hoist the recomputation nor merge it with the forward's: training peak memory drops by a
+  third.
   """
   return jnp.dot(gelu_exact(jnp.dot(x, w1) + b1), w2) + b2
 
@@ -125,29 +291,7 @@ def _mlp_bwd_impl(res, g):
 
 
 def _mlp_bwd(res, g):
-  return run_after(g, _mlp_bwd_impl, res, g)
+  return run_after_on_cpu(g, _mlp_bwd_impl, res, g)
 
 
 mlp_apply.defvjp(_mlp_fwd, _mlp_bwd)
-
-
-@jax.custom_vjp
-def materialize_grad(x):
-  """The identity, whose gradient is computed once and stored (see `run_after`).
-
-  Placed on each residual-stream tensor. Without it XLA:CPU leaves the gradient of the
-  residual stream as a chain of elementwise ops across blocks and re-computes the whole chain
-  inside every consumer, which made a training step 1.2x to 2x slower.
-  """
-  return x
-
-
-def _materialize_grad_fwd(x):
-  return x, None
-
-
-def _materialize_grad_bwd(_, g):
-  return (run_after(g, lambda g: g * 1, g),)
-
-
-materialize_grad.defvjp(_materialize_grad_fwd, _materialize_grad_bwd)

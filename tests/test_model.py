@@ -385,6 +385,24 @@ def test_avg_pool_exclude_pad_matches_naive_numpy(shape, k):
   np.testing.assert_allclose(const, 3.0, rtol=1e-6)
 
 
+@pytest.mark.parametrize("form", [ops.window_sum_separable, ops.window_sum_taps])
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_both_window_sum_forms_match_numpy(form, dtype):
+  """The CPU form and the TPU form (each runs only on its platform) against numpy."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 5, 7, 3)), dtype)
+  weights = rng.uniform(0.1, 1.0, size=(5, 7, 1)).astype(np.float32)
+  xs = np.asarray(x.astype(jnp.float32), np.float64)
+  for k in (3, 5):
+    for w in (None, weights):
+      v = xs if w is None else xs * w
+      ref = naive_avg_pool(v, k) * np.outer(ops._window_counts(5, k),
+                                            ops._window_counts(7, k))[:, :, None]
+      got = np.asarray(jax.jit(form, static_argnums=1)(x, k, w) if w is None else form(x, k, w))
+      assert got.dtype == np.float32
+      np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("offset", [0.0, 1e3])
 def test_group_norm_matches_numpy_including_large_means(offset):
   rng = np.random.default_rng(0)
@@ -402,23 +420,44 @@ def test_group_norm_matches_numpy_including_large_means(offset):
   np.testing.assert_allclose(np.asarray(rstd), 1 / np.sqrt(var + 1e-5), rtol=1e-3 if offset else 1e-5)
 
 
-def test_fused_pooling_mixer_equals_pool_of_norm_values_and_gradients():
-  """The block computes `rstd * scale * (pool(x) - x)` for `pool(norm1(x)) - norm1(x)`."""
-  block = tiny_model(layer_scale_init=1.0).stages[1].blocks[0]
+@pytest.mark.parametrize("drop", [False, True])
+def test_pooling_residual_equals_the_unfused_block_half_values_and_gradients(drop):
+  """`block.mix` is one op for `x + drop_path(ls1 * (pool(norm1(x)) - norm1(x)))`."""
+  block = tiny_model(layer_scale_init=0.7).stages[1].blocks[0]
+  block.drop_rate = 0.5
   rng = np.random.default_rng(0)
   block.norm1.scale[...] = jnp.asarray(rng.normal(size=16), jnp.float32)
   block.norm1.bias[...] = jnp.asarray(rng.normal(size=16), jnp.float32)
-  x = jnp.asarray(3.0 + rng.normal(size=(2, 6, 7, 16)), jnp.float32)
+  block.layer_scale1.scale[...] = jnp.asarray(rng.normal(size=16), jnp.float32)
+  x = jnp.asarray(3.0 + rng.normal(size=(8, 6, 7, 16)), jnp.float32)
+  key = jax.random.key(1) if drop else None
 
   def reference(x):
-    return pf.Pooling(16)(block.norm1(x))
+    branch = block.layer_scale1(pf.Pooling(16)(block.norm1(x)))
+    return x + pf.drop_path(branch, block.drop_rate, key)
 
+  graphdef, params = nnx.split(block, nnx.Param)
+
+  cot = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
   with jax.default_matmul_precision("highest"):
-    np.testing.assert_allclose(block.mix(x), reference(x), rtol=1e-5, atol=1e-5)
-    cot = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
-    g_fast = jax.grad(lambda x: jnp.sum(block.mix(x) * cot))(x)
-    g_ref = jax.grad(lambda x: jnp.sum(reference(x) * cot))(x)
-  np.testing.assert_allclose(g_fast, g_ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(block.mix(x, key), reference(x), rtol=1e-5, atol=1e-5)
+    fast = jax.grad(lambda p, x: jnp.sum(nnx.merge(graphdef, p).mix(x, key) * cot),
+                    argnums=(0, 1))(params, x)
+
+    def ref_loss(p, x):
+      b = nnx.merge(graphdef, p)
+      branch = b.layer_scale1(pf.Pooling(16)(b.norm1(x)))
+      return jnp.sum((x + pf.drop_path(branch, b.drop_rate, key)) * cot)
+
+    ref = jax.grad(ref_loss, argnums=(0, 1))(params, x)
+  if drop:  # The draw dropped some samples and kept others.
+    kept = np.asarray(jnp.any(block.mix(x, key) != x, axis=(1, 2, 3)))
+    assert 0 < kept.sum() < len(kept)
+  for path, g in nnx.traversals.flatten_mapping(nnx.to_pure_dict(ref[0])).items():
+    got = nnx.traversals.flatten_mapping(nnx.to_pure_dict(fast[0]))[path]
+    np.testing.assert_allclose(got, g, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(g).max())),
+                               err_msg=str(path))
+  np.testing.assert_allclose(fast[1], ref[1], rtol=1e-4, atol=1e-5)
 
 
 def test_mlp_apply_gradients_equal_autodiff():
