@@ -210,7 +210,7 @@ class Mlp(nnx.Module):
   """1x1 conv -> exact GELU -> 1x1 conv, written as dense layers over channels (NHWC).
 
   fc1 and fc2 stay `nnx.Linear` modules (parameter paths `mlp.fc1.kernel`, ...); the call
-  goes through `ops.mlp_apply`, whose backward pass needs less memory than autodiff's.
+  goes through `ops.mlp_apply`, whose backward pass moves and keeps less than autodiff's.
   """
 
   def __init__(self, dim: int, hidden: int, *, dtype, param_dtype, rngs: nnx.Rngs):
@@ -220,11 +220,15 @@ class Mlp(nnx.Module):
     self.fc2 = nnx.Linear(hidden, dim, **kw)
     self.dtype = dtype
 
-  def __call__(self, x):
+  def __call__(self, x, layer_scale: jax.Array | None = None):
+    """`fc2(gelu(fc1(x)))`, times `layer_scale` (C,) when given (its gradient costs less
+    inside `ops.mlp_apply` than outside)."""
     dtype = self.dtype or x.dtype
+    if layer_scale is None:
+      layer_scale = jnp.ones((self.fc2.out_features,), dtype)
     params = [p[...].astype(dtype) for p in (self.fc1.kernel, self.fc1.bias, self.fc2.kernel,
                                              self.fc2.bias)]
-    return ops.mlp_apply(x.astype(dtype), *params)
+    return ops.mlp_apply(x.astype(dtype), *params, layer_scale.astype(dtype))
 
 
 class LayerScale(nnx.Module):
@@ -243,15 +247,14 @@ def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
   Kept samples are scaled by 1/(1-rate) so the expectation is unchanged. `key=None` means
   inference: the identity.
   """
-  if key is None or rate == 0.0:
+  factor = drop_path_factor(x.shape, rate, key)
+  if factor is None:
     return x
-  keep = 1.0 - rate
-  mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return jnp.where(mask, x / keep, jnp.zeros_like(x))
+  return jnp.where(factor > 0, x / (1.0 - rate), jnp.zeros_like(x))
 
 
 def drop_path_factor(shape: tuple[int, ...], rate: float, key: jax.Array | None):
-  """`drop_path` as a per-sample float32 factor (0 or 1/(1-rate)), the same draw; or None."""
+  """`drop_path` as a per-sample float32 factor, 0 or 1/(1-rate) (None: the identity)."""
   if key is None or rate == 0.0:
     return None
   mask = jax.random.bernoulli(key, 1.0 - rate, (shape[0],) + (1,) * (len(shape) - 1))
@@ -294,7 +297,7 @@ class MetaFormerBlock(nnx.Module):
   def __call__(self, x, key: jax.Array | None = None):
     k1, k2 = jax.random.split(key) if key is not None else (None, None)
     x = ops.materialize_grad(self.mix(x, k1))
-    x = x + drop_path(self.layer_scale2(self.mlp(self.norm2(x))), self.drop_rate, k2)
+    x = x + drop_path(self.mlp(self.norm2(x), self.layer_scale2.scale[...]), self.drop_rate, k2)
     return ops.materialize_grad(x)
 
 

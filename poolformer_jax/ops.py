@@ -8,7 +8,7 @@ it is computed fast, with the same numbers:
   `n = norm(x)`, as one op with the norm folded in; its backward reads only x and the
   gradient.
 * `gelu_exact`: PyTorch's erf GELU.
-* `mlp_apply`: the channel MLP with a backward pass that recomputes its widest activation.
+* `mlp_apply`: the channel MLP and its layer scale, with the backward pass written out.
 * `materialize_grad`, `run_after`: barriers for the compilers' schedulers.
 
 What is fastest differs between XLA:CPU and the accelerators' compilers, so some choices are
@@ -259,39 +259,62 @@ def _outer_sum(a, b):
   return lax.dot_general(a, b, ((rows, rows), ((), ())))
 
 
+def _fc2(xw1, b1, w2, b2, scale):
+  return (jnp.dot(gelu_exact(xw1 + b1), w2) + b2) * scale
+
+
 @jax.custom_vjp
-def mlp_apply(x, w1, b1, w2, b2):
-  """`gelu(x @ w1 + b1) @ w2 + b2` whose backward keeps only x and `x @ w1`.
+def mlp_apply(x, w1, b1, w2, b2, scale):
+  """`(gelu(x @ w1 + b1) @ w2 + b2) * scale`: the channel MLP and its layer scale.
 
-  Autodiff keeps gelu's output (the fc2 input, 4C channels: the largest tensor of every
-  block) alive until the backward pass. Here the backward recomputes it, in the same
-  elementwise pass as gelu's derivative, inside `run_after_on_cpu` so XLA:CPU can neither
-  hoist the recomputation nor merge it with the forward's: training peak memory drops by a
-  third.
+  Autodiff would keep the MLP's output (for the layer scale's gradient) and gelu's output
+  and input (both 4C channels: the largest tensors of every block). The backward here needs
+  neither the output (the layer scale's gradient comes from the fc2 weight gradient:
+  `sum_k w2[k] * M[k] + b2 * sum(dout)` with `M = gelu^T @ dout`) nor, on XLA:CPU, gelu's
+  output: it is recomputed inside the backward pass (in `run_after_on_cpu`, so it can be
+  neither hoisted nor merged with the forward's copy): training peak memory drops by a third
+  there.
+  On TPU/GPU gelu's output is kept instead: their compilers evaluate erf once and store it
+  either way, and reading gelu back is one pass cheaper than recomputing it (measured).
   """
-  return jnp.dot(gelu_exact(jnp.dot(x, w1) + b1), w2) + b2
+  return _fc2(jnp.dot(x, w1), b1, w2, b2, scale)
 
 
-def _mlp_fwd(x, w1, b1, w2, b2):
+def _mlp_fwd(x, w1, b1, w2, b2, scale):
   xw1 = jnp.dot(x, w1)  # Stored without the bias: adding it inside gelu's loop costs nothing.
-  return jnp.dot(gelu_exact(xw1 + b1), w2) + b2, (x, xw1, b1, w1, w2)
+
+  def recompute_later(xw1):  # XLA:CPU: gelu's slot holds xw1 itself (no extra buffer).
+    return _fc2(xw1, b1, w2, b2, scale), xw1, xw1
+
+  def keep(xw1):  # The barrier makes the fc1 loop write gelu's output as the fc2 input.
+    xw1, hidden = lax.optimization_barrier((xw1, gelu_exact(xw1 + b1)))
+    return (jnp.dot(hidden, w2) + b2) * scale, xw1, hidden
+
+  out, xw1, hidden = lax.platform_dependent(xw1, cpu=recompute_later, default=keep)
+  return out, (x, xw1, hidden, b1, w1, w2, b2, scale)
 
 
-def _mlp_bwd_impl(res, g):
-  x, xw1, b1, w1, w2 = res
+def _mlp_bwd_impl(res, dout):
+  x, xw1, hidden, b1, w1, w2, b2, scale = res
   h = xw1 + b1
   cdf = 0.5 * (1.0 + lax.erf(h * np.asarray(_INV_SQRT2, h.dtype)))
   pdf = jnp.exp(-0.5 * h * h) * np.asarray(_INV_SQRT_2PI, h.dtype)
-  dh = jnp.dot(g, w2.T) * (cdf + h * pdf)  # d gelu(h) / dh = cdf + h * pdf
+  hidden = lax.platform_dependent(hidden, cpu=lambda _: h * cdf, default=lambda g: g)
+  dh = jnp.dot(dout * scale, w2.T) * (cdf + h * pdf)  # d gelu(h) / dh = cdf + h * pdf
   # The weight gradients put the stored input first: XLA:CPU feeds that operand to the dot
   # through a transposed copy, and a copy of a stored array is cheap, where a copy of
   # `h * cdf` would re-evaluate erf in transposed (strided) order.
-  grads = (_outer_sum(x, dh), _sum_rows(dh), _outer_sum(g, h * cdf).T, _sum_rows(g))
-  return (jnp.dot(dh, w1.T),) + tuple(d.astype(w.dtype) for d, w in zip(grads, (w1, b1, w2, w2)))
+  m = _outer_sum(dout, hidden).T.astype(jnp.float32)  # [4C, C]
+  sum_dout = _sum_rows(dout)
+  f32 = lambda a: a.astype(jnp.float32)
+  dscale = jnp.sum(f32(w2) * m, axis=0) + f32(b2) * sum_dout
+  grads = (_outer_sum(x, dh), _sum_rows(dh), m * f32(scale), sum_dout * f32(scale), dscale)
+  return (jnp.dot(dh, w1.T),) + tuple(
+      d.astype(p.dtype) for d, p in zip(grads, (w1, b1, w2, b2, scale)))
 
 
-def _mlp_bwd(res, g):
-  return run_after_on_cpu(g, _mlp_bwd_impl, res, g)
+def _mlp_bwd(res, dout):
+  return run_after_on_cpu(dout, _mlp_bwd_impl, res, dout)
 
 
 mlp_apply.defvjp(_mlp_fwd, _mlp_bwd)
