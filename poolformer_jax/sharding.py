@@ -19,6 +19,7 @@ from typing import Iterable, Iterator
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
@@ -27,12 +28,25 @@ _MIN_SHARDED_SIZE = 2**14
 
 
 def make_mesh(fsdp: int = 1, devices: list | None = None) -> Mesh:
-  """A ('data', 'fsdp') mesh over all devices (or `devices`) with `fsdp` chips per param group."""
+  """A ('data', 'fsdp') mesh over all devices (or `devices`) with `fsdp` chips per param group.
+
+  Over several TPU slices (multislice) `data` also spans the slices, which talk over the
+  data-center network, and each FSDP group stays inside one slice (its all-gathers need the
+  slice's own interconnect).
+  """
   devices = list(jax.devices() if devices is None else devices)
   if fsdp < 1 or len(devices) % fsdp:
     raise ValueError(f"config.fsdp={fsdp} must divide the number of devices ({len(devices)})")
-  return jax.make_mesh((len(devices) // fsdp, fsdp), BATCH_AXES,
-                       axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
+  axis_types = (AxisType.Auto, AxisType.Auto)
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if slices > 1:
+    per_slice = len(devices) // slices
+    if per_slice % fsdp:
+      raise ValueError(f"config.fsdp={fsdp} must divide the devices of one slice ({per_slice})")
+    grid = mesh_utils.create_hybrid_device_mesh((per_slice // fsdp, fsdp), (slices, 1), devices)
+    return Mesh(grid, BATCH_AXES, axis_types=axis_types)
+  return jax.make_mesh((len(devices) // fsdp, fsdp), BATCH_AXES, axis_types=axis_types,
+                       devices=devices)
 
 
 def param_spec(shape: tuple[int, ...], fsdp: int) -> P:

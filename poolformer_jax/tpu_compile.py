@@ -238,7 +238,7 @@ def compile_report(config) -> dict:
     raise train.ConfigError(f"config.num_slices={config.num_slices} must be >= 1")
   chip = topology.chip
   devices = topology_devices(topology, config.num_slices)
-  processes = sorted({d.process_index for d in devices})
+  processes = sorted({(getattr(d, "slice_index", 0), d.process_index) for d in devices})
   train.validate_config(config, workdir=None, num_devices=len(devices),
                         process_count=len(processes))
   if config.matmul_precision != "default":
@@ -289,7 +289,8 @@ def compile_report(config) -> dict:
       "hosts": len(processes),
       "mesh": dict(mesh.shape),
       "mesh_devices": int(mesh.devices.size),
-      "mesh_processes": len({d.process_index for d in mesh.devices.flat}),
+      "mesh_processes": len({(getattr(d, "slice_index", 0), d.process_index)
+                             for d in mesh.devices.flat}),
       "model": config.model,
       "params": trainer.num_params,
       "num_classes": num_classes,
