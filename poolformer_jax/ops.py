@@ -9,14 +9,14 @@ it is computed fast, with the same numbers:
   gradient.
 * `gelu_exact`: PyTorch's erf GELU.
 * `mlp_apply`: the channel MLP and its layer scale, with the backward pass written out.
-* `materialize_grad`, `run_after`: barriers for the compilers' schedulers.
+* `materialize_grad`, `run_after`, `run_after_on_cpu`: barriers for the compilers' schedulers.
 
 What is fastest differs between XLA:CPU and the accelerators' compilers, so some choices are
 made by the platform a program is LOWERED for (`lax.platform_dependent`), never by the
 default backend of the process: a TPU program compiled ahead of time on a CPU host gets the
 TPU's choices. Every function here is tested against its plain definition (values and
-gradients) on CPU, and the TPU choices by compiling for a TPU topology
-(`benchmarks/results/tpu_program.md` has the measurements).
+gradients) on CPU; the TPU choices were measured by compiling for a TPU topology
+(benchmarks/results/tpu_ablations.md).
 """
 
 from __future__ import annotations

@@ -1,0 +1,99 @@
+"""A fast proxy for the TPU train step: a few real PoolFormer blocks, compiled for one v4 chip.
+
+  python benchmarks/tpu_block_proxy.py --stages 1 3 [--eval] [--remat full|dots_saveable]
+
+Builds `--blocks` real `MetaFormerBlock`s at one S12 stage's shapes (stage 1: 56x56x64 ...
+stage 4: 7x7x512), bfloat16 compute, and compiles their forward and backward (or forward only
+with --eval) for one TPU v4 chip at `--batch` images, in seconds instead of the minutes of the
+whole step. Prints XLA's bytes accessed per image and block, also in units of one bfloat16
+copy of the block's input map (u): a block that reads and writes only what it must moves
+about 50 u in training. This is how each change to `poolformer_jax/ops.py` was tried
+(benchmarks/results/tpu_ablations.md). Needs libtpu, no TPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from poolformer_jax import tpu_compile  # pylint: disable=wrong-import-position
+
+STAGES = {1: (64, 56), 2: (128, 28), 3: (320, 14), 4: (512, 7)}  # width, resolution
+
+
+def measure(stage: int, *, blocks: int, batch: int, train: bool, remat: str | None,
+            hlo_dir: str | None = None) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from poolformer_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+
+  device = tpu_compile.topology_devices(tpu_compile.parse_topology("v4-8"))[0]
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  width, res = STAGES[stage]
+  cfg = model_lib.get_config("poolformer_s12")
+  layers = nnx.List([model_lib.MetaFormerBlock(width, cfg, 0.05, dtype=jnp.bfloat16,
+                                               param_dtype=jnp.float32, rngs=nnx.Rngs(i))
+                     for i in range(blocks)])
+  graphdef, params = nnx.split(layers)
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+  params = jax.tree.map(lambda p: spec(p.shape, p.dtype), params)
+  x = spec((batch, res, res, width), jnp.bfloat16)
+
+  def forward(params, x, key):
+    run = lambda block, x, k: block(x, k)
+    if remat:
+      policy = None if remat == "full" else getattr(jax.checkpoint_policies, remat)
+      run = nnx.remat(run, policy=policy)
+    for i, block in enumerate(nnx.merge(graphdef, params)):
+      x = run(block, x, None if key is None else jax.random.fold_in(key, i))
+    return x
+
+  if train:
+    def step(params, x, cotangent, key):
+      _, vjp = jax.vjp(lambda p, x: forward(p, x, key), params, x)
+      return vjp(cotangent)
+    lowered = jax.jit(step).lower(params, x, x, spec((), jax.random.key(0).dtype))
+  else:
+    lowered = jax.jit(lambda p, x: forward(p, x, None)).lower(params, x)
+  t0 = time.perf_counter()
+  compiled = lowered.compile()
+  cost = compiled.cost_analysis()
+  per_block_image = cost["bytes accessed"] / batch / blocks
+  result = {
+      "stage": stage, "blocks": blocks, "batch": batch, "train": train, "remat": remat,
+      "compile_s": round(time.perf_counter() - t0, 1),
+      "MB_per_image_block": round(per_block_image / 1e6, 3),
+      "u_per_block": round(per_block_image / (res * res * width * 2), 1),
+      "GFLOP_per_image_block": round(cost["flops"] / batch / blocks / 1e9, 4),
+      "peak_MB_per_image": round(compiled.memory_analysis().peak_memory_in_bytes / batch / 1e6, 2),
+  }
+  if hlo_dir:
+    path = pathlib.Path(hlo_dir) / f"stage{stage}_{'train' if train else 'eval'}.hlo.txt"
+    path.write_text(compiled.as_text())
+  return result
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--stages", type=int, nargs="+", default=[1, 3], choices=sorted(STAGES))
+  parser.add_argument("--blocks", type=int, default=2)
+  parser.add_argument("--batch", type=int, default=256)
+  parser.add_argument("--eval", action="store_true", help="forward only")
+  parser.add_argument("--remat", help="'full' or a jax.checkpoint_policies name")
+  parser.add_argument("--hlo-dir", help="also write the optimized HLO of each program here")
+  args = parser.parse_args()
+  tpu_compile.prepare_environment(tpu_compile.parse_topology("v4-8"))
+  for stage in args.stages:
+    print(json.dumps(measure(stage, blocks=args.blocks, batch=args.batch, train=not args.eval,
+                             remat=args.remat, hlo_dir=args.hlo_dir)), flush=True)
+
+
+if __name__ == "__main__":
+  main()
