@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import time
 
 from etils import epath  # An Orbax dependency: local and gs:// paths alike.
@@ -206,7 +207,6 @@ def _timed(fn):
 
 def _xla_out_of_memory(e: Exception) -> tuple[float, float] | None:
   """(GiB needed, GiB available) when `e` is XLA refusing a program larger than HBM."""
-  import re  # pylint: disable=g-import-not-at-top
   m = re.search(r"HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", str(e))
   m = m or re.search(r"Used ([\d.]+)G of ([\d.]+)G hbm", str(e))
   return (float(m.group(1)), float(m.group(2))) if m else None
@@ -225,7 +225,6 @@ def compile_report(config) -> dict:
   Raises train.ConfigError for a config that cannot work there (including one that does not
   fit in HBM) and when libtpu is missing.
   """
-  from poolformer_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   from poolformer_jax import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
   from poolformer_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from poolformer_jax import train  # pylint: disable=g-import-not-at-top
@@ -238,9 +237,8 @@ def compile_report(config) -> dict:
     raise train.ConfigError(f"config.num_slices={config.num_slices} must be >= 1")
   chip = topology.chip
   devices = topology_devices(topology, config.num_slices)
-  processes = sorted({(getattr(d, "slice_index", 0), d.process_index) for d in devices})
-  train.validate_config(config, workdir=None, num_devices=len(devices),
-                        process_count=len(processes))
+  hosts = {(getattr(d, "slice_index", 0), d.process_index) for d in devices}
+  train.validate_config(config, workdir=None, num_devices=len(devices), process_count=len(hosts))
   if config.matmul_precision != "default":
     jax.config.update("jax_default_matmul_precision", config.matmul_precision)
   num_classes, train_examples, eval_examples = KNOWN_DATASETS.get(config.data.dataset,
@@ -286,7 +284,7 @@ def compile_report(config) -> dict:
       "num_slices": config.num_slices,
       "chip": dataclasses.asdict(chip),
       "chips": n,
-      "hosts": len(processes),
+      "hosts": len(hosts),
       "mesh": dict(mesh.shape),
       "mesh_devices": int(mesh.devices.size),
       "mesh_processes": len({(getattr(d, "slice_index", 0), d.process_index)
