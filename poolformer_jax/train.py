@@ -403,7 +403,7 @@ class Trainer:
     same_head = info.num_classes == self.num_classes
     if not same_head and fresh is None:
       raise ConfigError(f"{directory} has {info.num_classes} classes, the dataset "
-                        f"{self.num_classes}")
+                        f"{self.num_classes}: scoring needs a model of the dataset's classes")
     loaded = {jax.tree_util.keystr(p, simple=True, separator="."): v
               for p, v in jax.tree_util.tree_leaves_with_path(loaded)}
     kept_new = []
