@@ -11,7 +11,7 @@ OUTPUT is written atomically and loads with `poolformer_jax.load_pretrained(OUTP
 when the logits differ by more than --tolerance; nothing is written then. `--to-hf` goes
 the other way: a JAX directory (e.g. fine-tuned) to an HF directory (model.safetensors +
 config.json) that `PoolFormerForImageClassification.from_pretrained` loads.
-The work lives in poolformer_jax.convert.
+The work lives in poolformer_jax.convert (readers, key tables, HF export, parity check).
 """
 
 from __future__ import annotations
@@ -42,35 +42,37 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
   args = parse_args(argv)
   # Imported after parsing so --help is instant.
-  from poolformer_jax import convert as cv  # pylint: disable=g-import-not-at-top
-  from poolformer_jax import pretrained  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from poolformer_jax import convert as cv
+  from poolformer_jax import errors, pretrained
+  from poolformer_jax.convert import hf_export, parity
 
   try:
     if os.path.lexists(args.output) and not args.overwrite:
-      raise FileExistsError(f"{args.output} already exists; choose another output or pass "
-                            "--overwrite to replace it")
+      raise errors.ConfigError(f"{args.output} already exists; choose another output or pass "
+                               "--overwrite to replace it")
     if args.to_hf:
       if args.model:
-        raise ValueError("--model applies to PyTorch sources; --to-hf reads the variant "
-                         "from the JAX directory")
+        raise errors.ConfigError("--model applies to PyTorch sources; --to-hf reads the variant "
+                                 "from the JAX directory")
       model, info = pretrained.load_pretrained(args.source)
       converted = cv.from_jax(model, info)
       print(f"read {args.source}: {info.variant}, {info.num_classes} classes")
     else:
-      converted = cv.convert(cv.read_source(args.source), model=args.model)
+      converted = cv.convert(args.source, model=args.model)
       info = converted.info
       print(f"read {args.source}: {converted.layout} layout, {info.variant}, "
             f"{info.num_classes} classes, {converted.num_tensors} tensors converted")
     if args.check:
-      result = cv.check(converted, cv.load_images(args.images))
+      result = parity.check(converted, parity.load_images(args.images))
       print(f"check vs HF PyTorch: {result.summary()}")
       if not result.max_abs <= args.tolerance:
         print(f"error: max abs logit difference {result.max_abs:.3g} exceeds --tolerance "
               f"{args.tolerance:g}; nothing was written", file=sys.stderr)
         return 1
     if args.to_hf:
-      path = cv.export_hf_safetensors(converted.model, info, args.output,
-                                      overwrite=args.overwrite)
+      path = hf_export.export_hf_safetensors(converted.model, info, args.output,
+                                             overwrite=args.overwrite)
       print(f"wrote {path} (load with transformers' "
             "PoolFormerForImageClassification.from_pretrained)")
       return 0
@@ -79,7 +81,7 @@ def main(argv=None) -> int:
                                       overwrite=args.overwrite)
     print(f"wrote {path} (load with poolformer_jax.load_pretrained)")
     return 0
-  except (cv.ConversionError, FileExistsError, FileNotFoundError, ValueError) as e:
+  except errors.Error as e:  # Ours: the message says what to do. Anything else is a bug.
     print(f"error: {e}", file=sys.stderr)
     return 1
 

@@ -73,13 +73,13 @@ def build_torch(cfg, device, ours=None):
   """HF's PoolFormerForImageClassification for `cfg`, holding `ours`'s weights if given."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  from poolformer_jax import convert  # pylint: disable=g-import-not-at-top
-  fields = convert.hf_config_dict(cfg, None)
+  from poolformer_jax.convert import hf_export  # pylint: disable=g-import-not-at-top
+  fields = hf_export.hf_config_dict(cfg, None)
   fields.pop("architectures"), fields.pop("model_type")
   fields["drop_path_rate"] = cfg.drop_path_rate  # Same linear schedule as ours in train mode.
   model = transformers.PoolFormerForImageClassification(transformers.PoolFormerConfig(**fields))
   if ours is not None:
-    state = {k: torch.from_numpy(np.array(v)) for k, v in convert.to_torch_state(ours, "hf").items()}
+    state = {k: torch.from_numpy(np.array(v)) for k, v in hf_export.to_torch_state(ours, "hf").items()}
     own = model.state_dict()
     model.load_state_dict({k: v.reshape(own[k].shape) for k, v in state.items()}, strict=True)
   return model.to(device).eval()
@@ -440,11 +440,11 @@ def pipeline_worker(args):
   if args.pipeline_worker == "one_core":
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
   cores = len(os.sched_getaffinity(0))
-  from poolformer_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from poolformer_jax import input_pipeline, train  # pylint: disable=g-import-not-at-top
   batch = 32
   with tempfile.TemporaryDirectory() as root:
     n = write_photo_folder(root, copies=8)
-    cfg = input_pipeline.default_data_config()
+    cfg = train.default_config().data
     cfg.dataset, cfg.folder, cfg.image_size = "folder", root, args.image_size
     it = input_pipeline.create_train_iterator(cfg, global_batch_size=batch, seed=0,
                                               process_index=0, process_count=1)

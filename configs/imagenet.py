@@ -14,7 +14,7 @@ bfloat16 compute with float32 weights. With fewer chips keep batch 4096 with
 Expected ImageNet top-1 (the released checkpoints, center crop 224 at crop_pct 0.9 for S and
 0.95 for M): s12 77.2, s24 80.3, s36 81.4, m36 82.1, m48 82.5.
 
-Expected time, an ESTIMATE (no TPU was available to measure it): training costs ~3x the forward
+Expected time, an ESTIMATE (not measured): training costs ~3x the forward
 FLOPs, i.e. 1.28M images x 310 epochs x 3 x (2 x MACs) = 4.3e18 FLOPs for S12 (1.8 GMACs) up to
 2.8e19 for M48 (11.6 GMACs). PoolFormer is memory-bound (pooling, GroupNorm, GELU); at 15-25% MFU
 a v4-32 (16 chips x 275 TFLOP/s) needs ~1-2 h for S12, 2-3.5 h S24, 3-5 h S36, 5.5-9 h M36,

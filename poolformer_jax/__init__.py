@@ -1,5 +1,6 @@
 """PoolFormer (MetaFormer) in JAX / Flax NNX."""
 
+from poolformer_jax.inference import predict, preprocess
 from poolformer_jax.model import (
     VARIANTS,
     MetaFormer,
@@ -20,4 +21,6 @@ __all__ = [
     "get_config",
     "list_models",
     "load_pretrained",
+    "predict",
+    "preprocess",
 ]

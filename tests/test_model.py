@@ -473,7 +473,9 @@ def test_s12_gradients_match_hf_with_random_weights():
     np.testing.assert_allclose(got[path], r, atol=1e-4 * scale, err_msg=str(path))
 
 
-def test_remat_gives_the_same_loss_and_gradients():
+def test_remat_recomputes_every_block_and_gives_the_same_loss_and_gradients():
+  from jax.extend.core.primitives import remat_p
+  from conftest import count_primitive
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64, 64, 3)), jnp.float32)
   key = jax.random.key(3)
   grads = []
@@ -484,6 +486,9 @@ def test_remat_gives_the_same_loss_and_gradients():
     def loss(params):
       return jnp.sum(nnx.merge(graphdef, params)(x, train=True, key=key) ** 2)
 
+    # The rematerialisation is in the differentiated program (one per block), or absent.
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(loss))(params).jaxpr
+    assert count_primitive(jaxpr, remat_p) == (sum(TINY["depths"]) if remat else 0)
     grads.append(jax.jit(jax.value_and_grad(loss))(params))
   (l0, g0), (l1, g1) = grads
   np.testing.assert_allclose(l1, l0, rtol=1e-6)
