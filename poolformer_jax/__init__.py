@@ -3,7 +3,7 @@
 from poolformer_jax.model import (
     VARIANTS,
     MetaFormer,
-    PoolFormerConfig,
+    MetaFormerConfig,
     count_params,
     create_model,
     get_config,
@@ -14,7 +14,7 @@ from poolformer_jax.pretrained import load_pretrained
 __all__ = [
     "VARIANTS",
     "MetaFormer",
-    "PoolFormerConfig",
+    "MetaFormerConfig",
     "count_params",
     "create_model",
     "get_config",

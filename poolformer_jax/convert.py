@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from poolformer_jax import inference
-from poolformer_jax.model import VARIANTS, MetaFormer, PoolFormerConfig, get_config
+from poolformer_jax.model import VARIANTS, MetaFormer, MetaFormerConfig, get_config
 from poolformer_jax import pretrained
 from poolformer_jax.pretrained import PretrainedInfo, default_preprocessing
 
@@ -437,7 +437,7 @@ def _hf_labels(config: dict | None, num_classes: int) -> tuple[str, ...] | None:
   return None if labels == _default_labels(num_classes) else labels
 
 
-def _preprocessing(variant_cfg: PoolFormerConfig, hf_pre: dict | None) -> dict:
+def _preprocessing(variant_cfg: MetaFormerConfig, hf_pre: dict | None) -> dict:
   pre = default_preprocessing(variant_cfg.crop_pct)
   if hf_pre:
     for k in ("crop_pct",):
@@ -587,7 +587,7 @@ def from_jax(model: MetaFormer, info: PretrainedInfo) -> Converted:
                    canonical={canonical_key(k, "hf"): v for k, v in state.items()})
 
 
-def hf_config_dict(cfg: PoolFormerConfig, labels: tuple[str, ...] | None) -> dict:
+def hf_config_dict(cfg: MetaFormerConfig, labels: tuple[str, ...] | None) -> dict:
   """The fields of transformers.PoolFormerConfig for this model (no transformers needed)."""
   labels = tuple(labels) if labels else _default_labels(cfg.num_classes)
   return {

@@ -7,7 +7,7 @@ pooling that does not count padding cells, and head = GroupNorm -> mean(H, W) ->
 Layout is NHWC. Parameter paths follow timm's naming (stem / stages.i.downsample /
 stages.i.blocks.j / head), which keeps the weight converter's table short.
 
-Variants are data: `VARIANTS` maps a name to a `PoolFormerConfig`; `create_model` builds one.
+Variants are data: `VARIANTS` maps a name to a `MetaFormerConfig`; `create_model` builds one.
 The token mixer is a config field, so the paper's ablations (identity, depthwise conv)
 are the same skeleton with another mixer.
 """
@@ -34,7 +34,7 @@ Dtype = Any
 
 
 @dataclasses.dataclass(frozen=True)
-class PoolFormerConfig:
+class MetaFormerConfig:
   """Everything that defines a MetaFormer variant. Fields are what the paper varies."""
 
   depths: tuple[int, ...] = (2, 2, 6, 2)
@@ -62,16 +62,16 @@ class PoolFormerConfig:
     return [self.drop_path_rate * k / (n - 1) for k in range(n)]
 
 
-VARIANTS: dict[str, PoolFormerConfig] = {
-    "poolformer_s12": PoolFormerConfig(depths=(2, 2, 6, 2), widths=(64, 128, 320, 512),
+VARIANTS: dict[str, MetaFormerConfig] = {
+    "poolformer_s12": MetaFormerConfig(depths=(2, 2, 6, 2), widths=(64, 128, 320, 512),
                                        layer_scale_init=1e-5, drop_path_rate=0.1, crop_pct=0.9),
-    "poolformer_s24": PoolFormerConfig(depths=(4, 4, 12, 4), widths=(64, 128, 320, 512),
+    "poolformer_s24": MetaFormerConfig(depths=(4, 4, 12, 4), widths=(64, 128, 320, 512),
                                        layer_scale_init=1e-5, drop_path_rate=0.1, crop_pct=0.9),
-    "poolformer_s36": PoolFormerConfig(depths=(6, 6, 18, 6), widths=(64, 128, 320, 512),
+    "poolformer_s36": MetaFormerConfig(depths=(6, 6, 18, 6), widths=(64, 128, 320, 512),
                                        layer_scale_init=1e-6, drop_path_rate=0.2, crop_pct=0.9),
-    "poolformer_m36": PoolFormerConfig(depths=(6, 6, 18, 6), widths=(96, 192, 384, 768),
+    "poolformer_m36": MetaFormerConfig(depths=(6, 6, 18, 6), widths=(96, 192, 384, 768),
                                        layer_scale_init=1e-6, drop_path_rate=0.3, crop_pct=0.95),
-    "poolformer_m48": PoolFormerConfig(depths=(8, 8, 24, 8), widths=(96, 192, 384, 768),
+    "poolformer_m48": MetaFormerConfig(depths=(8, 8, 24, 8), widths=(96, 192, 384, 768),
                                        layer_scale_init=1e-6, drop_path_rate=0.4, crop_pct=0.95),
 }
 
@@ -253,7 +253,7 @@ def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 class MetaFormerBlock(nnx.Module):
   """`x += drop_path(ls1 * mixer(norm1(x)))`, then `x += drop_path(ls2 * mlp(norm2(x)))`."""
 
-  def __init__(self, dim: int, cfg: PoolFormerConfig, drop_rate: float, *,
+  def __init__(self, dim: int, cfg: MetaFormerConfig, drop_rate: float, *,
                dtype, param_dtype, rngs: nnx.Rngs):
     mixer_cls = TOKEN_MIXERS[cfg.token_mixer]
     self.drop_rate = drop_rate
@@ -309,7 +309,7 @@ class MetaFormer(nnx.Module):
   1.0 GB of buffers instead of 0.8 GB for S12 at batch 16), hence off by default.
   """
 
-  def __init__(self, cfg: PoolFormerConfig, *, features_only: bool = False,
+  def __init__(self, cfg: MetaFormerConfig, *, features_only: bool = False,
                dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
                remat: bool = False, rngs: nnx.Rngs):
     if len(cfg.depths) != len(cfg.widths):
@@ -386,11 +386,11 @@ def list_models() -> list[str]:
   return sorted(VARIANTS)
 
 
-def get_config(name: str, **overrides) -> PoolFormerConfig:
-  """The variant's config with `overrides` applied (any `PoolFormerConfig` field)."""
+def get_config(name: str, **overrides) -> MetaFormerConfig:
+  """The variant's config with `overrides` applied (any `MetaFormerConfig` field)."""
   if name not in VARIANTS:
     raise ValueError(f"unknown model {name!r}; valid names: {', '.join(list_models())}")
-  fields = {f.name for f in dataclasses.fields(PoolFormerConfig)}
+  fields = {f.name for f in dataclasses.fields(MetaFormerConfig)}
   bad = sorted(set(overrides) - fields)
   if bad:
     raise ValueError(f"unknown override(s) {bad} for {name}; valid: {sorted(fields)}")

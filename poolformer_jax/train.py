@@ -82,7 +82,7 @@ def default_config() -> ml_collections.ConfigDict:
   """
   c = ml_collections.ConfigDict()
   c.model = "poolformer_s12"
-  c.model_overrides = ml_collections.ConfigDict()  # PoolFormerConfig fields, e.g. token_mixer.
+  c.model_overrides = ml_collections.ConfigDict()  # MetaFormerConfig fields, e.g. token_mixer.
   c.num_classes = 0  # 0: from the dataset.
   c.dtype = "bfloat16"  # Compute dtype; parameters and optimizer state stay float32.
   c.remat = False  # Recompute each block's activations in the backward pass: less memory.
