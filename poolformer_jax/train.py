@@ -186,7 +186,7 @@ def _check_writable(workdir: str) -> None:
 
 
 _ARCHITECTURE_FIELDS = ("depths", "widths", "token_mixer", "mixer_size", "mlp_ratio",
-                        "in_channels")
+                        "in_channels", "version", "norm", "head", "head_dim")
 
 
 def _check_init_from(config) -> None:
