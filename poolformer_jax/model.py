@@ -446,7 +446,7 @@ class Mlp(nnx.Module):
 
 
 class StarReLUMlp(nnx.Module):
-  """The v2 family's MLP: fc1 -> StarReLU -> fc2, no biases (paths `mlp.fc1`, `mlp.act`, `mlp.fc2`)."""
+  """The v2 family's MLP: fc1 -> StarReLU -> fc2, no biases (`mlp.fc1`, `mlp.act`, `mlp.fc2`)."""
 
   def __init__(self, dim: int, hidden: int, *, dtype, param_dtype, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)

@@ -265,7 +265,8 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 # change. Written from timm's module names, independently of poolformer_jax.convert.
 TIMM_TO_JAX = (
     (r"^(.*\b(?:conv|dwconv))\.weight$", r"\1.kernel", "conv"),  # OIHW -> HWIO
-    (r"^(.*\b(?:fc\d?|pwconv\d|qkv|proj))\.weight$", r"\1.kernel", "dense"),  # (out, in) -> (in, out)
+    # (out, in) or timm's 1x1 convs (out, in, 1, 1) -> (in, out)
+    (r"^(.*\b(?:fc\d?|pwconv\d|qkv|proj))\.weight$", r"\1.kernel", "dense"),
     (r"^(.*\bnorm\d?)\.weight$", r"\1.scale", None),
     (r"^head\.norm\.", "norm.", None),  # timm's head.norm is our top-level norm
     (r"^head\.fc\.", "head.", None),  # timm's head.fc (Linear or MlpHead) is our head

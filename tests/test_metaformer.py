@@ -143,7 +143,8 @@ def test_head_dropout_and_drop_path_need_a_key_and_only_act_in_training():
   block.res_scale1.scale[...] = jnp.linspace(0.5, 1.5, 64)
   rng = np.random.default_rng(1)
   x, branch = (jnp.asarray(rng.normal(size=(64, 2, 2, 64)), jnp.float32) for _ in range(2))
-  out = np.asarray(block._residual(x, branch, None, block.res_scale1, 0.5, k1))  # pylint: disable=protected-access
+  residual = block._residual  # pylint: disable=protected-access
+  out = np.asarray(residual(x, branch, None, block.res_scale1, 0.5, k1))
   skip = np.asarray(block.res_scale1(x))
   dropped = np.all(np.isclose(out, skip, atol=1e-6), axis=(1, 2, 3))
   kept = np.all(np.isclose(out, skip + 2 * np.asarray(branch), atol=1e-5), axis=(1, 2, 3))
