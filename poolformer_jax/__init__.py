@@ -4,7 +4,7 @@ from poolformer_jax.inference import predict, preprocess
 from poolformer_jax.model import (
     VARIANTS,
     MetaFormer,
-    PoolFormerConfig,
+    MetaFormerConfig,
     count_params,
     create_model,
     get_config,
@@ -15,7 +15,7 @@ from poolformer_jax.pretrained import load_pretrained
 __all__ = [
     "VARIANTS",
     "MetaFormer",
-    "PoolFormerConfig",
+    "MetaFormerConfig",
     "count_params",
     "create_model",
     "get_config",

@@ -4,12 +4,17 @@ Recipe (PoolFormer v1, via timm): AdamW betas (0.9, 0.999), eps 1e-8, weight dec
 only (no decay on parameters with ndim <= 1: norms, layer scales, biases); lr = base_lr * batch /
 1024; linear warmup from warmup_lr, cosine down to min_lr, then a constant cooldown at min_lr.
 The schedule is per step (timm's default steps per epoch); the shape is the same.
+
+Frozen parameters (RandFormer's random mixing matrices) are in the parameter tree, so they are
+checkpointed and loaded with the rest, but get no update, no optimizer state and no weight decay.
 """
 
 from __future__ import annotations
 
 import jax
 import optax
+
+from poolformer_jax import model as model_lib
 
 
 def decay_mask(params):
@@ -42,9 +47,25 @@ def total_steps(config, steps_per_epoch: int) -> int:
 
 
 def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
-  """AdamW with the decay mask, optionally after global-norm gradient clipping."""
-  adamw = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
-                      weight_decay=config.weight_decay, mask=decay_mask)
+  """AdamW with the decay mask, optionally after global-norm gradient clipping.
+
+  For a model with frozen parameters (`config.model` with `config.model_overrides`) the whole
+  chain sees only the trainable ones; the frozen ones get `set_to_zero` (no state).
+  """
+  tx = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
+                   weight_decay=config.weight_decay, mask=decay_mask)
   if config.get("grad_clip_norm"):
-    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
-  return adamw
+    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+  model_config = model_lib.get_config(config.model, **config.model_overrides.to_dict())
+  if model_config.has_frozen_params:
+    tx = skip_frozen(tx)
+  return tx
+
+
+def skip_frozen(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`tx` on the trainable parameters; zero updates and no state for the frozen ones."""
+  def labels(params):
+    return jax.tree.map(lambda frozen: "frozen" if frozen else "trainable",
+                        model_lib.frozen_mask(params))
+
+  return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)

@@ -31,7 +31,7 @@ from flax import nnx
 
 from poolformer_jax import checkpointing
 from poolformer_jax.errors import CheckpointError
-from poolformer_jax.model import MetaFormer, PoolFormerConfig, get_config
+from poolformer_jax.model import MetaFormer, MetaFormerConfig, get_config
 
 FORMAT = "poolformer_jax.pretrained/1"
 CONFIG_FILE = "config.json"
@@ -102,20 +102,20 @@ def atomic_directory(directory: str, write: Callable[[str], None], *,
   return directory
 
 
-def _config_to_json(cfg: PoolFormerConfig) -> dict:
+def _config_to_json(cfg: MetaFormerConfig) -> dict:
   return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
-def _config_from_json(d: Mapping) -> PoolFormerConfig:
-  fields = {f.name for f in dataclasses.fields(PoolFormerConfig)}
+def _config_from_json(d: Mapping) -> MetaFormerConfig:
+  fields = {f.name for f in dataclasses.fields(MetaFormerConfig)}
   unknown = sorted(set(d) - fields)
   if unknown:
     raise CheckpointError(f"unknown model config field(s) {unknown}; was this saved by a newer "
                           "poolformer_jax?")
-  return PoolFormerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+  return MetaFormerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-def write_config(directory: str, cfg: PoolFormerConfig, *, variant: str,
+def write_config(directory: str, cfg: MetaFormerConfig, *, variant: str,
                  labels: list[str] | tuple[str, ...] | None = None,
                  preprocessing: Mapping[str, Any] | None = None) -> None:
   """Writes DIRECTORY/config.json: the architecture, classes and eval preprocessing.
@@ -158,7 +158,7 @@ def save_pretrained(directory: str, model: MetaFormer, *, variant: str,
   return atomic_directory(directory, write, overwrite=overwrite)
 
 
-def read_info(directory: str) -> tuple[PretrainedInfo, PoolFormerConfig]:
+def read_info(directory: str) -> tuple[PretrainedInfo, MetaFormerConfig]:
   """Reads config.json only (no weights)."""
   path = epath.Path(directory) / CONFIG_FILE
   if not epath.Path(directory).is_dir():
@@ -183,7 +183,7 @@ def read_info(directory: str) -> tuple[PretrainedInfo, PoolFormerConfig]:
   return info, cfg
 
 
-def abstract_params(cfg: PoolFormerConfig) -> dict:
+def abstract_params(cfg: MetaFormerConfig) -> dict:
   """The parameter tree of `cfg` as shapes on one device: the target to restore a checkpoint into."""
   abstract = nnx.eval_shape(lambda: MetaFormer(cfg, rngs=nnx.Rngs(0)))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -191,7 +191,7 @@ def abstract_params(cfg: PoolFormerConfig) -> dict:
                       nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
 
 
-def load_params(directory: str) -> tuple[dict, PretrainedInfo, PoolFormerConfig]:
+def load_params(directory: str) -> tuple[dict, PretrainedInfo, MetaFormerConfig]:
   """(parameters as a nested dict of numpy arrays, info, architecture) from either
 
   * a pretrained directory (`params/`, written by the converter or `save_pretrained`), or

@@ -85,7 +85,7 @@ def default_config() -> ml_collections.ConfigDict:
   """
   c = ml_collections.ConfigDict()
   c.model = "poolformer_s12"
-  c.model_overrides = ml_collections.ConfigDict()  # PoolFormerConfig fields, e.g. token_mixer.
+  c.model_overrides = ml_collections.ConfigDict()  # MetaFormerConfig fields, e.g. token_mixer.
   c.num_classes = 0  # 0: from the dataset.
   c.dtype = "bfloat16"  # Compute dtype; parameters and optimizer state stay float32.
   c.remat = False  # Recompute each block's activations in the backward pass: less memory.
@@ -217,7 +217,7 @@ def _check_writable(workdir: str) -> None:
 
 
 _ARCHITECTURE_FIELDS = ("depths", "widths", "token_mixer", "mixer_size", "mlp_ratio",
-                        "in_channels")
+                        "in_channels", "version", "norm", "head", "head_dim")
 
 
 def _check_init_from(config) -> None:

@@ -125,3 +125,197 @@ def write_layout(model, layout: str, directory: str, *, fmt: str = "safetensors"
 def hf_logits(model, pixels_nchw: np.ndarray) -> np.ndarray:
   with torch.no_grad():
     return model(torch.from_numpy(pixels_nchw)).logits.numpy()
+
+
+# --------------------------------------------------------------------------- timm (MetaFormer v2)
+
+
+def import_timm():
+  """timm, importable without torchvision.
+
+  timm imports torchvision at import time (`timm.layers` for `FrozenBatchNorm2d`, `timm.data`
+  for datasets and transforms), but the registry's torchvision build needs CUDA torch and fails
+  to load next to the CPU torch of requirements-torch.txt, so it is not installed. timm's
+  MetaFormer models use none of it: a stand-in module provides exactly the names imported at
+  import time, as classes that raise if anything ever instantiates them. A real torchvision,
+  when present, is used instead.
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  if "torchvision" not in sys.modules and importlib.util.find_spec("torchvision") is None:
+    import enum  # pylint: disable=g-import-not-at-top
+
+    class InterpolationMode(enum.Enum):  # torchvision.transforms.functional's, by value
+      NEAREST = "nearest"
+      NEAREST_EXACT = "nearest-exact"
+      BILINEAR = "bilinear"
+      BICUBIC = "bicubic"
+      BOX = "box"
+      HAMMING = "hamming"
+      LANCZOS = "lanczos"
+
+    def unavailable(qualname):
+      def init(self, *args, **kwargs):
+        raise RuntimeError(f"{qualname} is a test stand-in (torchvision is not installed)")
+      return type(qualname.rsplit(".", 1)[-1], (), {"__init__": init})
+
+    names = {
+        "torchvision": {},
+        "torchvision.ops": {},
+        "torchvision.ops.misc": {"FrozenBatchNorm2d": None},
+        "torchvision.datasets": dict.fromkeys(
+            ["CIFAR100", "CIFAR10", "MNIST", "KMNIST", "FashionMNIST", "ImageFolder"]),
+        "torchvision.transforms": {"ToTensor": None},
+        "torchvision.transforms.functional": {"InterpolationMode": InterpolationMode},
+    }
+    modules = {}
+    for name, attrs in names.items():
+      module = types.ModuleType(name)
+      module.__path__ = []  # a package, so submodule imports resolve through sys.modules
+      for attr, value in attrs.items():
+        setattr(module, attr, value if value is not None else unavailable(f"{name}.{attr}"))
+      parent, _, child = name.rpartition(".")
+      if parent:
+        setattr(modules[parent], child, module)
+      modules[name] = module
+    sys.modules.update(modules)
+  import timm  # pylint: disable=g-import-not-at-top
+  return timm
+
+
+def random_mixing_cls(num_tokens: int):
+  """RandFormer's token mixer, written from the paper's definition for timm's (NCHW) skeleton.
+
+  `out[:, :, m] = sum_n R[m, n] x[:, :, n]` over the H*W tokens (row-major), with R a frozen
+  row-stochastic `softmax(rand(N, N))`. timm has no RandFormer; its MetaFormer takes the mixer
+  class per stage (a class, not a partial: it checks `issubclass`).
+  """
+  class RandomMixing(torch.nn.Module):
+
+    def __init__(self, dim, **kwargs):
+      del dim, kwargs
+      super().__init__()
+      self.random_matrix = torch.nn.Parameter(
+          torch.softmax(torch.rand(num_tokens, num_tokens), dim=-1), requires_grad=False)
+
+    def forward(self, x):
+      b, c, h, w = x.shape
+      x = torch.einsum("mn,bcn->bcm", self.random_matrix, x.reshape(b, c, h * w))
+      return x.reshape(b, c, h, w)
+
+  RandomMixing.__name__ = f"RandomMixing{num_tokens}"
+  return RandomMixing
+
+
+def timm_metaformer(name: str, num_classes: int = 1000):
+  """timm's model for one of our v2 names (IdentityFormer and RandFormer hosted by timm's
+  MetaFormer skeleton, as timm has neither)."""
+  timm = import_timm()
+  from timm.models import metaformer  # pylint: disable=g-import-not-at-top
+  family, size = name.split("_")
+  if family == "identityformer":
+    return timm.create_model(f"poolformerv2_{size}", num_classes=num_classes,
+                             token_mixers=torch.nn.Identity)
+  if family == "randformer":
+    depths = {"s12": (2, 2, 6, 2), "s24": (4, 4, 12, 4)}[size]
+    mixers = [torch.nn.Identity, torch.nn.Identity, random_mixing_cls(196),
+              random_mixing_cls(49)]
+    return metaformer.MetaFormer(depths=depths, dims=(64, 128, 320, 512),
+                                 token_mixers=mixers, norm_layers=metaformer.GroupNorm1NoBias,
+                                 use_mlp_head=False, num_classes=num_classes)
+  return timm.create_model(name, num_classes=num_classes)
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+  """Sets EVERY parameter of a MetaFormer to O(1), in place, so no part is near its init.
+
+  Norm gains 1 +- 0.3 and biases +- 0.3; res / layer scales and StarReLU scales in
+  +-[0.5, 1.5] (random sign), StarReLU biases in [-0.5, 0.5]; weights N(0, 1/fan_in), which
+  keeps activations O(1) through every block; RandFormer's matrices redrawn row-stochastic.
+  """
+  gen = torch.Generator().manual_seed(seed)
+
+  def uniform(shape, lo, hi):
+    return lo + (hi - lo) * torch.rand(shape, generator=gen)
+
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      leaf = name.rsplit(".", 2)
+      if name.endswith("random_matrix"):
+        value = torch.softmax(3 * torch.rand(p.shape, generator=gen), dim=-1)
+      elif p.ndim >= 2:
+        value = torch.randn(p.shape, generator=gen) / np.sqrt(int(np.prod(p.shape[1:])))
+      elif leaf[-1] == "scale" and ("act" in leaf[-2] or "scale" in leaf[-2]):
+        sign = torch.where(torch.rand(p.shape, generator=gen) < 0.5, -1.0, 1.0)
+        value = sign * uniform(p.shape, 0.5, 1.5)
+      elif leaf[-1] == "bias" and "act" in leaf[-2]:
+        value = uniform(p.shape, -0.5, 0.5)
+      elif leaf[-1] == "weight":  # norm gains
+        value = 1.0 + 0.3 * torch.randn(p.shape, generator=gen)
+      elif leaf[-1] == "bias":
+        value = 0.3 * torch.randn(p.shape, generator=gen)
+      else:
+        raise KeyError(f"no randomisation rule for {name}")
+      p.copy_(value)
+  return model
+
+
+# timm key -> our parameter path, applied in order (each rule at most once), with the tensor's
+# change. Written from timm's module names, independently of poolformer_jax.convert.
+TIMM_TO_JAX = (
+    (r"^(.*\b(?:conv|dwconv))\.weight$", r"\1.kernel", "conv"),  # OIHW -> HWIO
+    # (out, in) or timm's 1x1 convs (out, in, 1, 1) -> (in, out)
+    (r"^(.*\b(?:fc\d?|pwconv\d|qkv|proj))\.weight$", r"\1.kernel", "dense"),
+    (r"^(.*\bnorm\d?)\.weight$", r"\1.scale", None),
+    (r"^head\.norm\.", "norm.", None),  # timm's head.norm is our top-level norm
+    (r"^head\.fc\.", "head.", None),  # timm's head.fc (Linear or MlpHead) is our head
+)
+
+
+def timm_key_to_jax(key: str) -> tuple[str, str | None]:
+  transform = None
+  for pattern, replacement, change in TIMM_TO_JAX:
+    key, n = re.subn(pattern, replacement, key)
+    if n and change:
+      transform = change
+  return key, transform
+
+
+def timm_value_to_jax(value: np.ndarray, transform: str | None) -> np.ndarray:
+  if transform == "conv":
+    return value.transpose(2, 3, 1, 0)
+  if transform == "dense":  # timm's 1x1 convs (out, in, 1, 1) are dense layers too
+    return value.reshape(value.shape[0], -1).T
+  return value
+
+
+def load_timm_state(build, state: dict):
+  """An NNX module built by `build()` (abstractly: no init) holding timm `state`'s values.
+
+  Every parameter of ours must come from exactly one timm tensor of the right shape, and
+  every timm tensor must land somewhere; all mismatches are reported together.
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  graphdef, params = nnx.split(nnx.eval_shape(build))
+  ours = {".".join(map(str, k)): v
+          for k, v in nnx.traversals.flatten_mapping(nnx.to_pure_dict(params)).items()}
+  filled, errors = {}, []
+  for key, tensor in state.items():
+    path, transform = timm_key_to_jax(key)
+    value = timm_value_to_jax(tensor.detach().cpu().numpy(), transform)
+    if path not in ours:
+      errors.append(f"timm {key} -> {path}: no such parameter")
+    elif ours[path].shape != value.shape:
+      errors.append(f"timm {key} -> {path}: shape {value.shape}, ours {ours[path].shape}")
+    else:
+      filled[path] = value
+  errors += [f"{path}: not in the timm state" for path in sorted(set(ours) - set(filled))]
+  if errors:
+    raise KeyError("\n".join(errors))
+  pure = nnx.traversals.unflatten_mapping(
+      {tuple(int(p) if p.isdigit() else p for p in k.split(".")): jnp.asarray(v)
+       for k, v in filled.items()})
+  nnx.replace_by_pure_dict(params, pure)
+  return nnx.merge(graphdef, params)

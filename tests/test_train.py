@@ -10,9 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from conftest import REPO, count_compiles, count_primitive, load_config
 from poolformer_jax import mixup
+from poolformer_jax import model as model_lib
 from poolformer_jax import optimizer
 from poolformer_jax import sharding
 from poolformer_jax import train
@@ -120,6 +122,50 @@ def test_batch_divisibility_errors_name_devices_and_processes(tmp_path):
     with pytest.raises(train.ConfigError,
                        match=rf"config.{field}={value}.*devices \(8; processes: 2\)"):
       train.validate_config(c, workdir=None, num_devices=8, process_count=2)
+
+
+def test_frozen_random_matrices_get_no_update_no_state_and_no_decay():
+  """RandFormer: the optimizer leaves the random matrices alone even when handed a gradient
+  for them (weight decay and clipping on); every other parameter moves."""
+  c = tiny_config(model="randformer_s12", weight_decay=0.5, grad_clip_norm=1.0)
+  abstract = nnx.eval_shape(lambda: model_lib.create_model(
+      c.model, num_classes=10, rngs=nnx.Rngs(0), **c.model_overrides.to_dict()))
+  params = jax.tree.map(lambda x: jnp.ones(x.shape, x.dtype),
+                        nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+  frozen = jax.tree.leaves(model_lib.frozen_mask(params))
+  assert sum(frozen) == 2  # the stage-3 and stage-4 blocks of the tiny model
+  tx = optimizer.make_optimizer(c, optax.constant_schedule(0.1))
+  opt_state = tx.init(params)
+  assert not any(x.shape in {(196, 196), (49, 49)} for x in jax.tree.leaves(opt_state))
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), opt_state, params)
+  for (path, u), f in zip(jax.tree_util.tree_leaves_with_path(updates), frozen):
+    if f:
+      np.testing.assert_array_equal(u, 0.0, err_msg=jax.tree_util.keystr(path))
+    else:
+      assert np.abs(u).max() > 0, jax.tree_util.keystr(path)
+  # PoolFormer has nothing frozen: its optimizer (and state layout) is plain AdamW.
+  plain = optimizer.make_optimizer(tiny_config(), optax.constant_schedule(0.1))
+  assert isinstance(plain.init(params)[0], optax.ScaleByAdamState)
+
+
+def test_randformer_trains_without_touching_its_random_matrices():
+  """Two real train steps (stop_gradient + optimizer): matrices bit-identical, the rest moves."""
+  c = tiny_config(model="randformer_s12", weight_decay=0.05)
+  c.data.image_size = 224
+  c.batch_size = 2
+  trainer = make_trainer(c, jax.devices()[:1])
+  before = jax.device_get(trainer.init_state(0).params)
+  after, history, state = run_steps(trainer, random_batches(2, 2, size=224))
+  assert np.isfinite(history[-1]["loss"])
+  assert not any(x.shape in {(196, 196), (49, 49)} for x in jax.tree.leaves(state.opt_state))
+  frozen = jax.tree.leaves(model_lib.frozen_mask(before))
+  assert sum(frozen) == 2
+  for (path, a), b, f in zip(jax.tree_util.tree_leaves_with_path(before),
+                             jax.tree.leaves(after), frozen):
+    if f:
+      np.testing.assert_array_equal(b, a, err_msg=jax.tree_util.keystr(path))
+    else:
+      assert not np.array_equal(b, a), jax.tree_util.keystr(path)
 
 
 # --------------------------------------------------------------------------- mixup

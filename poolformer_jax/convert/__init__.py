@@ -23,7 +23,7 @@ from poolformer_jax.convert import hf_export
 from poolformer_jax.convert import keys
 from poolformer_jax.convert import readers
 from poolformer_jax.errors import ConversionError
-from poolformer_jax.model import VARIANTS, MetaFormer, PoolFormerConfig, get_config
+from poolformer_jax.model import VARIANTS, MetaFormer, MetaFormerConfig, get_config
 from poolformer_jax.pretrained import PretrainedInfo
 
 
@@ -80,7 +80,7 @@ def _hf_labels(config: dict | None, num_classes: int) -> tuple[str, ...] | None:
   return None if labels == hf_export.default_labels(num_classes) else labels
 
 
-def _preprocessing(variant_cfg: PoolFormerConfig, hf_pre: dict | None) -> dict:
+def _preprocessing(variant_cfg: MetaFormerConfig, hf_pre: dict | None) -> dict:
   pre = pretrained.default_preprocessing(variant_cfg.crop_pct)
   hf_pre = hf_pre or {}
   if hf_pre.get("crop_pct") is not None:

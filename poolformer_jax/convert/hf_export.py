@@ -16,7 +16,7 @@ from flax import nnx
 from poolformer_jax import pretrained
 from poolformer_jax.convert import keys
 from poolformer_jax.errors import ConversionError
-from poolformer_jax.model import MetaFormer, PoolFormerConfig
+from poolformer_jax.model import MetaFormer, MetaFormerConfig
 from poolformer_jax.pretrained import PretrainedInfo
 
 
@@ -39,7 +39,7 @@ def to_torch_state(model: MetaFormer, layout: str = "hf") -> dict[str, np.ndarra
   return out
 
 
-def hf_config_dict(cfg: PoolFormerConfig, labels: tuple[str, ...] | None) -> dict:
+def hf_config_dict(cfg: MetaFormerConfig, labels: tuple[str, ...] | None) -> dict:
   """The fields of transformers.PoolFormerConfig for this model (no transformers needed)."""
   labels = tuple(labels) if labels else default_labels(cfg.num_classes)
   return {
