@@ -198,6 +198,8 @@ def test_plan_runs_what_the_targets_need_first(gb):
       ("poolformer_s12", "inference", 256), ("poolformer_s12", "training", 256),
       ("poolformer_m36", "inference", 256), ("poolformer_m36", "training", 256),
       ("poolformer_s12", "inference", 1024), ("poolformer_m36", "inference", 1024)]
+  tiny = gb.parse_args(["--tiny", "--batch-sizes", "8", "--out", os.devnull])
+  assert (tiny.batch_sizes, tiny.image_size) == ([8], 32)  # --tiny: defaults, not overrides.
 
 
 def test_summary_derives_mfu_bounds_ratios_and_targets(gb):
