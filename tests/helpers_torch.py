@@ -308,9 +308,10 @@ def load_timm_state(build, state: dict, timm_root: str = "", jax_root: str = "")
   return nnx.merge(graphdef, params)
 
 
-# timm key -> the MetaFormer-baselines release's key (the reference's section 3.1 table), applied
-# in order, first match only. Written from the release's module names, independently of
-# poolformer_jax.convert; tests check it against timm's own checkpoint_filter_fn.
+# timm key -> the MetaFormer-baselines release's key, applied in order, first match only. Written
+# from the release's module names (metaformer_baselines.py: downsample_layers, stages.{s}.{j},
+# norm, head), independently of poolformer_jax.convert; tests check it against timm's own
+# checkpoint_filter_fn.
 TIMM_TO_RELEASE = (
     (r"^stem\.conv\.", "downsample_layers.0.conv."),
     (r"^stem\.norm\.", "downsample_layers.0.post_norm."),

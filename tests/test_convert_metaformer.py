@@ -3,8 +3,8 @@ layouts, timm round trips, 21k heads, and bad inputs.
 
 The reference is timm's PyTorch model with every parameter randomised to O(1)
 (helpers_torch.randomize_). timm files are written by timm itself (`state_dict`,
-`save_for_hf`); release files by the reference's key table (helpers_torch.timm_to_release),
-which timm's own `checkpoint_filter_fn` must map back exactly. IdentityFormer and RandFormer
+`save_for_hf`); release files by a key table written from the release's module names
+(helpers_torch.timm_to_release), which timm's own `checkpoint_filter_fn` must map back exactly. IdentityFormer and RandFormer
 exist only in the release layout: their references are timm's MetaFormer skeleton holding them.
 Our converted model keeps the release's MLP-head LayerNorm eps (1e-5); the reference gets the
 same for the comparison (timm's own 1e-6 is a known difference, see test_metaformer_timm.py).
@@ -51,6 +51,11 @@ def reference(name: str, num_classes: int = 1000, tag: str = ""):
 def same_worker(name):
   """Tests sharing a randomised reference (or the files written from it) stay on one worker."""
   return pytest.mark.xdist_group(f"convert_{name}")
+
+
+def family_marks(name):
+  """same_worker, and slow for the 21841-class ConvFormer (69M parameters, 280 MB files)."""
+  return [same_worker(name)] + ([pytest.mark.slow] if name == "convformer_s18" else [])
 
 
 @contextlib.contextmanager
@@ -110,7 +115,7 @@ def max_logit_diff(model, info, ref) -> float:
 
 
 # ---------------------------------------------------------------------------
-# Source files, written by timm (its layout) or by the reference's table (the release's).
+# Source files, written by timm (its layout) or by helpers_torch.timm_to_release (the release's).
 # ---------------------------------------------------------------------------
 
 
@@ -161,7 +166,7 @@ def converted(tmp_path_factory, name, fmt, filename, num_classes=1000, tag=""):
     ("identityformer_s12", "randformer_s12", "poolformerv2_s12", "convformer_s18",
      "caformer_s18")])
 def test_release_layout_table_is_what_timm_reads(name):
-  """The test-side release layout (the reference's section 3.1) is the one timm's own loader
+  """The test-side release layout (helpers_torch.timm_to_release) is the one timm's own loader
   converts from: timm's checkpoint_filter_fn maps it back to timm's keys, shapes and values."""
   ref = reference(name)
   want = ref.state_dict()
@@ -191,7 +196,7 @@ FAMILIES = {
 }
 
 
-@pytest.mark.parametrize("family", [pytest.param(n, marks=same_worker(n)) for n in FAMILIES])
+@pytest.mark.parametrize("family", [pytest.param(n, marks=family_marks(n)) for n in FAMILIES])
 def test_converted_logits_match_timm(family, tmp_path_factory):
   name, fmt, _, num_classes, tag = (FAMILIES[family] + (1000, ""))[:5]
   _, out, printed = converted(tmp_path_factory, *FAMILIES[family])
@@ -262,7 +267,7 @@ ROUND_TRIPS = {
 }
 
 
-@pytest.mark.parametrize("family", [pytest.param(n, marks=same_worker(n)) for n in ROUND_TRIPS])
+@pytest.mark.parametrize("family", [pytest.param(n, marks=family_marks(n)) for n in ROUND_TRIPS])
 def test_timm_round_trip_is_bit_exact(family, tmp_path, tmp_path_factory, capsys):
   """timm's directory -> ours -> --to-timm: every tensor identical (key, shape, dtype, bytes),
   the same preprocessing, and timm's own loader reads the result."""
