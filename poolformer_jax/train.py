@@ -133,6 +133,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.lr_base_batch_size = 1024
   c.warmup_lr = 1e-6
   c.min_lr = 1e-5
+  c.optimizer = "adamw"  # 'adamw' | 'lamb' (timm's LAMB: the CAFormer recipe).
   c.weight_decay = 0.05  # Weights only: no decay on norms, layer scales, biases.
   c.adam_b1 = 0.9
   c.adam_b2 = 0.999
@@ -165,15 +166,23 @@ def validate_config(config, *, workdir: str | None, num_devices: int,
   if config.model not in model_lib.VARIANTS:
     raise ConfigError(f"unknown model {config.model!r}; valid: {', '.join(model_lib.list_models())}")
   try:
-    model_lib.get_config(config.model, **config.model_overrides.to_dict())
+    model_config = model_lib.get_config(config.model, **config.model_overrides.to_dict())
   except ValueError as e:
     raise ConfigError(f"config.model_overrides: {e}") from None
+  if config.optimizer not in optimizer_lib.OPTIMIZERS:
+    raise ConfigError(f"config.optimizer={config.optimizer!r}; use one of "
+                      f"{list(optimizer_lib.OPTIMIZERS)}")
   if config.dtype not in _DTYPES:
     raise ConfigError(f"config.dtype={config.dtype!r}; use one of {sorted(_DTYPES)}")
   size = config.data.image_size
   if size <= 0 or size % 32:
     raise ConfigError(f"config.data.image_size={size} must be a positive multiple of 32 "
                       "(the network downsamples by 32), e.g. 224 or 256")
+  fixed = model_lib.RANDOM_MIXING_INPUT_SIZE
+  if "random" in model_config.stage_token_mixers and size != fixed:
+    raise ConfigError(f"config.data.image_size={size}, but {config.model} mixes tokens with "
+                      f"fixed random matrices drawn for {fixed}x{fixed} input: set "
+                      f"--config.data.image_size={fixed}")
   if config.fsdp < 1 or num_devices % config.fsdp:
     raise ConfigError(f"config.fsdp={config.fsdp} must divide the number of devices "
                       f"({num_devices})")
@@ -344,6 +353,9 @@ class Trainer:
     ema = state.ema
     if ema is not None:
       ema = optax.incremental_update(params, ema, 1.0 - c.ema_decay)
+      if self.model_config.has_frozen_params:  # a*w + (1-a)*w can round: keep frozen w exact
+        ema = jax.tree.map(lambda frozen, e, p: p if frozen else e,
+                           model_lib.frozen_mask(params), ema, params)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                "lr": self.schedule(state.step)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics

@@ -1,8 +1,12 @@
-"""Test helpers: random HF PoolFormer models written in each PyTorch checkpoint layout.
+"""Test helpers: random PyTorch references (HF's PoolFormer, timm's MetaFormers) and their
+checkpoint layouts.
 
-The key renames here are written out independently of poolformer_jax.convert (from the
-layouts documented in the release code, HF and timm), so a bug in the converter's tables
-cannot cancel out in a test.
+The renames that WRITE test checkpoints (`to_release_keys`, `to_timm_keys`, `timm_to_release`)
+are written out independently of poolformer_jax.convert, from the layouts documented in the
+release code, HF and timm, so a bug in the converter's tables cannot cancel out in a test;
+`timm_to_release` is itself checked against timm's `checkpoint_filter_fn`. Loading timm's
+tensors into our modules (`load_timm_state`) goes through the converter's tables, which the
+logit and gradient parity with timm then tests.
 """
 
 from __future__ import annotations
@@ -208,9 +212,10 @@ def random_mixing_cls(num_tokens: int):
   return RandomMixing
 
 
-def timm_metaformer(name: str, num_classes: int = 1000):
+def timm_metaformer(name: str, num_classes: int = 1000, tag: str = ""):
   """timm's model for one of our v2 names (IdentityFormer and RandFormer hosted by timm's
-  MetaFormer skeleton, as timm has neither)."""
+  MetaFormer skeleton, as timm has neither). `tag` picks timm's pretrained config (e.g.
+  "sail_in1k_384": its preprocessing is what timm's save_for_hf writes)."""
   timm = import_timm()
   from timm.models import metaformer  # pylint: disable=g-import-not-at-top
   family, size = name.split("_")
@@ -224,7 +229,7 @@ def timm_metaformer(name: str, num_classes: int = 1000):
     return metaformer.MetaFormer(depths=depths, dims=(64, 128, 320, 512),
                                  token_mixers=mixers, norm_layers=metaformer.GroupNorm1NoBias,
                                  use_mlp_head=False, num_classes=num_classes)
-  return timm.create_model(name, num_classes=num_classes)
+  return timm.create_model(f"{name}.{tag}" if tag else name, num_classes=num_classes)
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -261,40 +266,23 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
   return model
 
 
-# timm key -> our parameter path, applied in order (each rule at most once), with the tensor's
-# change. Written from timm's module names, independently of poolformer_jax.convert.
-TIMM_TO_JAX = (
-    (r"^(.*\b(?:conv|dwconv))\.weight$", r"\1.kernel", "conv"),  # OIHW -> HWIO
-    # (out, in) or timm's 1x1 convs (out, in, 1, 1) -> (in, out)
-    (r"^(.*\b(?:fc\d?|pwconv\d|qkv|proj))\.weight$", r"\1.kernel", "dense"),
-    (r"^(.*\bnorm\d?)\.weight$", r"\1.scale", None),
-    (r"^head\.norm\.", "norm.", None),  # timm's head.norm is our top-level norm
-    (r"^head\.fc\.", "head.", None),  # timm's head.fc (Linear or MlpHead) is our head
-)
+def timm_to_jax(key: str, value: np.ndarray, timm_root: str = "", jax_root: str = ""):
+  """(our parameter path, value) of timm's tensor `timm_root + key`, through the converter's
+  tables (poolformer_jax.convert.keys), relative to `jax_root`."""
+  from poolformer_jax.convert import keys  # pylint: disable=g-import-not-at-top
+  canonical, value = keys.from_source(timm_root + key, value, "timm")
+  path, entry = keys.lookup(canonical, "canonical")
+  assert path.startswith(jax_root), (path, jax_root)
+  return path[len(jax_root):], entry.transform.to_jax(value)
 
 
-def timm_key_to_jax(key: str) -> tuple[str, str | None]:
-  transform = None
-  for pattern, replacement, change in TIMM_TO_JAX:
-    key, n = re.subn(pattern, replacement, key)
-    if n and change:
-      transform = change
-  return key, transform
-
-
-def timm_value_to_jax(value: np.ndarray, transform: str | None) -> np.ndarray:
-  if transform == "conv":
-    return value.transpose(2, 3, 1, 0)
-  if transform == "dense":  # timm's 1x1 convs (out, in, 1, 1) are dense layers too
-    return value.reshape(value.shape[0], -1).T
-  return value
-
-
-def load_timm_state(build, state: dict):
+def load_timm_state(build, state: dict, timm_root: str = "", jax_root: str = ""):
   """An NNX module built by `build()` (abstractly: no init) holding timm `state`'s values.
 
-  Every parameter of ours must come from exactly one timm tensor of the right shape, and
-  every timm tensor must land somewhere; all mismatches are reported together.
+  `state` is the state dict of timm's module at `timm_root` (e.g. "stages.2.blocks.0."), whose
+  counterpart here is at `jax_root`. Every parameter of ours must come from exactly one timm
+  tensor of the right shape, and every timm tensor must land somewhere; all mismatches are
+  reported together.
   """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -303,8 +291,7 @@ def load_timm_state(build, state: dict):
           for k, v in nnx.traversals.flatten_mapping(nnx.to_pure_dict(params)).items()}
   filled, errors = {}, []
   for key, tensor in state.items():
-    path, transform = timm_key_to_jax(key)
-    value = timm_value_to_jax(tensor.detach().cpu().numpy(), transform)
+    path, value = timm_to_jax(key, tensor.detach().cpu().numpy(), timm_root, jax_root)
     if path not in ours:
       errors.append(f"timm {key} -> {path}: no such parameter")
     elif ours[path].shape != value.shape:
@@ -319,3 +306,35 @@ def load_timm_state(build, state: dict):
        for k, v in filled.items()})
   nnx.replace_by_pure_dict(params, pure)
   return nnx.merge(graphdef, params)
+
+
+# timm key -> the MetaFormer-baselines release's key, applied in order, first match only. Written
+# from the release's module names (metaformer_baselines.py: downsample_layers, stages.{s}.{j},
+# norm, head), independently of poolformer_jax.convert; tests check it against timm's own
+# checkpoint_filter_fn.
+TIMM_TO_RELEASE = (
+    (r"^stem\.conv\.", "downsample_layers.0.conv."),
+    (r"^stem\.norm\.", "downsample_layers.0.post_norm."),
+    (r"^stages\.(\d+)\.downsample\.norm\.", r"downsample_layers.\1.pre_norm."),
+    (r"^stages\.(\d+)\.downsample\.conv\.", r"downsample_layers.\1.conv."),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.", r"stages.\1.\2."),
+    (r"^head\.norm\.", "norm."),
+    (r"^head\.fc\.", "head."),  # the MLP head's fc1 / norm / fc2, or the linear head
+)
+
+
+def timm_to_release(state: dict) -> dict:
+  """A timm MetaFormer state dict in the release's layout: release names, and every 1x1 conv
+  weight (timm's dense layers in channels-first stages) as the release's (out, in) Linear."""
+  out = {}
+  for key, value in state.items():
+    for pattern, replacement in TIMM_TO_RELEASE:
+      new, n = re.subn(pattern, replacement, key)
+      if n:
+        break
+    else:
+      raise KeyError(f"no release name for timm's {key}")
+    if value.ndim == 4 and value.shape[2:] == (1, 1):
+      value = value[:, :, 0, 0]
+    out[new] = value.clone().contiguous()
+  return out

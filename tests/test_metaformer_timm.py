@@ -2,10 +2,11 @@
 
 Every parameter of the timm model is randomised to O(1) (norm gains and biases, res scales,
 StarReLU scales and biases, weights ~ N(0, 1/fan_in)), so no block is near the identity and no
-term can hide; the weights reach our model through a table written in tests/helpers_torch.py
-from timm's module names. IdentityFormer is timm's PoolFormerV2 with identity mixers, RandFormer
-timm's skeleton with a random-mixing module written from the paper (timm has neither). timm's
-MLP-head LayerNorm uses eps 1e-6 where the release uses 1e-5: these tests set ours to timm's.
+term can hide; the weights reach our model through the converter's tables
+(poolformer_jax.convert.keys), which these tests therefore check too. IdentityFormer is timm's
+PoolFormerV2 with identity mixers, RandFormer timm's skeleton with a random-mixing module
+written from the paper (timm has neither). timm's MLP-head LayerNorm uses eps 1e-6 where the
+release uses 1e-5: these tests set ours to timm's.
 """
 
 import functools
@@ -74,10 +75,11 @@ def test_block_values_and_gradients_match_torch_autograd(mixer):
   stage = 2
   dim = cfg.widths[stage]
   ref_block = reference(name).stages[stage].blocks[0]
+  root = f"stages.{stage}.blocks.0."  # the block's place in timm's model and in ours
   ours = H.load_timm_state(
       lambda: pf.MetaFormerBlock(dim, cfg, stage, 0.0, dtype=jnp.float32,
                                  param_dtype=jnp.float32, rngs=nnx.Rngs(0)),
-      ref_block.state_dict())
+      ref_block.state_dict(), timm_root=root, jax_root=root)
   assert type(ours.token_mixer).__name__.lower().startswith(mixer[:4])
   assert ours.res_scale1 is not None and ours.layer_scale1 is None
 
@@ -116,12 +118,12 @@ def test_block_values_and_gradients_match_torch_autograd(mixer):
          nnx.traversals.flatten_mapping(nnx.to_pure_dict(g_params)).items()}
   checked = set()
   for key, p in ref_block.named_parameters():
-    path, transform = H.timm_key_to_jax(key)
     if p.grad is None:  # frozen in torch (requires_grad=False): stopped in ours
       assert key.endswith("random_matrix"), key
+      path, _ = H.timm_to_jax(key, p.detach().numpy(), root, root)
       np.testing.assert_array_equal(got[path], 0.0, err_msg=path)
     else:
-      ref_grad = H.timm_value_to_jax(p.grad.numpy(), transform)
+      path, ref_grad = H.timm_to_jax(key, p.grad.numpy(), root, root)
       np.testing.assert_allclose(got[path], ref_grad, atol=TOL * np.abs(ref_grad).max(),
                                  err_msg=path)
     checked.add(path)
@@ -151,7 +153,8 @@ def test_mlp_head_norm_eps_is_the_releases_and_a_config_field():
   def our_head(eps):
     m = H.load_timm_state(lambda: pf.MlpHead(512, 1000, norm_eps=eps, dropout_rate=0.0,
                                              dtype=jnp.float32, param_dtype=jnp.float32,
-                                             rngs=nnx.Rngs(0)), state)
+                                             rngs=nnx.Rngs(0)), state,
+                          timm_root="head.fc.", jax_root="head.")
     with jax.default_matmul_precision("highest"):
       return np.asarray(m(jnp.asarray(x)))
 

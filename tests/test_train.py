@@ -149,8 +149,9 @@ def test_frozen_random_matrices_get_no_update_no_state_and_no_decay():
 
 
 def test_randformer_trains_without_touching_its_random_matrices():
-  """Two real train steps (stop_gradient + optimizer): matrices bit-identical, the rest moves."""
-  c = tiny_config(model="randformer_s12", weight_decay=0.05)
+  """Two real train steps (stop_gradient + optimizer): matrices bit-identical, the rest moves.
+  The EMA's matrices too (optax.incremental_update's a*w + (1-a)*w would round them)."""
+  c = tiny_config(model="randformer_s12", weight_decay=0.05, ema_decay=0.9999)
   c.data.image_size = 224
   c.batch_size = 2
   trainer = make_trainer(c, jax.devices()[:1])
@@ -160,10 +161,12 @@ def test_randformer_trains_without_touching_its_random_matrices():
   assert not any(x.shape in {(196, 196), (49, 49)} for x in jax.tree.leaves(state.opt_state))
   frozen = jax.tree.leaves(model_lib.frozen_mask(before))
   assert sum(frozen) == 2
-  for (path, a), b, f in zip(jax.tree_util.tree_leaves_with_path(before),
-                             jax.tree.leaves(after), frozen):
+  ema = jax.device_get(state.ema)
+  for (path, a), b, e, f in zip(jax.tree_util.tree_leaves_with_path(before),
+                                jax.tree.leaves(after), jax.tree.leaves(ema), frozen):
     if f:
       np.testing.assert_array_equal(b, a, err_msg=jax.tree_util.keystr(path))
+      np.testing.assert_array_equal(e, a, err_msg=jax.tree_util.keystr(path))
     else:
       assert not np.array_equal(b, a), jax.tree_util.keystr(path)
 

@@ -1,4 +1,6 @@
-"""Reading PyTorch checkpoints: .pth / .pth.tar / .bin / .safetensors files and HF model directories.
+"""Reading PyTorch checkpoints: .pth / .pth.tar / .bin / .safetensors files and model directories
+(transformers' PoolFormer, or timm's HF-hub layout: config.json with "architecture" and
+"pretrained_cfg").
 
 `.safetensors` is read without torch; pickled files only through torch's weights-only
 unpickler, so a downloaded checkpoint cannot run code. Every failure is a ConversionError that
@@ -17,6 +19,7 @@ import numpy as np
 
 from poolformer_jax import pretrained
 from poolformer_jax.errors import ConversionError
+from poolformer_jax.model import VARIANTS
 
 _WRAPPERS = ("state_dict_ema", "model_ema", "state_dict", "model", "module")
 _TORCH_HINT = ("reading .pth/.pth.tar/.bin files needs PyTorch (pip install torch; the CPU "
@@ -25,12 +28,18 @@ _TORCH_HINT = ("reading .pth/.pth.tar/.bin files needs PyTorch (pip install torc
 
 @dataclasses.dataclass
 class Source:
-  """What was read: tensors by source name, plus the metadata an HF config.json gives."""
+  """What was read: tensors by source name, plus the metadata a config.json gives.
+
+  `name` is the file's name, or the directory's for a model directory: release files say
+  what the tensors cannot (`identityformer_s12.pth` vs `poolformerv2_s12.pth`, `_384`).
+  """
 
   path: str
   tensors: dict[str, np.ndarray]
-  hf_config: dict | None = None
+  hf_config: dict | None = None  # transformers' config.json
   hf_preprocessor: dict | None = None
+  timm_config: dict | None = None  # timm's config.json (HF-hub layout)
+  name: str = ""
 
 
 def _read_json(path: str) -> dict:
@@ -102,16 +111,17 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
 
 
 def read_source(path: str) -> Source:
-  """Reads a file (.pth, .pth.tar, .bin, .safetensors) or an HF model directory."""
+  """Reads a file (.pth, .pth.tar, .bin, .safetensors) or a model directory (transformers' or
+  timm's HF-hub layout: config.json + model.safetensors or pytorch_model.bin)."""
   if not os.path.exists(path):
     raise ConversionError(f"{path} does not exist")
   config = preproc = None
   if os.path.isdir(path):
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
-      raise ConversionError(f"{path} is a directory without config.json; pass an HF model "
-                            "directory (config.json + model.safetensors or pytorch_model.bin) "
-                            "or a checkpoint file")
+      raise ConversionError(f"{path} is a directory without config.json; pass a model "
+                            "directory as downloaded from the HF hub (config.json + "
+                            "model.safetensors or pytorch_model.bin) or a checkpoint file")
     weights = (os.path.join(path, n) for n in ("model.safetensors", "pytorch_model.bin"))
     file = next(filter(os.path.isfile, weights), None)  # safetensors first: no torch, no pickle.
   else:
@@ -119,17 +129,23 @@ def read_source(path: str) -> Source:
     sibling = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
     hf_file = os.path.basename(path) in ("model.safetensors", "pytorch_model.bin")
     cfg_path = sibling if hf_file and os.path.isfile(sibling) else None
+  timm_config = None
   if cfg_path:
     config = _read_json(cfg_path)
     if config.get("format") == pretrained.FORMAT:
       raise ConversionError(f"{path} is already a converted poolformer_jax directory; to export "
-                            "it back to the HF PyTorch layout pass --to-hf")
-    model_type = config.get("model_type")
-    if model_type != "poolformer":
-      raise ConversionError(f"{cfg_path} describes a {model_type!r} model, not a PoolFormer "
-                            "(model_type 'poolformer')")
-    pp = os.path.join(os.path.dirname(cfg_path), "preprocessor_config.json")
-    preproc = _read_json(pp) if os.path.isfile(pp) else None
+                            "it back to PyTorch pass --to-hf (PoolFormer v1, transformers) or "
+                            "--to-timm (timm)")
+    if "architecture" in config and config.get("model_type") in (None, "timm_wrapper"):
+      timm_config, config = config, None  # timm's HF-hub layout
+      _check_timm_architecture(timm_config, cfg_path)
+    else:
+      model_type = config.get("model_type")
+      if model_type != "poolformer":
+        raise ConversionError(f"{cfg_path} describes a {model_type!r} model, not a PoolFormer "
+                              "(model_type 'poolformer') or a timm MetaFormer ('architecture')")
+      pp = os.path.join(os.path.dirname(cfg_path), "preprocessor_config.json")
+      preproc = _read_json(pp) if os.path.isfile(pp) else None
   if file is None:
     raise ConversionError(f"{path} has config.json but neither model.safetensors nor "
                           "pytorch_model.bin")
@@ -141,5 +157,21 @@ def read_source(path: str) -> Source:
     tensors = _read_torch(file)
   if all(k.startswith("module.") for k in tensors):  # Saved from DistributedDataParallel.
     tensors = {k[len("module."):]: v for k, v in tensors.items()}
-  return Source(path=path, tensors=tensors, hf_config=config, hf_preprocessor=preproc)
+  named = os.path.dirname(os.path.abspath(file)) if cfg_path else file
+  return Source(path=path, tensors=tensors, hf_config=config, hf_preprocessor=preproc,
+                timm_config=timm_config, name=os.path.basename(named))
+
+
+def _check_timm_architecture(config: dict, cfg_path: str) -> None:
+  """timm's config.json must name one of the models this package has."""
+  arch = config.get("architecture")
+  if arch not in VARIANTS:
+    raise ConversionError(
+        f"{cfg_path} describes timm's {arch!r}, not one of this package's models "
+        f"({', '.join(sorted(VARIANTS))})")
+  pre = config.get("pretrained_cfg") or {}
+  size = pre.get("input_size")
+  if size is not None and (len(size) != 3 or size[1] != size[2]):
+    raise ConversionError(f"{cfg_path}: pretrained_cfg.input_size {size} is not a square "
+                          "(channels, size, size) input")
 
