@@ -28,6 +28,8 @@ import time
 from etils import epath  # An Orbax dependency: local and gs:// paths alike.
 import jax
 
+from poolformer_jax import errors
+
 # The figures below are per chip. v4 and v5p chips hold two TensorCores that JAX drives as one
 # device ("megacore"); v5e and v6e chips have one. Either way: one JAX device per chip.
 
@@ -154,7 +156,7 @@ def topology_devices(topology: Topology, num_slices: int = 1) -> list:
         chips_per_host_bounds=topology.host_shape, num_slices=num_slices)
   except RuntimeError as e:
     if "TPU support not installed" in str(e):
-      raise train.ConfigError(
+      raise errors.ConfigError(
           "compile mode needs libtpu to compile for TPUs (no TPU is needed): "
           "pip install -r requirements-tpu.txt") from None
     raise
@@ -222,7 +224,7 @@ def _knobs(config, num_chips: int) -> str:
 def compile_report(config) -> dict:
   """Compiles the train and eval steps of `config` for `config.topology`; the measurements.
 
-  Raises train.ConfigError for a config that cannot work there (including one that does not
+  Raises errors.ConfigError for a config that cannot work there (including one that does not
   fit in HBM) and when libtpu is missing.
   """
   from poolformer_jax import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
@@ -232,9 +234,9 @@ def compile_report(config) -> dict:
   try:
     topology = parse_topology(config.topology)
   except ValueError as e:
-    raise train.ConfigError(f"config.topology: {e}") from None
+    raise errors.ConfigError(f"config.topology: {e}") from None
   if config.num_slices < 1:
-    raise train.ConfigError(f"config.num_slices={config.num_slices} must be >= 1")
+    raise errors.ConfigError(f"config.num_slices={config.num_slices} must be >= 1")
   chip = topology.chip
   devices = topology_devices(topology, config.num_slices)
   hosts = {(getattr(d, "slice_index", 0), d.process_index) for d in devices}
@@ -245,7 +247,7 @@ def compile_report(config) -> dict:
                                                                   (0, 0, 0))
   num_classes = config.num_classes or num_classes
   if not num_classes:
-    raise train.ConfigError(f"compile mode does not read the data: set --config.num_classes "
+    raise errors.ConfigError(f"compile mode does not read the data: set --config.num_classes "
                             f"for dataset {config.data.dataset!r}")
   steps_per_epoch = max(train_examples // config.batch_size, 1) if train_examples else 0
   total_steps = optimizer_lib.total_steps(config, steps_per_epoch)
@@ -255,8 +257,8 @@ def compile_report(config) -> dict:
 
   accum = config.grad_accum_steps
 
-  def does_not_fit(needed: str, available: str) -> train.ConfigError:
-    return train.ConfigError(
+  def does_not_fit(needed: str, available: str) -> errors.ConfigError:
+    return errors.ConfigError(
         f"{config.model} does not fit on {topology.name}: it needs {needed}, a {chip.name} "
         f"has {available}. Lower the memory per chip ({_knobs(config, len(devices))}"
         "): a smaller per-chip batch, more grad_accum_steps (same global batch), fsdp > 1 "
@@ -404,12 +406,12 @@ def run(config, workdir: str) -> dict:
   """Compile mode's entry point: compiles, prints the table, writes WORKDIR/compile_*.json."""
   from poolformer_jax import train  # pylint: disable=g-import-not-at-top
   if not config.topology:
-    raise train.ConfigError("--mode=compile needs --config.topology, e.g. "
+    raise errors.ConfigError("--mode=compile needs --config.topology, e.g. "
                             f"--config.topology=v4-8 (known: {', '.join(known_topologies())})")
   try:
     prepare_environment(parse_topology(config.topology))
   except ValueError as e:
-    raise train.ConfigError(f"config.topology: {e}") from None
+    raise errors.ConfigError(f"config.topology: {e}") from None
   report = compile_report(config)
   path = epath.Path(report_path(workdir, report))
   path.parent.mkdir(parents=True, exist_ok=True)
