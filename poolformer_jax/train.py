@@ -438,10 +438,14 @@ def _eval_record(trainer, eval_step, state, eval_batches) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def _setup(config, workdir: str | None):
-  """Validation, precision, mesh, dataset info: everything before compiling."""
+def _setup(config, workdir: str | None, splits: tuple[str, ...]):
+  """Validation, data checks, precision, mesh, dataset info: everything before compiling.
+
+  Returns the config the run uses: for a folder dataset, with data.manifest_dir set.
+  """
   validate_config(config, workdir=workdir, num_devices=jax.device_count(),
                   process_count=jax.process_count())
+  config = _with_checked_folder(config, workdir, splits)
   if config.matmul_precision != "default":
     jax.config.update("jax_default_matmul_precision", config.matmul_precision)
   mesh = sharding_lib.make_mesh(config.fsdp)
@@ -450,7 +454,19 @@ def _setup(config, workdir: str | None):
   if num_classes != info.num_classes:
     raise ConfigError(f"config.num_classes={num_classes} but dataset {config.data.dataset!r} "
                       f"has {info.num_classes} classes")
-  return mesh, info, num_classes
+  return config, mesh, info, num_classes
+
+
+def _with_checked_folder(config, workdir: str | None, splits: tuple[str, ...]):
+  """Folder datasets: every file of `splits` is decoded once, up front, and the run reads the
+  checked file lists kept in data.manifest_dir (default WORKDIR/data_manifest; see folder_scan)."""
+  if config.data.dataset != "folder" or not (workdir or config.data.manifest_dir):
+    return config
+  config = config.copy_and_resolve_references()
+  if not config.data.manifest_dir:
+    config.data.manifest_dir = os.path.join(workdir, "data_manifest")
+  input_pipeline.check_folder(config.data, splits)
+  return config
 
 
 def _write_run_files(workdir, config, trainer, info) -> None:
@@ -508,7 +524,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   NaN/inf, Preempted after saving on SIGTERM.
   """
   # --- Validate, mesh, data sizes -----------------------------------------
-  mesh, info, num_classes = _setup(config, workdir)
+  config, mesh, info, num_classes = _setup(
+      config, workdir, (config.data.train_split, config.data.eval_split))
   steps_per_epoch = input_pipeline.batches_per_epoch(config.data,
                                                      global_batch_size=config.batch_size)
   total = optimizer_lib.total_steps(config, steps_per_epoch)
@@ -633,7 +650,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   This is how ImageNet accuracy parity of converted weights is checked: the release's eval
   transform on `imagenet2012`'s validation split, every image counted once.
   """
-  mesh, info, num_classes = _setup(config, workdir)
+  config, mesh, info, num_classes = _setup(config, workdir, (config.data.eval_split,))
   trainer = Trainer(config, mesh, num_classes, steps_per_epoch=1, total_steps=1)
   if config.init_from:
     state = trainer.load_params(trainer.init_state(config.seed), config.init_from)

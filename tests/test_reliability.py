@@ -361,7 +361,47 @@ def test_converter_and_preprocess_survive_garbage(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: ")
 
 
-# --------------------------------------------------------------------------- 8. soak
+# --------------------------------------------------------------------------- 8. bad images
+
+
+@pytest.mark.slow
+def test_bad_images_are_found_before_training_and_odd_ones_train(tmp_path):
+  """An image folder with a truncated JPEG and an empty file among CMYK, 16-bit, 1x1 and
+  PNG-named-.jpg images. Default threshold: one clear error naming both, before any
+  compilation. Raised threshold: they are left out, every odd image trains and evaluates."""
+  sys.path.insert(0, os.path.dirname(__file__))
+  import odd_images  # pylint: disable=g-import-not-at-top
+  folder = tmp_path / "data"
+  odd = odd_images.make_folder(folder, np.random.default_rng(0),
+                               per_class={"train": 9, "val": 2}, odd_in=("train", "val"))
+  # 27 plain + 5 odd train images = 2 batches of 16 per epoch: every one is read each epoch.
+  args = ["main.py", "--config=configs/demo.py:smoke", f"--workdir={tmp_path / 'run'}",
+          "--config.data.dataset=folder", f"--config.data.folder={folder}",
+          "--config.data.eval_split=val", "--config.batch_size=16", "--config.eval_batch_size=8",
+          "--config.total_steps=6", "--config.log_every_steps=1"]
+  proc = run_main(args)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "2 of 34 files" in errors[0], proc.stderr[-3000:]
+  assert "truncated.jpg" in proc.stderr and "empty.jpg: empty file" in proc.stderr
+  assert "Compiled the train step" not in proc.stderr and "Traceback" not in proc.stderr
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+  proc = run_main(args + ["--config.data.max_bad_train_fraction=0.1"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "2 of 34 files cannot be decoded and are left out" in proc.stderr
+  manifest = json.loads((tmp_path / "run" / "data_manifest" / "train.json").read_text())
+  kept = {f for f, _ in manifest["files"]}
+  assert len(kept) == 32 and {p for p, e in odd["train"] if e is not None} <= kept
+  assert {p for p, _ in manifest["excluded"]} == {p for p, e in odd["train"] if e is None}
+  records = read_metrics(tmp_path / "run")
+  assert [r["step"] for r in records if "loss" in r] == list(range(1, 7))
+  assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+  evals = [r for r in records if "eval/top1" in r]
+  assert evals[-1]["eval/examples"] == 6 + 5  # Every val image, the odd ones included.
+
+
+# --------------------------------------------------------------------------- 9. soak
 
 
 @pytest.mark.slow
