@@ -638,9 +638,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           ckpt.wait_until_finished()
           raise Preempted(step)
     finally:
-      ckpt.wait_until_finished()
-      ckpt.close()
-      writer.close()
+      try:
+        ckpt.wait_until_finished()  # May raise a failed save's error (e.g. a full disk).
+      finally:
+        ckpt.close()
+        writer.close()
   return {"step": total, **final, "compiles": trainer.train_traces}
 
 

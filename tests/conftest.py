@@ -32,3 +32,39 @@ def load_config(spec: str):
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg) if arg else module.get_config()
+
+
+class SmallFilesystem:
+  """A directory on its own size-limited filesystem (tmpfs): a disk that can fill up."""
+
+  def __init__(self, path: pathlib.Path, size: int):
+    import subprocess  # pylint: disable=g-import-not-at-top
+    self.path = path
+    path.mkdir(parents=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if proc.returncode:  # Not root (CAP_SYS_ADMIN): CI's container is; say why we skip.
+      pytest.skip(f"mounting a small tmpfs needs root: {proc.stderr.strip()}")
+
+  def resize(self, size: int) -> None:
+    """Frees space the way an operator would: a bigger disk, same files."""
+    import subprocess  # pylint: disable=g-import-not-at-top
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(self.path)], check=True)
+
+  def unmount(self) -> None:
+    import subprocess  # pylint: disable=g-import-not-at-top
+    subprocess.run(["umount", "-l", str(self.path)], check=False)
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+  """small_filesystem(size) -> SmallFilesystem under tmp_path, unmounted after the test."""
+  mounted = []
+
+  def make(size: int, name: str = "small_fs") -> SmallFilesystem:
+    mounted.append(SmallFilesystem(tmp_path / name, size))
+    return mounted[-1]
+
+  yield make
+  for fs in mounted:
+    fs.unmount()
