@@ -44,6 +44,7 @@ from poolformer_jax import input_pipeline
 from poolformer_jax import metrics as metrics_lib
 from poolformer_jax import mixup
 from poolformer_jax import model as model_lib
+from poolformer_jax import multihost
 from poolformer_jax import optimizer as optimizer_lib
 from poolformer_jax import pretrained
 from poolformer_jax import sharding as sharding_lib
@@ -611,6 +612,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     try:
       throughput.reset(start)
       for step in range(start + 1, total + 1):
+        multihost.report_step(step)  # Named if a peer is lost during this step.
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
           state, step_metrics = train_step(state, next(train_batches))
         drain()  # Step n-1's metrics, while step n runs.
