@@ -17,6 +17,10 @@ from conftest import REPO
 from poolformer_jax import checkpointing
 from poolformer_jax import pretrained
 
+# One multi-process job at a time (each already keeps 2 cores busy), on one xdist worker, which
+# also computes the shared `two_process_reference` once.
+pytestmark = pytest.mark.xdist_group("multihost")
+
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
 PEER = os.path.join(os.path.dirname(__file__), "multihost_peer.py")
 
@@ -78,8 +82,6 @@ def _params(directory):
 # --------------------------------------------------------------------------- the real trainer
 
 STEPS = 30
-# Tests that share `two_process_reference` stay on one xdist worker, so it is computed once.
-SHARES_REFERENCE = pytest.mark.xdist_group("two_process_reference")
 
 
 def main_commands(workdir, data_dir, port, *extra):
@@ -131,7 +133,6 @@ def two_process_reference(digits_data_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-@SHARES_REFERENCE
 def test_main_across_two_processes_survives_preemption_of_one(
     two_process_reference, digits_data_dir, tmp_path):
   """The real trainer, 2 processes x 4 devices, per-process data. SIGTERM reaches ONE process:
@@ -160,7 +161,6 @@ def test_main_across_two_processes_survives_preemption_of_one(
 
 
 @pytest.mark.slow
-@SHARES_REFERENCE
 def test_a_host_that_dies_stops_the_other_cleanly_and_the_rerun_resumes_exactly(
     two_process_reference, digits_data_dir, tmp_path):
   """The real trainer: SIGKILL process 1 mid-training. Process 0 exits by itself within the
