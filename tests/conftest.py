@@ -15,6 +15,25 @@ import pytest  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+  """Makes `--dist loadgroup` keep each `xdist_group` on one worker again.
+
+  pytest-xdist groups tests by suffixing their node id with '@<group>' (it sets
+  `item._nodeid`); pytest 9 keeps node ids in `item._id`, so the suffix is lost and every
+  group is spread over all workers (measured: shared session fixtures such as `reference_run`
+  were computed once per worker, and two multi-process tests ran at once). This redoes it.
+  """
+  if not getattr(config.option, "loadgroup", False):  # Set by xdist on its workers.
+    return
+  for item in items:
+    groups = sorted({m.args[0] if m.args else m.kwargs.get("name", "default")
+                     for m in item.iter_markers("xdist_group")})
+    if groups and "@" not in item.nodeid:  # Older pytest: xdist's own suffix is there.
+      from _pytest.nodeid import NodeId  # pylint: disable=g-import-not-at-top
+      item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(groups)}")  # pylint: disable=protected-access
+
+
 @pytest.fixture(scope="session")
 def digits_data_dir(tmp_path_factory):
   """A TFDS data_dir holding the prepared `digits` dataset (prepared offline, a few seconds)."""
