@@ -122,9 +122,10 @@ def main(argv) -> int:
   if FLAGS.mode != "predict" and len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]} (files are for --mode=predict)")
   if FLAGS.mode != "predict" and _multi_process() and not multihost.supervised():
-    # The trainer runs as a child: if JAX's runtime aborts it (a peer was lost), we say so.
-    return multihost.supervise(coordinator_address=FLAGS.coordinator_address,
-                               initialization_timeout_s=FLAGS.initialization_timeout_s)
+    # This process becomes a small parent of the trainer (never returns): if JAX's runtime
+    # aborts the trainer (a peer was lost), the parent says so, with the step.
+    multihost.supervise(coordinator_address=FLAGS.coordinator_address,
+                        initialization_timeout_s=FLAGS.initialization_timeout_s)
   # Imported here: flag parsing and --help stay fast, and TF/JAX start after absl's logging.
   from poolformer_jax import checkpointing, input_pipeline, train  # pylint: disable=g-import-not-at-top
   errors = (train.ConfigError, input_pipeline.DatasetNotFoundError, checkpointing.CheckpointError,

@@ -7,7 +7,8 @@ same happens when the job does not assemble within `initialization_timeout_s` at
 Python API has no hook to do otherwise: jaxlib 0.10.2's `missed_heartbeat_callback` cannot
 call Python (it terminates on std::bad_cast; measured).
 
-So `main.py` runs a multi-process job under `supervise`: a small parent process starts the
+So `main.py` runs a multi-process job under `supervise`: the process becomes a small parent
+(this file run as a script: ~12 MB, not the ~750 MB of an imported trainer) that starts the
 trainer as its child with the same command line, forwards SIGTERM and SIGINT to it, passes its
 output through, and hears from it which step it is on. When JAX's runtime aborts the child,
 the parent ends with one line saying what was lost and at which step, and exit code 75
@@ -91,11 +92,25 @@ def _die_with_parent() -> None:  # Runs in the child between fork and exec.
     pass
 
 
-def supervise(*, coordinator_address: str | None, initialization_timeout_s: int) -> int:
-  """Runs this command line again as a child and returns its exit code, or, when JAX's
-  distributed runtime aborted it, prints why with the step and returns 75 (1 at start-up)."""
+def supervise(*, coordinator_address: str | None, initialization_timeout_s: int):
+  """Replaces this process by the supervising parent of the same command line (never returns).
+
+  The parent's exit code is the trainer's, or, when JAX's distributed runtime aborted the
+  trainer, 75 after a line saying why and at which step (1 if the job never assembled).
+  """
+  sys.stdout.flush()
+  sys.stderr.flush()
+  # -I: only the standard library; the script's own folder (the package) is not on sys.path.
+  os.execv(sys.executable, [sys.executable, "-I", os.path.abspath(__file__),
+                            str(initialization_timeout_s), coordinator_address or "", "--",
+                            *sys.orig_argv])
+
+
+def _supervise(command: list[str], coordinator_address: str | None,
+               initialization_timeout_s: int) -> int:
+  """Runs `command` as a child; its exit code, or 75 / 1 with a line when JAX aborted it."""
   read_fd, write_fd = os.pipe()
-  child = subprocess.Popen(sys.orig_argv, env=dict(os.environ, **{_PROGRESS_FD: str(write_fd)}),
+  child = subprocess.Popen(command, env=dict(os.environ, **{_PROGRESS_FD: str(write_fd)}),
                            pass_fds=(write_fd,), stderr=subprocess.PIPE,
                            preexec_fn=_die_with_parent)
   os.close(write_fd)
@@ -167,3 +182,8 @@ def _pass_through(stream, tail: bytearray, keep: int = 16384) -> None:
     out.flush()
     tail.extend(chunk)
     del tail[:-keep]
+
+
+if __name__ == "__main__":  # The parent, started by `supervise`.
+  _timeout, _address, _, *_command = sys.argv[1:]
+  sys.exit(_supervise(_command, _address or None, int(_timeout)))

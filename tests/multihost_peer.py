@@ -18,7 +18,7 @@ from poolformer_jax import multihost  # pylint: disable=g-import-not-at-top,wron
 def main(port, process_id, heartbeat_timeout_s, step_file):
   address = f"127.0.0.1:{port}"
   if not multihost.supervised():
-    return multihost.supervise(coordinator_address=address, initialization_timeout_s=60)
+    multihost.supervise(coordinator_address=address, initialization_timeout_s=60)  # No return.
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   multihost.initialize(address, 2, process_id, initialization_timeout_s=60,
