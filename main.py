@@ -77,14 +77,15 @@ def _init_distributed() -> None:
 
 
 def predict(argv) -> int:
-  from poolformer_jax import inference, pretrained  # pylint: disable=g-import-not-at-top
+  """Classifies image files and folders; never imports TensorFlow."""
+  from poolformer_jax import errors, inference, pretrained  # pylint: disable=g-import-not-at-top
   paths = argv[1:]
   if not FLAGS.checkpoint or not paths:
-    raise ValueError("--mode=predict needs --checkpoint=DIR and image files or folders, e.g. "
-                     "python main.py --mode=predict --checkpoint=checkpoints/poolformer_s12 "
-                     "photos/")
+    raise errors.ConfigError("--mode=predict needs --checkpoint=DIR and image files or folders, "
+                             "e.g. python main.py --mode=predict "
+                             "--checkpoint=checkpoints/poolformer_s12 photos/")
   if FLAGS.batch_size < 1 or FLAGS.top_k < 1:
-    raise ValueError("--batch_size and --top_k must be >= 1")
+    raise errors.ConfigError("--batch_size and --top_k must be >= 1")
   model, info = pretrained.load_pretrained(FLAGS.checkpoint)
   files = inference.list_image_files(paths)
   results, failed = inference.classify_files(
@@ -117,24 +118,11 @@ class _OwnInfoOnly(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or "poolformer_jax" in record.pathname
 
 
-def main(argv) -> int:
-  logging.get_absl_handler().python_handler.addFilter(_OwnInfoOnly())
-  if FLAGS.mode != "predict" and len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]} (files are for --mode=predict)")
-  if FLAGS.mode != "predict" and _multi_process() and not multihost.supervised():
-    # This process becomes a small parent of the trainer (never returns): if JAX's runtime
-    # aborts the trainer (a peer was lost), the parent says so, with the step.
-    multihost.supervise(coordinator_address=FLAGS.coordinator_address,
-                        initialization_timeout_s=FLAGS.initialization_timeout_s)
-  # Imported here: flag parsing and --help stay fast, and TF/JAX start after absl's logging.
-  from poolformer_jax import checkpointing, input_pipeline, train  # pylint: disable=g-import-not-at-top
-  errors = (train.ConfigError, input_pipeline.DatasetNotFoundError, checkpointing.CheckpointError,
-            FileNotFoundError, FileExistsError, ValueError)
+def train_or_evaluate() -> int:
+  from poolformer_jax import train  # pylint: disable=g-import-not-at-top
+  _init_distributed()
+  workdir = FLAGS.workdir or default_workdir()
   try:
-    if FLAGS.mode == "predict":
-      return predict(argv)
-    _init_distributed()
-    workdir = FLAGS.workdir or default_workdir()
     if FLAGS.mode == "eval":
       train.evaluate(FLAGS.config, workdir)
     else:
@@ -147,10 +135,22 @@ def main(argv) -> int:
     logging.warning("%s", e)
     print(f"{e}", file=sys.stderr)
     return train.PREEMPTED_EXIT_CODE
-  except train.TrainingDivergedError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  except errors as e:
+
+
+def main(argv) -> int:
+  logging.get_absl_handler().python_handler.addFilter(_OwnInfoOnly())
+  if FLAGS.mode != "predict" and len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]} (files are for --mode=predict)")
+  if FLAGS.mode != "predict" and _multi_process() and not multihost.supervised():
+    # This process becomes a small parent of the trainer (never returns): if JAX's runtime
+    # aborts the trainer (a peer was lost), the parent says so, with the step.
+    multihost.supervise(coordinator_address=FLAGS.coordinator_address,
+                        initialization_timeout_s=FLAGS.initialization_timeout_s)
+  # Imported here: flag parsing and --help stay fast, and JAX starts after absl's logging.
+  from poolformer_jax import errors  # pylint: disable=g-import-not-at-top
+  try:
+    return predict(argv) if FLAGS.mode == "predict" else train_or_evaluate()
+  except errors.Error as e:  # Ours: the message says what to do. Anything else is a bug.
     print(f"error: {e}", file=sys.stderr)
     return 1
 

@@ -73,13 +73,13 @@ def build_torch(cfg, device, ours=None):
   """HF's PoolFormerForImageClassification for `cfg`, holding `ours`'s weights if given."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  from poolformer_jax import convert  # pylint: disable=g-import-not-at-top
-  fields = convert.hf_config_dict(cfg, None)
+  from poolformer_jax.convert import hf_export  # pylint: disable=g-import-not-at-top
+  fields = hf_export.hf_config_dict(cfg, None)
   fields.pop("architectures"), fields.pop("model_type")
   fields["drop_path_rate"] = cfg.drop_path_rate  # Same linear schedule as ours in train mode.
   model = transformers.PoolFormerForImageClassification(transformers.PoolFormerConfig(**fields))
   if ours is not None:
-    state = {k: torch.from_numpy(np.array(v)) for k, v in convert.to_torch_state(ours, "hf").items()}
+    state = {k: torch.from_numpy(np.array(v)) for k, v in hf_export.to_torch_state(ours, "hf").items()}
     own = model.state_dict()
     model.load_state_dict({k: v.reshape(own[k].shape) for k, v in state.items()}, strict=True)
   return model.to(device).eval()
@@ -98,23 +98,23 @@ def make_forward(model):
   return fwd, state
 
 
-def make_train_step(args, batch):
-  """The trainer's own compiled step (poolformer_jax.train), as `main.py` runs it.
+def make_trainer(variant, dtype, image_size, batch, model_overrides=None):
+  """The trainer of `main.py` (poolformer_jax.train) for one chip: its compiled step is timed.
 
-  AdamW with the release's decay mask and schedule, stochastic depth at the variant's rate, the
-  state donated. Mixup/CutMix and label smoothing are off so PyTorch's loop does the same work.
-  Returns (compiled step, initial state, batch sharding); `step(state, batch)` returns
-  (state, metrics).
+  The release's recipe (AdamW with its decay mask and schedule, stochastic depth at the
+  variant's rate) with Mixup/CutMix and label smoothing off, so PyTorch's loop does the same
+  work. `trainer.compile_train_step()` gives the step, `step(state, batch)` -> (state, metrics),
+  with the state donated; `trainer.init_state(0)` its state.
   """
   import jax  # pylint: disable=g-import-not-at-top
   from poolformer_jax import sharding, train  # pylint: disable=g-import-not-at-top
   c = train.default_config()
-  c.model, c.dtype, c.batch_size = args.variant, args.dtype, batch
-  c.data.image_size = args.image_size
+  c.model, c.dtype, c.batch_size = variant, dtype, batch
+  c.model_overrides.update(model_overrides or {})
+  c.data.image_size = image_size
   c.mixup_alpha = c.cutmix_alpha = c.label_smoothing = 0.0
-  trainer = train.Trainer(c, sharding.make_mesh(1, jax.devices()[:1]), 1000,
-                          steps_per_epoch=1000, total_steps=10**6)
-  return trainer.compile_train_step(), trainer.init_state(0), trainer.batch_sharding
+  return train.Trainer(c, sharding.make_mesh(1, jax.devices()[:1]), 1000,
+                       steps_per_epoch=1000, total_steps=10**6)
 
 
 def torch_device():
@@ -128,48 +128,57 @@ def torch_sync(device):
     torch.cuda.synchronize()
 
 
-def torch_autocast(args, device):
+def torch_autocast(dtype, device):
   import contextlib  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  if args.dtype == "float32":
+  if dtype == "float32":
     return contextlib.nullcontext()
   return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def torch_infer_fn(model, x, args, device):
+def torch_infer_fn(model, x, dtype, device, sync=True):
+  """One inference call; with sync=False it only queues the work (time several, then sync)."""
   import torch  # pylint: disable=g-import-not-at-top
 
   def run():
-    with torch.inference_mode(), torch_autocast(args, device):
+    with torch.inference_mode(), torch_autocast(dtype, device):
       out = model(x).logits
-    torch_sync(device)
+    if sync:
+      torch_sync(device)
     return out
 
   return run
 
 
-def torch_train_fn(model, x, y, args, device):
+def torch_adamw(model, device):
+  """The recipe's AdamW; on CUDA PyTorch's fused kernel, the fastest it has."""
   import torch  # pylint: disable=g-import-not-at-top
+  return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05,
+                           **({"fused": True} if device.type == "cuda" else {}))
+
+
+def torch_train_fn(model, opt, x, y, dtype, device, sync=True):
+  """One training step (forward, softmax cross-entropy, backward, `opt`), as torch_infer_fn."""
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   model.train()
-  opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
 
   def run():
     opt.zero_grad(set_to_none=True)
-    with torch_autocast(args, device):
+    with torch_autocast(dtype, device):
       logits = model(x).logits
     loss = F.cross_entropy(logits.float(), y)
     loss.backward()
     opt.step()
-    torch_sync(device)
+    if sync:
+      torch_sync(device)
     return loss
 
   return run
 
 
-def inputs(args, batch, num_classes=1000, seed=0):
+def inputs(image_size, batch, num_classes=1000, seed=0):
   rng = np.random.default_rng(seed)
-  x = rng.normal(size=(batch, args.image_size, args.image_size, 3)).astype(np.float32)
+  x = rng.normal(size=(batch, image_size, image_size, 3)).astype(np.float32)
   y = rng.integers(0, num_classes, size=(batch,)).astype(np.int32)
   return x, y
 
@@ -205,27 +214,40 @@ def gflop_per_image(compiled, batch):
   return flops / batch / 1e9 if flops else None
 
 
+def matmul_rates(n, dtype, device, repeats, warmup, calls=1) -> dict[str, float]:
+  """FLOP/s of an n x n x n matmul in each framework (median; `calls` back to back per sample).
+
+  Random data: zeros can run faster than real values on some chips.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  a = np.random.default_rng(0).normal(size=(n, n)).astype(np.float32)
+  ja = jax.device_put(a).astype(jax_dtype(dtype))
+  ta = torch.from_numpy(a).to(device).to(getattr(torch, dtype))
+  matmul = jax.jit(lambda x: x @ x)
+
+  def xla():
+    for _ in range(calls):
+      out = matmul(ja)
+    out.block_until_ready()
+
+  def torch_matmul():
+    for _ in range(calls):
+      torch.matmul(ta, ta)
+    torch_sync(device)
+
+  med, _ = interleaved({"xla": xla, "torch": torch_matmul}, repeats, warmup)
+  return {name: 2 * n**3 * calls / sec for name, sec in med.items()}
+
+
 def bench_matmul_peak(args, device, results):
   """GFLOP/s of a 2048^3 float32 matmul in each framework: the roofline a model run is read against.
 
   The faster of the two is the most a model's matmuls reach on this machine; its pooling,
   norms and GELU only add time on top.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
-  n = 2048
-  a = np.random.default_rng(0).normal(size=(n, n)).astype(np.float32)
-  ja = jax.device_put(a)
-  ta = torch.from_numpy(a).to(device)
-  matmul = jax.jit(lambda x: x @ x)
-
-  def torch_matmul():
-    torch.matmul(ta, ta)
-    torch_sync(device)
-
-  med, _ = interleaved({"xla": lambda: matmul(ja).block_until_ready(), "torch": torch_matmul},
-                       args.repeats, args.warmup)
-  results["matmul_peak_gflops"] = {name: 2 * n**3 / sec / 1e9 for name, sec in med.items()}
+  rates = matmul_rates(2048, "float32", device, args.repeats, args.warmup)
+  results["matmul_peak_gflops"] = {name: v / 1e9 for name, v in rates.items()}
   print("  2048^3 float32 matmul: " + ", ".join(
       f"{name} {v:.0f} GFLOP/s" for name, v in results["matmul_peak_gflops"].items()), flush=True)
 
@@ -239,7 +261,7 @@ def bench_inference(args, ours, tmodel, device, results):
   fwd, state = make_forward(ours)
   compiled = None if args.no_torch_compile else torch.compile(tmodel, dynamic=False)
   for batch in args.batch_sizes:
-    x, _ = inputs(args, batch)
+    x, _ = inputs(args.image_size, batch)
     xj = jax.device_put(x)  # float32 in; a bfloat16 model casts inside its first conv.
     xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
     row = {"batch": batch}
@@ -254,11 +276,11 @@ def bench_inference(args, ours, tmodel, device, results):
     row["gflop_per_image"] = gflop_per_image(exe, batch)
     row["ours_trace_s"], row["ours_compile_s"] = t1 - t0, t2 - t1
     fns = {"ours": lambda: exe(state, xj).block_until_ready(),
-           "torch_eager": torch_infer_fn(tmodel, xt, args, device)}
+           "torch_eager": torch_infer_fn(tmodel, xt, args.dtype, device)}
     ref = fns["torch_eager"]().float().cpu().numpy()
     row["max_abs_logit_diff_vs_torch"] = float(np.abs(logits - ref).max())
     if compiled is not None:
-      fns["torch_compile"] = torch_infer_fn(compiled, xt, args, device)
+      fns["torch_compile"] = torch_infer_fn(compiled, xt, args.dtype, device)
       row["torch_compile_first_call_s"] = timed(fns["torch_compile"])
     med, raw = interleaved(fns, args.repeats, args.warmup)
     for name, sec in med.items():
@@ -274,20 +296,22 @@ def bench_training(args, ours, tmodel, device, results):
   import torch  # pylint: disable=g-import-not-at-top
   batch = args.train_batch_size
   from poolformer_jax import sharding  # pylint: disable=g-import-not-at-top
-  x, y = inputs(args, batch)
+  x, y = inputs(args.image_size, batch)
   xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
   yt = torch.from_numpy(y.astype(np.int64)).to(device)
   t0 = time.perf_counter()
-  exe, state, batch_sharding = make_train_step(args, batch)
+  trainer = make_trainer(args.variant, args.dtype, args.image_size, batch)
+  exe, state = trainer.compile_train_step(), trainer.init_state(0)
   compile_s = time.perf_counter() - t0
-  data = sharding.global_batch({"image": x, "label": y}, batch_sharding)
+  data = sharding.global_batch({"image": x, "label": y}, trainer.batch_sharding)
   carry = {"state": state}
 
   def ours_step():
     carry["state"], metrics = exe(carry["state"], data)
     metrics["loss"].block_until_ready()
 
-  fns = {"ours": ours_step, "torch_eager": torch_train_fn(tmodel, xt, yt, args, device)}
+  fns = {"ours": ours_step, "torch_eager": torch_train_fn(
+      tmodel, torch_adamw(tmodel, device), xt, yt, args.dtype, device)}
   med, raw = interleaved(fns, args.repeats, args.warmup)
   row = {"batch": batch, "ours_compile_s": compile_s, "gflop_per_image": gflop_per_image(exe, batch)}
   for name, sec in med.items():
@@ -320,7 +344,7 @@ def memory_worker(args):
   """Runs in a subprocess: prints one JSON line with the peak memory of one contender."""
   what, mode = args.memory_worker.split(":")
   batch = args.train_batch_size if mode == "train" else max(args.batch_sizes)
-  x, y = inputs(args, batch)
+  x, y = inputs(args.image_size, batch)
   out = {"contender": what, "mode": mode, "batch": batch}
   if what == "ours":
     import jax  # pylint: disable=g-import-not-at-top
@@ -331,8 +355,9 @@ def memory_worker(args):
     xj = jax.device_put(x)  # Initialises the runtime before rss0.
     rss0 = _rss_kb("VmRSS")
     if mode == "train":
-      exe, state, batch_sharding = make_train_step(args, batch)
-      data = sharding.global_batch({"image": x, "label": y}, batch_sharding)
+      trainer = make_trainer(args.variant, args.dtype, args.image_size, batch)
+      exe, state = trainer.compile_train_step(), trainer.init_state(0)
+      data = sharding.global_batch({"image": x, "label": y}, trainer.batch_sharding)
       carry = [state]
 
       def run(i):
@@ -364,12 +389,12 @@ def memory_worker(args):
     rss0 = _rss_kb("VmRSS")
     tmodel = build_torch(pf.get_config(args.variant), device)  # HF's own random init.
     if mode == "train":
-      fn = torch_train_fn(tmodel, xt, torch.from_numpy(y.astype(np.int64)).to(device), args,
-                          device)
+      fn = torch_train_fn(tmodel, torch_adamw(tmodel, device), xt,
+                          torch.from_numpy(y.astype(np.int64)).to(device), args.dtype, device)
     else:
       if what == "torch_compile":
         tmodel = torch.compile(tmodel, dynamic=False)
-      fn = torch_infer_fn(tmodel, xt, args, device)
+      fn = torch_infer_fn(tmodel, xt, args.dtype, device)
 
     def run(i):
       del i
@@ -440,11 +465,11 @@ def pipeline_worker(args):
   if args.pipeline_worker == "one_core":
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
   cores = len(os.sched_getaffinity(0))
-  from poolformer_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from poolformer_jax import input_pipeline, train  # pylint: disable=g-import-not-at-top
   batch = 32
   with tempfile.TemporaryDirectory() as root:
     n = write_photo_folder(root, copies=8)
-    cfg = input_pipeline.default_data_config()
+    cfg = train.default_config().data
     cfg.dataset, cfg.folder, cfg.image_size = "folder", root, args.image_size
     it = input_pipeline.create_train_iterator(cfg, global_batch_size=batch, seed=0,
                                               process_index=0, process_count=1)

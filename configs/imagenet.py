@@ -1,43 +1,139 @@
-"""PoolFormer on ImageNet-1k with the release's recipe: `configs/imagenet.py:VARIANT`.
+"""ImageNet-1k with the releases' recipes: `configs/imagenet.py:MODEL`.
 
-VARIANT is s12, s24, s36, m36 or m48. On a TPU VM (here a v4-32, 4 hosts: run on all workers):
+MODEL is a model name (`poolformer_s12` ... `caformer_b36`, as `poolformer_jax.list_models()`
+lists them); PoolFormer v1 also answers to its size alone (`s12` ... `m48`). `MODEL,smoke` is
+the same recipe on a tiny version of MODEL's architecture on the digits dataset, for a
+few-step run of the whole code path (the tests run one per family). On a TPU VM (here a v4-32,
+4 hosts: run on all workers):
 
-  python main.py --config=configs/imagenet.py:s12 --workdir=gs://BUCKET/runs/s12 \\
-      --config.data.data_dir=gs://BUCKET/tensorflow_datasets
+  python main.py --config=configs/imagenet.py:caformer_s18 \\
+      --workdir=gs://BUCKET/runs/caformer_s18 --config.data.data_dir=gs://BUCKET/tensorflow_datasets
 
-Recipe (the release, via timm): 300 epochs (5 warmup) + 10 cooldown at batch 4096, AdamW lr 4e-3
-(1e-3 * batch / 1024), weight decay 0.05 on weights only, label smoothing 0.1, Mixup 0.8 / CutMix
-1.0, RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, stochastic depth 0.1/0.1/0.2/0.3/0.4,
-bfloat16 compute with float32 weights. With fewer chips keep batch 4096 with
---config.grad_accum_steps=K (same updates, K micro-batches per step).
+Recipes (the releases', trained with timm): 300 epochs + 10 cooldown at batch 4096, weight decay
+0.05 on weights only, label smoothing 0.1, Mixup 0.8 / CutMix 1.0, RandAugment
+rand-m9-mstd0.5-inc1, random erasing 0.25, stochastic depth rising linearly to the last block's
+rate, bfloat16 compute with float32 weights. With fewer chips keep batch 4096 with
+--config.grad_accum_steps=K (same updates, K micro-batches per step). Per family:
 
-Expected ImageNet top-1 (the released checkpoints, center crop 224 at crop_pct 0.9 for S and
-0.95 for M): s12 77.2, s24 80.3, s36 81.4, m36 82.1, m48 82.5.
+  family                                    optimizer  peak lr  warmup  eval crop_pct
+  PoolFormer (v1)                           AdamW      4e-3     5       0.9 (S), 0.95 (M)
+  IdentityFormer, RandFormer, PoolFormerV2  AdamW      4e-3     5       1.0
+  ConvFormer                                AdamW      4e-3     20      1.0
+  CAFormer                                  LAMB       8e-3     20      1.0
 
-Expected time, an ESTIMATE (no TPU was available to measure it): training costs ~3x the forward
-FLOPs, i.e. 1.28M images x 310 epochs x 3 x (2 x MACs) = 4.3e18 FLOPs for S12 (1.8 GMACs) up to
-2.8e19 for M48 (11.6 GMACs). PoolFormer is memory-bound (pooling, GroupNorm, GELU); at 15-25% MFU
-a v4-32 (16 chips x 275 TFLOP/s) needs ~1-2 h for S12, 2-3.5 h S24, 3-5 h S36, 5.5-9 h M36,
-7-12 h M48. S12 then needs ~60-100k images/s from the hosts' input pipelines (JPEG decode +
-RandAugment, ~100-200 images/s per core), so it is likely input-bound there. The trainer logs
-images/s/chip, MFU and an ETA: trust those over this paragraph.
+LAMB is timm's (what CAFormer was trained with): eps 1e-6, the global gradient norm clipped to 1,
+the trust ratio on decayed weights only. RandFormer trains at 224 only (its random matrices are
+fixed for 14x14 and 7x7 maps).
+
+Per model: drop-path rate of the last block / head dropout (from the variant's config) /
+ImageNet top-1 of the released checkpoint at 224 (the releases' READMEs) / GMACs at 224
+(benchmarks/macs.py) / training time, an ESTIMATE, not measured:
+
+  model               drop path  head dropout  top-1  GMACs  time (ESTIMATE)
+  poolformer_s12      0.1        0             77.2     1.8  1-2 h
+  poolformer_s24      0.1        0             80.3     3.4  2-3.5 h
+  poolformer_s36      0.2        0             81.4     5.0  3-5 h
+  poolformer_m36      0.3        0             82.1     8.8  5.5-9 h
+  poolformer_m48      0.4        0             82.5    11.6  7-12 h
+  poolformerv2_s12    0.1        0             78.0     1.8  1-2 h
+  poolformerv2_s24    0.1        0             80.7     3.4  2-3.5 h
+  poolformerv2_s36    0.2        0             81.6     5.0  3-5 h
+  poolformerv2_m36    0.3        0             82.2     8.8  5.5-9 h
+  poolformerv2_m48    0.4        0             82.6    11.6  7-12 h
+  identityformer_s12  0.1        0             74.6     1.8  1-2 h
+  identityformer_s24  0.1        0             78.2     3.4  2-3.5 h
+  identityformer_s36  0.2        0             79.3     5.0  3-5 h
+  identityformer_m36  0.3        0             80.0     8.8  5.5-9 h
+  identityformer_m48  0.4        0             80.4    11.6  7-12 h
+  randformer_s12      0.1        0             76.6     1.9  1-2 h
+  randformer_s24      0.1        0             78.2     3.6  2-3.5 h
+  randformer_s36      0.2        0             79.5     5.2  3-5 h
+  randformer_m36      0.3        0             81.2     9.1  5.5-9 h
+  randformer_m48      0.3        0             81.4    12.0  7-12 h
+  convformer_s18      0.2        0             83.0     3.9  2.5-4 h
+  convformer_s36      0.3        0             84.1     7.6  4.5-8 h
+  convformer_m36      0.4        0             84.5    12.9  8-13 h
+  convformer_b36      0.6        0             84.8    22.6  14-23 h
+  caformer_s18        0.15       0             83.6     4.1  2.5-4 h
+  caformer_s36        0.3        0.4           84.5     8.0  5-8 h
+  caformer_m36        0.4        0.4           85.2    13.3  8-13 h
+  caformer_b36        0.6        0.5           85.5    23.2  14-23 h
+
+The time ESTIMATE: training costs ~3x the forward, 1.28M images x 310 epochs x 3 x 2 x MACs
+(4.3e18 FLOPs for S12 up to 5.5e19 for CAFormer-B36), on a v4-32 (16 chips x 275 TFLOP/s) at an
+assumed 15-25% MFU, i.e. ~0.6-1 h per GMAC. These models are largely memory-bound (norms,
+pooling, depthwise convs, activations); the small ones likely wait on the hosts' input
+pipelines (S12 needs ~60-100k images/s). The trainer logs images/s/chip, MFU and an ETA: trust
+those over this table.
 """
 
 from poolformer_jax import train
+from poolformer_jax.model import VARIANTS
 
-_VARIANTS = {  # variant: eval crop_pct of the release
-    "s12": 0.9, "s24": 0.9, "s36": 0.9, "m36": 0.95, "m48": 0.95,
+# family: (optimizer, peak lr at batch 4096, warmup epochs); the releases' training scripts.
+_RECIPES = {
+    "poolformer": ("adamw", 4e-3, 5.0),
+    "identityformer": ("adamw", 4e-3, 5.0),
+    "randformer": ("adamw", 4e-3, 5.0),
+    "poolformerv2": ("adamw", 4e-3, 5.0),
+    "convformer": ("adamw", 4e-3, 20.0),
+    "caformer": ("lamb", 8e-3, 20.0),
 }
+_V1_SIZES = ("s12", "s24", "s36", "m36", "m48")
 
 
-def get_config(variant: str = "s12"):
-  if variant not in _VARIANTS:
-    raise ValueError(f"configs/imagenet.py takes one of {', '.join(_VARIANTS)}; got {variant!r}")
-  c = train.default_config()  # The defaults ARE the release's recipe.
-  c.model = f"poolformer_{variant}"
-  c.data.crop_pct = _VARIANTS[variant]
+def _smoke(c, model_config) -> None:
+  """The same recipe on a tiny version of the architecture, on digits, for a few steps."""
+  c.model_overrides.depths = (1, 1, 1, 1)
+  c.model_overrides.widths = (16, 32, 64, 64)  # 64: two attention heads of 32 (CAFormer)
+  c.dtype = "float32"  # bfloat16 is emulated (slow) on CPUs.
+  d = c.data
+  d.dataset = "digits"
+  d.eval_split = "test"
+  # RandFormer's random matrices fix its input at 224; everything else runs on 32x32 digits.
+  d.image_size = 224 if model_config.has_frozen_params else 32
+  d.hflip = False
+  d.cache = True
+  d.shuffle_buffer = 2048
+  c.batch_size = 16
+  c.eval_batch_size = 120  # 360 test images: 3 full batches.
+  c.total_steps = 4
+  c.warmup_epochs = 0.05
+  c.cooldown_epochs = 0.0
+  c.log_every_steps = 2
+  c.eval_every_steps = 4
+  c.checkpoint_every_steps = 4
+
+
+def get_config(arg: str = "poolformer_s12"):
+  name, _, mode = arg.partition(",")
+  name = f"poolformer_{name}" if name in _V1_SIZES else name
+  if name not in VARIANTS or mode not in ("", "smoke"):
+    raise ValueError(f"configs/imagenet.py takes MODEL or MODEL,smoke with MODEL one of "
+                     f"{', '.join(sorted(VARIANTS))} (or s12 ... m48 for PoolFormer v1); "
+                     f"got {arg!r}")
+  model_config = VARIANTS[name]
+  optimizer, lr, warmup = _RECIPES[name.split("_")[0]]
+  c = train.default_config()  # The defaults are PoolFormer-S12's recipe; the rest is here.
+  c.model = name
+  # Stochastic depth and head dropout are the variant's (the releases' scripts): set here so
+  # that the command line can change them (--config.model_overrides.drop_path_rate=0.2).
+  c.model_overrides.drop_path_rate = model_config.drop_path_rate
+  c.model_overrides.head_dropout = model_config.head_dropout
+  c.optimizer = optimizer
+  c.base_lr = lr  # at batch 4096; scaled linearly with --config.batch_size
+  c.lr_base_batch_size = 4096
+  c.warmup_epochs = warmup
+  if optimizer == "lamb":  # timm's Lamb: eps 1e-6 and its built-in global-norm clip at 1.
+    c.adam_eps = 1e-6
+    c.grad_clip_norm = 1.0
+  c.data.crop_pct = model_config.crop_pct
+  if model_config.has_frozen_params:
+    c.data.image_size = 224
   c.log_every_steps = 100
   c.checkpoint_every_steps = 1000
-  # Short of memory (M variants, small chips)? Shard parameters and optimizer state over N chips
-  # with --config.fsdp=N, and/or split each step with --config.grad_accum_steps=K.
+  # Short of memory (M and B variants, small chips)? Shard parameters and optimizer state over N
+  # chips with --config.fsdp=N, and/or split each step with --config.grad_accum_steps=K.
+  if mode == "smoke":
+    _smoke(c, model_config)
   return c

@@ -1,9 +1,10 @@
 """PoolFormer (MetaFormer) in JAX / Flax NNX."""
 
+from poolformer_jax.inference import predict, preprocess
 from poolformer_jax.model import (
     VARIANTS,
     MetaFormer,
-    PoolFormerConfig,
+    MetaFormerConfig,
     count_params,
     create_model,
     get_config,
@@ -14,10 +15,12 @@ from poolformer_jax.pretrained import load_pretrained
 __all__ = [
     "VARIANTS",
     "MetaFormer",
-    "PoolFormerConfig",
+    "MetaFormerConfig",
     "count_params",
     "create_model",
     "get_config",
     "list_models",
     "load_pretrained",
+    "predict",
+    "preprocess",
 ]

@@ -17,6 +17,8 @@ import math
 
 import tensorflow as tf
 
+from poolformer_jax.errors import ConfigError
+
 _LEVEL_DENOM = 10.0
 _TRANSLATE_PCT = 0.45
 _ROTATE_DEG = 30.0
@@ -44,33 +46,29 @@ class RandAugmentPolicy:
   fill: tuple[float, float, float] = (128.0, 128.0, 128.0)
 
 
-def parse_randaugment(spec: str, mean=(0.485, 0.456, 0.406)) -> RandAugmentPolicy:
-  """Parses a timm RandAugment string like 'rand-m9-mstd0.5-inc1' (keys m, n, mstd, mmax, inc, p)."""
+def parse_randaugment(spec: str, mean: tuple[float, ...]) -> RandAugmentPolicy:
+  """Parses a timm RandAugment string like 'rand-m9-mstd0.5-inc1' (keys m, n, mstd, mmax, inc, p).
+
+  `mean` (0..1 scale, the dataset's normalisation) is the fill colour of geometric ops.
+  """
   parts = spec.split("-")
   if parts[0] != "rand":
-    raise ValueError(f"RandAugment spec {spec!r} must start with 'rand', e.g. 'rand-m9-mstd0.5-inc1'.")
+    raise ConfigError(f"RandAugment spec {spec!r} must start with 'rand', e.g. 'rand-m9-mstd0.5-inc1'.")
   kw = dict(ops=DEFAULT_OPS, fill=tuple(float(min(255, round(255 * m))) for m in mean))
+  fields = {"mstd": "magnitude_std", "mmax": "magnitude_max", "inc": "ops", "m": "magnitude",
+            "n": "num_layers", "p": "prob"}  # Longest prefix first.
   for part in parts[1:]:
-    key = next((k for k in ("mstd", "mmax", "inc", "m", "n", "p") if part.startswith(k)), None)
+    key = next((k for k in fields if part.startswith(k)), None)
     try:
       value = float(part[len(key):]) if key else None
     except ValueError:
       value = None
     if key is None or value is None:
-      raise ValueError(f"Unknown RandAugment field {part!r} in {spec!r}; supported: m<magnitude>, "
-                       "n<num ops>, mstd<std>, mmax<max>, inc<0|1>, p<prob>.")
-    if key == "m":
-      kw["magnitude"] = value
-    elif key == "n":
-      kw["num_layers"] = int(value)
-    elif key == "mstd":
-      kw["magnitude_std"] = value
-    elif key == "mmax":
-      kw["magnitude_max"] = value
-    elif key == "inc":
-      kw["ops"] = INCREASING_OPS if value else DEFAULT_OPS
-    elif key == "p":
-      kw["prob"] = value
+      raise ConfigError(f"Unknown RandAugment field {part!r} in {spec!r}; supported: m<magnitude>, "
+                        "n<num ops>, mstd<std>, mmax<max>, inc<0|1>, p<prob>.")
+    if key == "inc":
+      value = INCREASING_OPS if value else DEFAULT_OPS
+    kw[fields[key]] = int(value) if key == "n" else value
   return RandAugmentPolicy(**kw)
 
 

@@ -33,13 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-class CheckpointError(RuntimeError):
-  """A checkpoint that cannot be restored as saved; the message names the step and the array."""
-
-
-class DiskFullError(CheckpointError):
-  """A checkpoint could not be written for lack of space; the message names the directory and
-  the bytes needed. The previous complete checkpoint is untouched."""
+from poolformer_jax.errors import CheckpointError, DiskFullError
 
 
 @jax.jit
@@ -50,14 +44,8 @@ def fingerprints(tree):
   """
   def one(x):
     x = jnp.asarray(x)
-    if x.dtype.itemsize == 1:
-      bits = jax.lax.bitcast_convert_type(x, jnp.uint8)
-    elif x.dtype.itemsize == 2:
-      bits = jax.lax.bitcast_convert_type(x, jnp.uint16)
-    elif x.dtype.itemsize == 4:
-      bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-    else:
-      raise TypeError(f"cannot fingerprint {x.dtype}")
+    bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[
+        x.dtype.itemsize])  # 8-byte types are not used (and would need uint64).
     weights = jax.lax.iota(jnp.uint32, x.size).reshape(x.shape) * jnp.uint32(2) + jnp.uint32(1)
     return jnp.sum(bits.astype(jnp.uint32) * weights, dtype=jnp.uint32)
 
@@ -65,17 +53,10 @@ def fingerprints(tree):
 
 
 def _flat_fingerprints(items: dict[str, Any]) -> dict[str, int]:
-  out = {}
-  for name, tree in items.items():
-    prints = jax.device_get(fingerprints(tree))
-    for path, value in jax.tree_util.tree_leaves_with_path(prints):
-      out[f"{name}/{path_name(path)}"] = int(value)
-  return out
-
-
-def path_name(path) -> str:
-  """A tree path as dotted text: stages.2.blocks.0.mlp.fc1.kernel."""
-  return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+  """{'params/stages.2.blocks.0.mlp.fc1.kernel': fingerprint, ...} for every array of `items`."""
+  prints = jax.device_get(fingerprints(items))
+  return {f"{path[0].key}/{jax.tree_util.keystr(path[1:], simple=True, separator='.')}": int(v)
+          for path, v in jax.tree_util.tree_leaves_with_path(prints)}
 
 
 def orbax_path(directory) -> str:

@@ -28,12 +28,10 @@ from etils import epath
 import numpy as np
 import tensorflow as tf
 
+from poolformer_jax.errors import BadImagesError
+
 FORMAT = 1
 _SHOWN = 10  # Bad files named in a log line or an error; the report file lists them all.
-
-
-class BadImagesError(ValueError):
-  """Too many files of a folder split cannot be decoded; the message names them."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,14 +5,14 @@ builds it): resize the short side to int(size / crop_pct) with PIL bicubic, the 
 int(new_short * long / short), center crop at offsets int(round(margin / 2)), scale to [0, 1],
 normalise. HF's PoolFormerImageProcessor resizes identically (PIL) but floors the crop offset,
 so it sits one pixel higher/lefter when a margin is 3 mod 4; everywhere else the two agree to
-float rounding (measured in benchmarks/preprocess_parity.py). No torch, no TensorFlow here.
+float rounding (measured in benchmarks/preprocess_parity.py). `reference="hf"` follows HF's.
+No torch, no TensorFlow here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.resources
 import io
 import os
 from typing import Any, Iterable, Mapping, Sequence
@@ -24,27 +24,10 @@ from flax import nnx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from poolformer_jax import cpu_tuning
+from poolformer_jax import pretrained
+from poolformer_jax.errors import ImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
-_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
-             "lanczos": Image.LANCZOS}
-
-
-class ImageError(ValueError):
-  """An input that is not a readable image; the message names it."""
-
-
-@functools.cache
-def imagenet_classes() -> tuple[tuple[str, str], ...]:
-  """The 1000 ImageNet-1k classes in index order as (WordNet id, names); shipped in the package."""
-  text = importlib.resources.files("poolformer_jax").joinpath("imagenet_classes.txt").read_text()
-  rows = [line.split("\t") for line in text.splitlines() if line and not line.startswith("#")]
-  return tuple((wnid, names) for wnid, names in rows)
-
-
-def imagenet_labels() -> tuple[str, ...]:
-  """Short human-readable ImageNet names ('tench', 'goldfish', ...), index order."""
-  return tuple(names.split(",")[0] for _, names in imagenet_classes())
 
 
 # ---------------------------------------------------------------------------
@@ -70,23 +53,17 @@ def load_image(source: Any) -> np.ndarray:
 
   Arrays may be HxW (grayscale), HxWx1/3/4, uint8 or uint16 (scaled to 8 bits).
   """
-  if isinstance(source, (str, os.PathLike)):
-    path = os.fspath(source)
-    if not os.path.isfile(path):
-      raise ImageError(f"{path}: no such file")
+  if isinstance(source, (str, os.PathLike, bytes, bytearray)):
+    is_path = not isinstance(source, (bytes, bytearray))
+    name = os.fspath(source) if is_path else "bytes"
+    if is_path and not os.path.isfile(name):
+      raise ImageError(f"{name}: no such file")
     try:
-      with Image.open(path) as im:
+      with Image.open(name if is_path else io.BytesIO(source)) as im:
         im.load()
         return _to_rgb_uint8(ImageOps.exif_transpose(im))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-      raise ImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
-  if isinstance(source, (bytes, bytearray)):
-    try:
-      with Image.open(io.BytesIO(source)) as im:
-        im.load()
-        return _to_rgb_uint8(ImageOps.exif_transpose(im))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-      raise ImageError(f"bytes are not a readable image ({type(e).__name__}: {e})") from None
+      raise ImageError(f"{name}: not a readable image ({type(e).__name__}: {e})") from None
   if isinstance(source, Image.Image):
     return _to_rgb_uint8(ImageOps.exif_transpose(source))
   if isinstance(source, np.ndarray):
@@ -106,27 +83,34 @@ def load_image(source: Any) -> np.ndarray:
 
 
 def resize_and_crop(image: np.ndarray, *, input_size: int = 224, crop_pct: float = 0.9,
-                    interpolation: str = "bicubic") -> np.ndarray:
+                    interpolation: str = "bicubic", reference: str = "release") -> np.ndarray:
   """Short side to int(input_size / crop_pct), then a centered input_size crop; uint8 out."""
   h, w = image.shape[:2]
   new_short = int(input_size / crop_pct)
   short, long = (w, h) if w <= h else (h, w)
   new_long = int(new_short * long / short)
   new_h, new_w = (new_long, new_short) if w <= h else (new_short, new_long)
-  resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), _RESAMPLE[interpolation]))
-  # torchvision's CenterCrop: round half to even, as Python's round() does.
-  top, left = int(round((new_h - input_size) / 2)), int(round((new_w - input_size) / 2))
+  resample = Image.Resampling[interpolation.upper()]  # bicubic, bilinear, nearest, lanczos, ...
+  resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), resample))
+  # torchvision's CenterCrop rounds the offset (half to even, as Python's round()); HF floors it.
+  offset = {"release": lambda margin: int(round(margin / 2)), "hf": lambda margin: margin // 2}
+  if reference not in offset:
+    raise ValueError(f"reference={reference!r}; use 'release' or 'hf'")
+  top, left = offset[reference](new_h - input_size), offset[reference](new_w - input_size)
   return resized[top:top + input_size, left:left + input_size]
 
 
-def preprocess(images: Any, preprocessing: Mapping[str, Any] | None = None) -> np.ndarray:
+def preprocess(images: Any, preprocessing: Mapping[str, Any] | None = None, *,
+               reference: str = "release") -> np.ndarray:
   """Images (one or a list; paths, PIL, arrays) -> float32 NHWC batch ready for the model.
 
   `preprocessing` is the dict from `PretrainedInfo` (input_size, crop_pct, interpolation,
-  mean, std); the default is the release's ImageNet eval transform for S models.
+  mean, std); the default is the release's ImageNet eval transform for S models. `reference`:
+  'release' (default), the transform the released accuracies were measured with (as timm and
+  the trainer's eval): use it to reproduce them; 'hf', transformers' PoolFormerImageProcessorPil
+  exactly (the crop up to a pixel off on some images): use it to match an HF pipeline's logits.
   """
-  p = {"input_size": 224, "crop_pct": 0.9, "interpolation": "bicubic",
-       "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), **(preprocessing or {})}
+  p = {**pretrained.default_preprocessing(), **(preprocessing or {})}
   if isinstance(images, (str, os.PathLike, bytes, Image.Image)) or (
       isinstance(images, np.ndarray) and images.ndim in (2, 3)):
     images = [images]
@@ -135,7 +119,8 @@ def preprocess(images: Any, preprocessing: Mapping[str, Any] | None = None) -> n
   out = []
   for image in images:
     pixels = resize_and_crop(load_image(image), input_size=int(p["input_size"]),
-                             crop_pct=float(p["crop_pct"]), interpolation=p["interpolation"])
+                             crop_pct=float(p["crop_pct"]), interpolation=p["interpolation"],
+                             reference=reference)
     out.append((pixels.astype(np.float32) * np.float32(1 / 255) - mean) / std)
   return np.stack(out)
 
@@ -163,26 +148,28 @@ def _probabilities_fn(graphdef):
 
 
 def predict(model, images: Sequence[Any], *, preprocessing: Mapping[str, Any] | None = None,
-            labels: Sequence[str] | None = None, top_k: int = 5,
-            batch_size: int = 32) -> list[Prediction]:
-  """Top-k predictions for each image.
+            labels: Sequence[str] | None = None, top_k: int = 5, batch_size: int = 32,
+            reference: str = "release") -> list[Prediction]:
+  """Top-k predictions for each image (`preprocess` explains `reference`).
 
-  Batches are padded to `batch_size`, so the forward compiles once however many images there
-  are. `labels` default to the ImageNet names when the model has 1000 classes.
+  Every batch is padded to `batch_size` (the padding's outputs are dropped), so the forward
+  compiles once per model and batch size, however many images each call has: for a few images,
+  a smaller `batch_size` wastes less work. `labels` default to the ImageNet names when the model
+  has 1000 classes.
   """
   num_classes = model.cfg.num_classes
   if labels is None:
-    labels = imagenet_labels() if num_classes == 1000 else [str(i) for i in range(num_classes)]
+    labels = (pretrained.imagenet_labels() if num_classes == 1000 else
+              [str(i) for i in range(num_classes)])
   top_k = min(top_k, num_classes)
   graphdef, state = nnx.split(model)
   probabilities = _probabilities_fn(graphdef)
   results = []
   for start in range(0, len(images), batch_size):
     chunk = images[start:start + batch_size]
-    x = preprocess(chunk, preprocessing)
+    x = preprocess(chunk, preprocessing, reference=reference)
     n = x.shape[0]
-    if n < batch_size and len(images) > batch_size:  # keep one compiled shape
-      x = np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], x.dtype)])
+    x = np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], x.dtype)])
     probs = np.asarray(probabilities(state, jnp.asarray(x)))[:n]
     for row in probs:
       idx = np.argsort(-row)[:top_k]
@@ -208,26 +195,22 @@ def classify_files(model, paths: Sequence[str], *,
                    preprocessing: Mapping[str, Any] | None = None,
                    labels: Sequence[str] | None = None, top_k: int = 5, batch_size: int = 32,
                    progress: bool = False) -> tuple[dict[str, Prediction], dict[str, str]]:
-  """Classifies image files; unreadable ones are skipped and returned with their error.
+  """Classifies image files, `batch_size` files at a time (so memory stays flat); unreadable
+  ones are skipped and returned with their error.
 
   Returns ({path: Prediction} in input order, {path: error message}).
   """
-  import tqdm  # pylint: disable=g-import-not-at-top  (ships with tensorflow-datasets)
-  readable, failed = [], {}
-  for path in paths:
-    try:
-      readable.append((path, load_image(path)))
-    except ImageError as e:
-      failed[path] = str(e)
-  results = {}
-  bar = tqdm.tqdm(total=len(readable), unit="img", disable=not progress)
-  for start in range(0, len(readable), batch_size):
-    chunk = readable[start:start + batch_size]
-    preds = predict(model, [img for _, img in chunk], preprocessing=preprocessing,
-                    labels=labels, top_k=top_k, batch_size=batch_size)
-    results.update({path: pred for (path, _), pred in zip(chunk, preds)})
-    bar.update(len(chunk))
-  bar.close()
+  import tqdm  # pylint: disable=g-import-not-at-top
+  results, failed = {}, {}
+  for start in tqdm.trange(0, len(paths), batch_size, unit="batch", disable=not progress):
+    images = {}
+    for path in paths[start:start + batch_size]:
+      try:
+        images[path] = load_image(path)
+      except ImageError as e:
+        failed[path] = str(e)
+    results.update(zip(images, predict(model, list(images.values()), preprocessing=preprocessing,
+                                       labels=labels, top_k=top_k, batch_size=batch_size)))
   return results, failed
 
 

@@ -25,14 +25,13 @@ import os
 from typing import Iterable, Iterator
 
 from absl import logging
-import ml_collections
-from ml_collections.config_dict import placeholder
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from poolformer_jax import augment
 from poolformer_jax import folder_scan
+from poolformer_jax.errors import ConfigError, DatasetError
 
 # TF only runs the input pipeline on the host; it must not grab accelerator memory.
 for _kind in ("GPU", "TPU"):
@@ -41,14 +40,8 @@ for _kind in ("GPU", "TPU"):
   except (RuntimeError, ValueError):  # Already initialised, or no such device type.
     pass
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 _IMAGENET_NAMES = ("imagenet2012",)
-
-
-class DatasetNotFoundError(ValueError):
-  """The dataset is missing or not prepared; the message says how to prepare it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,45 +50,6 @@ class DatasetInfo:
   num_train_examples: int
   num_eval_examples: int
   label_names: tuple[str, ...] | None = None
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-  """ImageNet-1k with the PoolFormer release recipe (timm's train/eval transforms)."""
-  c = ml_collections.ConfigDict()
-  c.dataset = "imagenet2012"  # 'imagenet2012' | 'digits' | any TFDS name | 'folder'.
-  # Optional strings are typed placeholders (None until set) so the command line can set them:
-  # --config.data.data_dir=gs://bucket/tensorflow_datasets.
-  c.data_dir = placeholder(str)  # TFDS data dir (None: TFDS default, ~/tensorflow_datasets).
-  c.manual_dir = placeholder(str)  # ILSVRC2012_img_{train,val}.tar (None: <data_dir>/downloads/manual).
-  c.prepare = False  # Run download_and_prepare for a TFDS dataset that is not prepared yet.
-  c.folder = placeholder(str)  # Root of <split>/<label>/*.jpg when dataset == 'folder'.
-  # Folder datasets: every file is decoded once before training (poolformer_jax.folder_scan)
-  # and the run reads the checked list from here (None: the trainer uses WORKDIR/data_manifest).
-  c.manifest_dir = placeholder(str)
-  c.max_bad_train_fraction = 0.001  # Undecodable train files left out; more is an error.
-  c.max_bad_eval_fraction = 0.0  # Eval: any undecodable file is an error (every image counts).
-  c.image_key = placeholder(str)  # Feature names; None: the dataset's supervised_keys.
-  c.label_key = placeholder(str)
-  c.train_split = "train"
-  c.eval_split = "validation"
-  c.image_size = 224
-  # Eval: resize the short side to floor(image_size / crop_pct), then center-crop image_size.
-  c.crop_pct = 0.9
-  c.interpolation = "bicubic"  # Eval resize.
-  c.train_interpolation = "random"  # 'random' (bilinear or bicubic per image, as timm), 'bilinear', 'bicubic'.
-  c.mean = IMAGENET_MEAN  # In 0..1 pixel scale.
-  c.std = IMAGENET_STD
-  c.rrc_scale = placeholder(tuple)  # Random-resized-crop area range; None: no crop, resize whole.
-  c.rrc_scale = (0.08, 1.0)
-  c.rrc_ratio = (3.0 / 4.0, 4.0 / 3.0)
-  c.hflip = True
-  c.randaugment = "rand-m9-mstd0.5-inc1"  # timm policy string; None or '' disables.
-  c.random_erasing = 0.25  # Probability (pixel mode, after normalisation); 0 disables.
-  c.shuffle_buffer = 16_384  # Encoded images; ImageNet JPEGs average ~110 KB.
-  c.prefetch = 2  # Batches prefetched by tf.data.
-  c.cache = False  # Keep the encoded split in host memory (small datasets).
-  c.num_parallel_calls = -1  # -1: tf.data.AUTOTUNE.
-  return c
 
 
 # ---------------------------------------------------------------------------
@@ -134,7 +88,7 @@ def _tfds_builder(cfg) -> tfds.core.DatasetBuilder:
   try:
     builder = tfds.builder(name, data_dir=cfg.data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
-    raise DatasetNotFoundError(
+    raise DatasetError(
         f"Unknown dataset {name!r}: use 'imagenet2012', 'digits', 'folder' (with config.data.folder) "
         f"or a TFDS dataset name (https://www.tensorflow.org/datasets/catalog).\n{e}") from e
   if not builder.is_prepared():
@@ -143,7 +97,7 @@ def _tfds_builder(cfg) -> tfds.core.DatasetBuilder:
       builder.download_and_prepare(
           download_config=tfds.download.DownloadConfig(manual_dir=manual) if manual else None)
     else:
-      raise DatasetNotFoundError(
+      raise DatasetError(
           f"TFDS dataset {name!r} is not prepared in {builder.data_dir}.\n"
           + _prepare_instructions(name, cfg.data_dir, cfg.get("manual_dir", None)))
   return builder
@@ -160,20 +114,20 @@ class _TfdsSource:
     self.label_key = cfg.get("label_key", None) or sup[1]
     for key in (self.image_key, self.label_key):
       if key not in info.features:
-        raise ValueError(f"Dataset {cfg.dataset!r} has no feature {key!r} (features: "
-                         f"{list(info.features)}); set config.data.image_key / label_key.")
+        raise ConfigError(f"Dataset {cfg.dataset!r} has no feature {key!r} (features: "
+                          f"{list(info.features)}); set config.data.image_key / label_key.")
     label = info.features[self.label_key]
     if not isinstance(label, tfds.features.ClassLabel):
-      raise ValueError(f"Feature {self.label_key!r} of {cfg.dataset!r} is not a ClassLabel; "
-                       "only image classification datasets are supported.")
+      raise DatasetError(f"Feature {self.label_key!r} of {cfg.dataset!r} is not a ClassLabel; "
+                         "only image classification datasets are supported.")
     self.num_classes = label.num_classes
     self.label_names = tuple(label.names) if label.names else None
 
   def check_split(self, split: str) -> int:
     available = list(self.builder.info.splits)
     if split not in available:
-      raise ValueError(f"Split {split!r} not in dataset {self.builder.name!r}; available: {available}. "
-                       "Set config.data.train_split / eval_split.")
+      raise ConfigError(f"Split {split!r} not in dataset {self.builder.name!r}; available: {available}. "
+                        "Set config.data.train_split / eval_split.")
     return self.builder.info.splits[split].num_examples
 
   def part(self, split: str, index: int, count: int, drop_remainder: bool):
@@ -239,8 +193,8 @@ def _load_arrays(ds, max_bytes=1 << 30):
     labels.append(label)
     total += len(image)
     if total > max_bytes:
-      raise ValueError("cache=True holds the encoded split in memory and is meant for small datasets "
-                       f"(over {max_bytes >> 20} MiB here); set config.data.cache=False.")
+      raise ConfigError("cache=True holds the encoded split in memory and is meant for small datasets "
+                        f"(over {max_bytes >> 20} MiB here); set config.data.cache=False.")
   return np.array(images, dtype=object), np.array(labels, np.int32)
 
 
@@ -269,7 +223,7 @@ class _FolderSource:
   def __init__(self, cfg):
     self.root = cfg.folder
     if not self.root or not os.path.isdir(self.root):
-      raise DatasetNotFoundError(
+      raise DatasetError(
           f"config.data.folder={self.root!r} is not a directory. With dataset='folder' it must hold "
           f"<split>/<label>/*.jpg, e.g. {self.root or 'ROOT'}/{cfg.train_split}/cat/001.jpg and "
           f"{self.root or 'ROOT'}/{cfg.eval_split}/cat/101.jpg.")
@@ -292,16 +246,16 @@ class _FolderSource:
         d for d in os.listdir(os.path.join(self.root, class_split))
         if os.path.isdir(os.path.join(self.root, class_split, d)) and not d.startswith(".")))
     if not names:
-      raise DatasetNotFoundError(f"No class folders in {os.path.join(self.root, class_split)}; "
-                                 "expected <split>/<label>/*.jpg.")
+      raise DatasetError(f"No class folders in {os.path.join(self.root, class_split)}; "
+                         "expected <split>/<label>/*.jpg.")
     return names
 
   def list_files(self, split: str) -> tuple[list[str], list[int]]:
     """The split's image files (by extension; sorted) and labels, as found in the folder."""
     split_dir = os.path.join(self.root, split)
     if not os.path.isdir(split_dir):
-      raise DatasetNotFoundError(f"Split folder {split_dir} does not exist; expected "
-                                 f"{self.root}/<split>/<label>/*.jpg.")
+      raise DatasetError(f"Split folder {split_dir} does not exist; expected "
+                         f"{self.root}/<split>/<label>/*.jpg.")
     index = {name: i for i, name in enumerate(self.label_names)}
     paths, labels = [], []
     for label in sorted(os.listdir(split_dir)):
@@ -309,14 +263,14 @@ class _FolderSource:
       if not os.path.isdir(label_dir) or label.startswith("."):
         continue
       if label not in index:
-        raise ValueError(f"Class folder {label_dir} has no counterpart in the training split's "
-                         f"classes {list(self.label_names)}.")
+        raise DatasetError(f"Class folder {label_dir} has no counterpart in the training split's "
+                           f"classes {list(self.label_names)}.")
       for fname in sorted(os.listdir(label_dir)):
         if fname.lower().endswith(_IMAGE_EXTENSIONS) and not fname.startswith("."):
           paths.append(os.path.join(label_dir, fname))
           labels.append(index[label])
     if not paths:
-      raise DatasetNotFoundError(f"No images ({', '.join(_IMAGE_EXTENSIONS)}) under {split_dir}/<label>/.")
+      raise DatasetError(f"No images ({', '.join(_IMAGE_EXTENSIONS)}) under {split_dir}/<label>/.")
     return paths, labels
 
   def files(self, split: str):
@@ -362,7 +316,7 @@ def _source(cfg):
 
 
 def get_dataset_info(data_config) -> DatasetInfo:
-  """Class count, split sizes and label names; raises DatasetNotFoundError with preparation steps."""
+  """Class count, split sizes and label names; raises DatasetError with preparation steps."""
   src = _source(data_config)
   return DatasetInfo(
       num_classes=src.num_classes,
@@ -381,10 +335,10 @@ def check_folder(data_config, splits) -> None:
   """
   cfg = data_config
   if not cfg.get("manifest_dir", None):
-    raise ValueError("check_folder needs config.data.manifest_dir (where the lists are kept)")
+    raise ConfigError("check_folder needs config.data.manifest_dir (where the lists are kept)")
   for name in ("max_bad_train_fraction", "max_bad_eval_fraction"):
     if not 0.0 <= cfg[name] <= 1.0:
-      raise ValueError(f"config.data.{name}={cfg[name]} must be a fraction in [0, 1]")
+      raise ConfigError(f"config.data.{name}={cfg[name]} must be a fraction in [0, 1]")
   src = _FolderSource(cfg)
   for split in dict.fromkeys(splits):
     name = "max_bad_train_fraction" if split == cfg.train_split else "max_bad_eval_fraction"
@@ -452,7 +406,7 @@ def make_train_preprocess(cfg):
   scale = cfg.rrc_scale
   interp = cfg.get("train_interpolation", "random")
   if interp not in ("random", "bilinear", "bicubic"):
-    raise ValueError(f"train_interpolation={interp!r}; use 'random', 'bilinear' or 'bicubic'.")
+    raise ConfigError(f"train_interpolation={interp!r}; use 'random', 'bilinear' or 'bicubic'.")
 
   # Plain TF code (explicit tf.cond / switch_case): autograph would only slow down tracing.
   @tf.autograph.experimental.do_not_convert
@@ -525,8 +479,8 @@ def _process(process_index, process_count):
 
 def _local_batch(global_batch_size, process_count):
   if global_batch_size % process_count:
-    raise ValueError(f"global_batch_size={global_batch_size} must be divisible by the number of "
-                     f"processes ({process_count}).")
+    raise ConfigError(f"global_batch_size={global_batch_size} must be divisible by the number of "
+                      f"processes ({process_count}).")
   return global_batch_size // process_count
 
 
@@ -551,8 +505,8 @@ def create_train_iterator(data_config, *, global_batch_size: int, seed: int, sta
   sub, n = src.part(cfg.train_split, process_index, process_count, drop_remainder=True)
   steps_per_epoch = n // batch
   if steps_per_epoch == 0:
-    raise ValueError(f"Process {process_index} holds {n} training examples, fewer than one local "
-                     f"batch of {batch}; lower the batch size.")
+    raise ConfigError(f"Process {process_index} holds {n} training examples, fewer than one local "
+                      f"batch of {batch}; lower the batch size.")
   epoch_records = src.epoch_fn(sub, cfg)
   preprocess = make_train_preprocess(cfg)
   start_epoch, skip_batches = divmod(int(start_step), steps_per_epoch)
@@ -574,25 +528,22 @@ def create_train_iterator(data_config, *, global_batch_size: int, seed: int, sta
 
 
 def _named_errors(iterator, cfg, _error=tf.errors.InvalidArgumentError):
-  """Re-raises TF data errors (e.g. an unreadable folder image) as ValueError with the message."""
+  """Re-raises TF data errors (e.g. an unreadable folder image) as DatasetError with the message."""
   # `_error` is bound at definition: generators closed at interpreter exit may outlive `tf`.
   try:
     yield from iterator
   except _error as e:
-    raise ValueError(f"Input pipeline failed for dataset {cfg.dataset!r}: {e.message}") from e
+    raise DatasetError(f"Input pipeline failed for dataset {cfg.dataset!r}: {e.message}") from e
 
 
 class _EvalIterable:
   """Re-iterable (one pass per evaluation) over padded, masked eval batches."""
 
-  def __init__(self, ds, cfg, num_steps):
-    self._ds, self._cfg, self.num_steps = ds, cfg, num_steps
+  def __init__(self, ds, cfg):
+    self._ds, self._cfg = ds, cfg
 
   def __iter__(self):
     return _named_errors(tfds.as_numpy(self._ds), self._cfg)
-
-  def __len__(self):
-    return self.num_steps
 
 
 def create_eval_iterator(data_config, *, global_batch_size: int, process_index: int | None = None,
@@ -625,7 +576,7 @@ def create_eval_iterator(data_config, *, global_batch_size: int, process_index: 
   if cfg.cache:
     ds = ds.cache()
   ds = ds.batch(batch, drop_remainder=True).prefetch(cfg.prefetch).with_options(_options())
-  return _EvalIterable(ds, cfg, num_steps), num_steps
+  return _EvalIterable(ds, cfg), num_steps
 
 
 def batches_per_epoch(data_config, *, global_batch_size: int, process_count: int | None = None) -> int:

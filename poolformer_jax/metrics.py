@@ -3,6 +3,10 @@
 `metrics.jsonl` holds one JSON object per logged step ({"step", "loss", "lr", ..., "img/s/chip",
 "step_time", "eta_s", "mfu"} for training, {"step", "eval/top1", "eval/top5", "eval/loss"} for
 evaluations), so runs can be compared by scripts. Only process 0 writes; paths may be gs://.
+
+Not clu: `clu.metric_writers` would replace the three TensorBoard calls below but not
+metrics.jsonl (and its truncation on resume), and `clu.periodic_actions.ReportProgress` reports
+steps/s and an ETA but not images/s per chip or MFU, so it would add a dependency, not remove code.
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ import os
 import time
 
 from absl import logging
+from etils import epath
 import jax
-import tensorflow as tf
 
 # Peak dense bf16 FLOP/s per chip, for MFU. Chips not listed (CPUs) report mfu = None.
 PEAK_FLOPS = {
@@ -56,11 +60,12 @@ class MetricWriter:
 
   def __init__(self, workdir: str, *, resume_step: int | None = None):
     self.active = jax.process_index() == 0
-    self.path = f"{workdir}/metrics.jsonl"
+    self.path = epath.Path(workdir) / "metrics.jsonl"
     if not self.active:
       return
     if resume_step is not None:
       self._truncate_after(resume_step)
+    # TensorFlow's event writer: only training imports it, and training reads data with TF.
     from flax.metrics import tensorboard  # pylint: disable=g-import-not-at-top
     self._tb = tensorboard.SummaryWriter(f"{workdir}/tensorboard")
 
@@ -69,22 +74,20 @@ class MetricWriter:
 
     Also drops a torn last line (the process was killed mid-write).
     """
-    if not tf.io.gfile.exists(self.path):
+    if not self.path.exists():
       return
-    with tf.io.gfile.GFile(self.path) as f:
-      lines = [line for line in f if line.strip()]
+    lines = [line for line in self.path.read_text().splitlines(keepends=True) if line.strip()]
     kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
     if len(kept) != len(lines):
-      tmp = self.path + ".tmp"
-      with tf.io.gfile.GFile(tmp, "w") as f:
-        f.write("".join(kept))
-      tf.io.gfile.rename(tmp, self.path, overwrite=True)
+      tmp = self.path.with_name(self.path.name + ".tmp")
+      tmp.write_text("".join(kept))
+      tmp.replace(self.path)
 
   def write(self, step: int, record: dict) -> None:
     if not self.active:
       return
     record = {"step": int(step), **{k: _plain(v) for k, v in record.items()}}
-    with tf.io.gfile.GFile(self.path, "a") as f:
+    with self.path.open("a") as f:
       f.write(json.dumps(record) + "\n")
     for key, value in record.items():
       if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):

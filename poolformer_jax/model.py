@@ -1,15 +1,29 @@
-"""PoolFormer: the MetaFormer skeleton with a pluggable token mixer, in Flax NNX.
+"""MetaFormer in Flax NNX: PoolFormer and the MetaFormer baselines in one skeleton.
 
-Faithful to the released PyTorch PoolFormer v1 (arXiv 2111.11418) at inference:
-one-group GroupNorm with eps 1e-5, exact (erf) GELU, symmetric explicit conv padding,
-pooling that does not count padding cells, and head = GroupNorm -> mean(H, W) -> linear.
+Every model is a stem conv, four stages of residual blocks
+`x = rs1 * x + ls1 * mixer(norm1(x))`, `x = rs2 * x + ls2 * mlp(norm2(x))` with a strided conv
+between stages, and a head. What differs between the two releases is `MetaFormerConfig.version`:
 
-Layout is NHWC. Parameter paths follow timm's naming (stem / stages.i.downsample /
-stages.i.blocks.j / head), which keeps the weight converter's table short.
+* version 1, PoolFormer (arXiv 2111.11418): one-group GroupNorm with bias (eps 1e-5), exact (erf)
+  GELU MLP with biases, layer scale, no norm around the stem and downsampling convs,
+  head = GroupNorm -> mean(H, W) -> linear.
+* version 2, the MetaFormer baselines (arXiv 2210.13452): IdentityFormer, RandFormer,
+  PoolFormerV2, ConvFormer and CAFormer. Bias-free block norms (eps 1e-6) and a bias-free MLP
+  with StarReLU, res scale on the skip of stages 3-4, a channel LayerNorm after the stem and
+  before each downsampling conv, head = mean(H, W) -> LayerNorm -> linear or MLP head.
 
-Variants are data: `VARIANTS` maps a name to a `PoolFormerConfig`; `create_model` builds one.
-The token mixer is a config field, so the paper's ablations (identity, depthwise conv)
-are the same skeleton with another mixer.
+Both are faithful to the released PyTorch code at inference: symmetric explicit conv padding,
+pooling that does not count padding cells, float32 norm statistics with PyTorch's two-pass
+variance. Layout is NHWC.
+
+Parameter paths follow timm's module names (`stem.norm`, `stages.i.downsample.norm`,
+`stages.i.blocks.j.token_mixer.qkv`, `...mlp.act.scale`, `...res_scale1.scale`) with Flax's leaf
+names (`kernel`, norm `scale`) and the release's head (`norm`, then `head` or `head.fc1`,
+`head.norm`, `head.fc2`): timm's `head.norm.*` is our `norm.*`, timm's `head.fc.*` our `head.*`.
+
+Variants are data: `VARIANTS` maps a name to a `MetaFormerConfig`; `create_model` builds one.
+The token mixer of each stage is a config field, so the papers' ablations are the same skeleton
+with other mixers.
 """
 
 from __future__ import annotations
@@ -32,23 +46,69 @@ Dtype = Any
 # Configuration: one frozen dataclass per variant.
 # ---------------------------------------------------------------------------
 
+NORMS = ("group", "layer")
+HEADS = ("linear", "mlp")
+
 
 @dataclasses.dataclass(frozen=True)
-class PoolFormerConfig:
-  """Everything that defines a MetaFormer variant. Fields are what the paper varies."""
+class MetaFormerConfig:
+  """Everything that defines a MetaFormer variant. Fields are what the papers vary."""
 
   depths: tuple[int, ...] = (2, 2, 6, 2)
   widths: tuple[int, ...] = (64, 128, 320, 512)
-  token_mixer: str = "pooling"  # one of TOKEN_MIXERS
-  mixer_size: int = 3  # pool window / depthwise kernel
+  # One of TOKEN_MIXERS for every stage, or a tuple with one per stage.
+  token_mixer: str | tuple[str, ...] = "pooling"
+  mixer_size: int = 3  # pool window / depthwise kernel (SepConv: 7)
+  head_dim: int = 32  # attention mixer: channels per head (heads = width // head_dim)
   mlp_ratio: float = 4.0
-  layer_scale_init: float = 1e-5
-  drop_path_rate: float = 0.1  # rate of the LAST block; earlier ones scale linearly from 0
+  # 1: PoolFormer's details; 2: the MetaFormer baselines' (see the module docstring).
+  version: int = 1
+  norm: str = "group"  # block norms: "group" (one group: over H, W, C) or "layer" (over C)
   norm_eps: float = 1e-5
+  layer_scale_init: float | None = 1e-5  # None: no layer scale on the branches
+  # Per stage: None, or the init of a learnable per-channel scale on the skip path (res scale).
+  res_scale_init: tuple[float | None, ...] | None = None
+  drop_path_rate: float = 0.1  # rate of the LAST block; earlier ones scale linearly from 0
+  head: str = "linear"  # "linear" or "mlp" (fc1 -> SquaredReLU -> LayerNorm -> fc2)
+  head_dropout: float = 0.0  # dropout before the (last) linear layer of the head, in training
+  # The MLP head's LayerNorm eps: the release uses PyTorch's default 1e-5, timm 1e-6.
+  head_norm_eps: float = 1e-5
   in_channels: int = 3
   num_classes: int = 1000
   # Eval preprocessing of the release: resize short side to floor(size / crop_pct), center crop.
   crop_pct: float = 0.9
+
+  def __post_init__(self):
+    n = len(self.depths)
+    if len(self.widths) != n:
+      raise ValueError(f"depths {self.depths} and widths {self.widths} must have the same length")
+    mixers = self.stage_token_mixers
+    if len(mixers) != n:
+      raise ValueError(f"token_mixer {self.token_mixer} must name one mixer or one per stage "
+                       f"({n} stages)")
+    for m in mixers:
+      if m not in TOKEN_MIXERS:
+        raise ValueError(f"unknown token_mixer {m!r}; valid: {sorted(TOKEN_MIXERS)}")
+    if self.res_scale_init is not None and len(self.res_scale_init) != n:
+      raise ValueError(f"res_scale_init {self.res_scale_init} must have one entry per stage ({n})")
+    for name, value, valid in (("version", self.version, (1, 2)), ("norm", self.norm, NORMS),
+                               ("head", self.head, HEADS)):
+      if value not in valid:
+        raise ValueError(f"{name}={value!r}; valid: {list(valid)}")
+    for name in ("drop_path_rate", "head_dropout"):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
+
+  @property
+  def stage_token_mixers(self) -> tuple[str, ...]:
+    if isinstance(self.token_mixer, str):
+      return (self.token_mixer,) * len(self.depths)
+    return tuple(self.token_mixer)
+
+  @property
+  def has_frozen_params(self) -> bool:
+    """Whether some parameters are never trained (see `frozen_mask`)."""
+    return "random" in self.stage_token_mixers
 
   @property
   def num_blocks(self) -> int:
@@ -61,19 +121,6 @@ class PoolFormerConfig:
       return [self.drop_path_rate]
     return [self.drop_path_rate * k / (n - 1) for k in range(n)]
 
-
-VARIANTS: dict[str, PoolFormerConfig] = {
-    "poolformer_s12": PoolFormerConfig(depths=(2, 2, 6, 2), widths=(64, 128, 320, 512),
-                                       layer_scale_init=1e-5, drop_path_rate=0.1, crop_pct=0.9),
-    "poolformer_s24": PoolFormerConfig(depths=(4, 4, 12, 4), widths=(64, 128, 320, 512),
-                                       layer_scale_init=1e-5, drop_path_rate=0.1, crop_pct=0.9),
-    "poolformer_s36": PoolFormerConfig(depths=(6, 6, 18, 6), widths=(64, 128, 320, 512),
-                                       layer_scale_init=1e-6, drop_path_rate=0.2, crop_pct=0.9),
-    "poolformer_m36": PoolFormerConfig(depths=(6, 6, 18, 6), widths=(96, 192, 384, 768),
-                                       layer_scale_init=1e-6, drop_path_rate=0.3, crop_pct=0.95),
-    "poolformer_m48": PoolFormerConfig(depths=(8, 8, 24, 8), widths=(96, 192, 384, 768),
-                                       layer_scale_init=1e-6, drop_path_rate=0.4, crop_pct=0.95),
-}
 
 # ---------------------------------------------------------------------------
 # Initialisers that reproduce the release's.
@@ -98,32 +145,37 @@ def _torch_conv_bias_init(fan_in: int):
 _torch_conv_kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 # ---------------------------------------------------------------------------
-# Layers.
+# Norms.
 # ---------------------------------------------------------------------------
 
 
 class GroupNorm1(nnx.Module):
   """One-group GroupNorm: statistics over (H, W, C) together, per-channel affine.
 
-  This is NOT a channel LayerNorm (which normalises over C only). Flax's default eps is 1e-6;
-  the release uses PyTorch's 1e-5. Statistics are float32 whatever the compute dtype, with the
-  two-pass variance E[(x - mean)^2] that PyTorch uses: it stays exact for inputs with a large
-  mean, and on XLA:CPU it measured as fast as a one-pass E[x^2] - mean^2 (each pass is one
-  vectorised reduction over data that is still in cache). `moments` is public so a block can
-  fold the normalisation into what follows (see `MetaFormerBlock`).
+  This is NOT a channel LayerNorm (which normalises over C only). PoolFormer v1 uses PyTorch's
+  eps 1e-5 and a bias; the v2 family 1e-6 and no bias (`use_bias=False`). Statistics are
+  float32 whatever the compute dtype, with the two-pass variance E[(x - mean)^2] that PyTorch
+  uses: it stays exact for inputs with a large mean, and on XLA:CPU it measured as fast as a
+  one-pass E[x^2] - mean^2 (each pass is one vectorised reduction over data that is still in
+  cache). `moments` is public so a block can fold the normalisation into what follows (see
+  `MetaFormerBlock`).
   """
 
-  def __init__(self, num_features: int, eps: float, *, dtype, param_dtype, rngs=None):
+  def __init__(self, num_features: int, eps: float, *, use_bias: bool = True, dtype,
+               param_dtype, rngs=None):
     del rngs  # Deterministic init (ones / zeros), like nnx.GroupNorm's.
     self.eps = eps
     self.dtype = dtype
     self.scale = nnx.Param(jnp.ones((num_features,), param_dtype))
-    self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
+    self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype)) if use_bias else None
+
+  def reduction_axes(self, x) -> tuple[int, ...]:
+    return tuple(range(1, x.ndim))
 
   def moments(self, x):
-    """Per-sample mean and 1/std, float32, shaped [N, 1, 1, 1]."""
+    """Mean and 1/std over `reduction_axes`, float32, with those axes kept (size 1)."""
     x = x.astype(jnp.float32)
-    axes = tuple(range(1, x.ndim))
+    axes = self.reduction_axes(x)
     mean = jnp.mean(x, axes, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axes, keepdims=True)
     return mean, lax.rsqrt(var + self.eps)
@@ -131,32 +183,96 @@ class GroupNorm1(nnx.Module):
   def __call__(self, x):
     mean, rstd = self.moments(x)
     scale = self.scale[...].astype(jnp.float32)
-    y = (x.astype(jnp.float32) - mean) * (rstd * scale) + self.bias[...].astype(jnp.float32)
+    y = (x.astype(jnp.float32) - mean) * (rstd * scale)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(jnp.float32)
     return y.astype(self.dtype)
+
+
+class LayerNorm(GroupNorm1):
+  """LayerNorm over the channels (the last axis) only, per position; same numerics otherwise.
+
+  The v2 family's stem / downsampling norms and ConvFormer / CAFormer block norms (no bias,
+  eps 1e-6) and its head norms (with bias). Written here rather than `nnx.LayerNorm` so every
+  norm of the model shares one float32, two-pass implementation.
+  """
+
+  def reduction_axes(self, x) -> tuple[int, ...]:
+    return (x.ndim - 1,)
 
 
 def group_norm(num_features: int, eps: float, *, dtype, param_dtype, rngs) -> GroupNorm1:
   return GroupNorm1(num_features, eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
+def _block_norm(dim: int, cfg: MetaFormerConfig, **kw) -> GroupNorm1:
+  """norm1 / norm2 of a block: with a bias in v1, without in v2."""
+  cls = GroupNorm1 if cfg.norm == "group" else LayerNorm
+  return cls(dim, cfg.norm_eps, use_bias=cfg.version == 1, **kw)
+
+# ---------------------------------------------------------------------------
+# Stem and downsampling.
+# ---------------------------------------------------------------------------
+
+
 class ConvDown(nnx.Module):
   """Strided conv with symmetric explicit padding (the stem and the downsampling layers).
 
   "SAME" padding on a strided conv pads asymmetrically in XLA; PyTorch pads both sides
-  equally, so the padding is spelled out.
+  equally, so the padding is spelled out. `norm` adds the v2 family's bias-free channel
+  LayerNorm, "post" (after the conv: the stem) or "pre" (before it: downsampling); v2 also
+  initialises the conv as the rest of its weights (normal(0.02), zero bias) where v1 keeps
+  PyTorch's Conv2d default.
   """
 
   def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int, padding: int, *,
-               dtype, param_dtype, rngs: nnx.Rngs):
+               norm: str | None = None, norm_eps: float = 1e-6, dtype, param_dtype,
+               rngs: nnx.Rngs):
     fan_in = in_ch * kernel * kernel
+    if norm is None:
+      init = dict(kernel_init=_torch_conv_kernel_init, bias_init=_torch_conv_bias_init(fan_in))
+    else:
+      init = dict(kernel_init=_dense_init, bias_init=nnx.initializers.zeros_init())
     self.conv = nnx.Conv(in_ch, out_ch, (kernel, kernel), strides=(stride, stride),
-                         padding=((padding, padding), (padding, padding)),
-                         kernel_init=_torch_conv_kernel_init,
-                         bias_init=_torch_conv_bias_init(fan_in),
+                         padding=((padding, padding), (padding, padding)), **init,
                          dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.norm_first = norm == "pre"
+    self.norm = None if norm is None else LayerNorm(
+        in_ch if self.norm_first else out_ch, norm_eps, use_bias=False, dtype=dtype,
+        param_dtype=param_dtype)
 
   def __call__(self, x):
-    return self.conv(x)
+    if self.norm is not None and self.norm_first:
+      x = self.norm(x)
+    x = self.conv(x)
+    if self.norm is not None and not self.norm_first:
+      x = self.norm(x)
+    return x
+
+# ---------------------------------------------------------------------------
+# Activations.
+# ---------------------------------------------------------------------------
+
+
+def squared_relu(x):
+  """relu(x)^2, the MLP head's activation (no parameters)."""
+  return jnp.square(jax.nn.relu(x))
+
+
+class StarReLU(nnx.Module):
+  """`scale * relu(x)^2 + bias` with a learnable scalar scale and bias (shape (1,) each)."""
+
+  def __init__(self, *, scale: float = 1.0, bias: float = 0.0, param_dtype):
+    self.scale = nnx.Param(jnp.full((1,), scale, param_dtype))
+    self.bias = nnx.Param(jnp.full((1,), bias, param_dtype))
+
+  def __call__(self, x):
+    return (self.scale[...].astype(x.dtype) * squared_relu(x)
+            + self.bias[...].astype(x.dtype))
+
+# ---------------------------------------------------------------------------
+# Token mixers.
+# ---------------------------------------------------------------------------
 
 
 class Pooling(nnx.Module):
@@ -176,7 +292,7 @@ class Pooling(nnx.Module):
 
 
 class Identity(nnx.Module):
-  """No token mixing at all: the paper's lower bound for the skeleton."""
+  """No token mixing at all: the papers' lower bound for the skeleton (IdentityFormer)."""
 
   def __init__(self, dim: int, size: int = 3, **_):
     del dim, size
@@ -199,15 +315,117 @@ class DepthwiseConv(nnx.Module):
     return self.conv(x)
 
 
+def _dense(in_f: int, out_f: int, *, use_bias: bool = False, dtype, param_dtype, rngs):
+  """A linear layer initialised as the v2 release's (normal(0.02), zero bias)."""
+  return nnx.Linear(in_f, out_f, use_bias=use_bias, kernel_init=_dense_init,
+                    bias_init=nnx.initializers.zeros_init(), dtype=dtype,
+                    param_dtype=param_dtype, rngs=rngs)
+
+
+class SepConv(nnx.Module):
+  """ConvFormer's mixer, MobileNetV2's inverted separable conv, all bias-free:
+  pointwise to 2C -> StarReLU -> k x k depthwise conv -> pointwise back to C.
+  """
+
+  def __init__(self, dim: int, size: int = 7, *, expansion: int = 2, dtype, param_dtype,
+               rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    mid = expansion * dim
+    p = size // 2
+    self.pwconv1 = _dense(dim, mid, **kw)
+    self.act1 = StarReLU(param_dtype=param_dtype)
+    self.dwconv = nnx.Conv(mid, mid, (size, size), padding=((p, p), (p, p)),
+                           feature_group_count=mid, use_bias=False, kernel_init=_dense_init,
+                           **kw)
+    self.pwconv2 = _dense(mid, dim, **kw)
+
+  def __call__(self, x):
+    return self.pwconv2(self.dwconv(self.act1(self.pwconv1(x))))
+
+
+class Attention(nnx.Module):
+  """CAFormer's mixer: multi-head self-attention over the H*W tokens, no biases, no position
+  embedding (so any input size works). The qkv kernel's output columns are [q | k | v], each
+  head-major (timm's `reshape(B, N, 3, heads, head_dim)`); tokens are row-major (h * W + w).
+  """
+
+  def __init__(self, dim: int, head_dim: int = 32, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.head_dim = head_dim
+    self.num_heads = max(dim // head_dim, 1)
+    inner = self.num_heads * head_dim
+    self.qkv = _dense(dim, 3 * inner, **kw)
+    self.proj = _dense(inner, dim, **kw)
+
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    qkv = self.qkv(x.reshape(b, h * w, c)).reshape(b, h * w, 3, self.num_heads, self.head_dim)
+    # Scale 1/sqrt(head_dim); logits and softmax in float32 whatever the compute dtype.
+    out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    return self.proj(out.reshape(b, h * w, -1)).reshape(b, h, w, c)
+
+
+# RandFormer's matrices are drawn for 224 x 224 input (stage maps 14 x 14 and 7 x 7), as released.
+RANDOM_MIXING_INPUT_SIZE = 224
+
+
+class RandomMixing(nnx.Module):
+  """RandFormer's mixer: `out[m] = sum_n R[m, n] x[n]` over the H*W tokens with a fixed random
+  row-stochastic R (softmax of uniform noise), one per block.
+
+  R is an `nnx.Param` so it is saved and loaded with the other parameters (the released
+  matrices were drawn without a seed: they cannot be regenerated), but it is never trained:
+  its gradient is stopped here and the optimizer leaves it alone (see `frozen_mask`).
+  """
+
+  def __init__(self, num_tokens: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    del dtype
+    noise = jax.random.uniform(rngs.params(), (num_tokens, num_tokens), jnp.float32)
+    self.random_matrix = nnx.Param(jax.nn.softmax(noise, axis=-1).astype(param_dtype))
+
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    n = self.random_matrix.shape[0]
+    if h * w != n:
+      side = math.isqrt(n)
+      raise ValueError(
+          f"RandFormer mixes a fixed {side}x{side} token map here (its random matrices are "
+          f"{n}x{n}, drawn for {RANDOM_MIXING_INPUT_SIZE}x{RANDOM_MIXING_INPUT_SIZE} input), "
+          f"but got a {h}x{w} map: resize or crop the images to "
+          f"{RANDOM_MIXING_INPUT_SIZE}x{RANDOM_MIXING_INPUT_SIZE}")
+    r = lax.stop_gradient(self.random_matrix[...]).astype(x.dtype)
+    return jnp.einsum("mn,bnc->bmc", r, x.reshape(b, n, c)).reshape(b, h, w, c)
+
+
+# name -> builder(dim, cfg, stage, *, dtype, param_dtype, rngs).
 TOKEN_MIXERS: dict[str, Callable[..., nnx.Module]] = {
-    "pooling": Pooling,
-    "identity": Identity,
-    "dwconv": DepthwiseConv,
+    "pooling": lambda dim, cfg, stage, **kw: Pooling(dim, cfg.mixer_size),
+    "identity": lambda dim, cfg, stage, **kw: Identity(dim),
+    "dwconv": lambda dim, cfg, stage, **kw: DepthwiseConv(dim, cfg.mixer_size, **kw),
+    "sepconv": lambda dim, cfg, stage, **kw: SepConv(dim, cfg.mixer_size, **kw),
+    "attention": lambda dim, cfg, stage, **kw: Attention(dim, cfg.head_dim, **kw),
+    "random": lambda dim, cfg, stage, **kw: RandomMixing(
+        (RANDOM_MIXING_INPUT_SIZE // 2 ** (stage + 2)) ** 2, **kw),
 }
+# Parameters that are loaded and saved but never trained (leaf names).
+FROZEN_PARAMS = frozenset({"random_matrix"})
+
+
+def frozen_mask(params) -> Any:
+  """True for each leaf of a parameter tree (a pure dict, as the trainer holds) that is frozen."""
+  def frozen(path, _):
+    last = path[-1]
+    return getattr(last, "key", getattr(last, "name", None)) in FROZEN_PARAMS
+
+  return jax.tree_util.tree_map_with_path(frozen, params)
+
+# ---------------------------------------------------------------------------
+# Channel MLPs and the block.
+# ---------------------------------------------------------------------------
 
 
 class Mlp(nnx.Module):
-  """1x1 conv -> exact GELU -> 1x1 conv, written as dense layers over channels (NHWC).
+  """PoolFormer v1's MLP: 1x1 conv -> exact GELU -> 1x1 conv, as dense layers over channels (NHWC).
 
   fc1 and fc2 stay `nnx.Linear` modules (parameter paths `mlp.fc1.kernel`, ...); the call
   goes through `ops.mlp_apply`, whose backward pass needs less memory than autodiff's.
@@ -227,14 +445,31 @@ class Mlp(nnx.Module):
     return ops.mlp_apply(x.astype(dtype), *params)
 
 
-class LayerScale(nnx.Module):
-  """Learnable per-channel scale, shape (C,)."""
+class StarReLUMlp(nnx.Module):
+  """The v2 family's MLP: fc1 -> StarReLU -> fc2, no biases (`mlp.fc1`, `mlp.act`, `mlp.fc2`)."""
+
+  def __init__(self, dim: int, hidden: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.fc1 = _dense(dim, hidden, **kw)
+    self.act = StarReLU(param_dtype=param_dtype)
+    self.fc2 = _dense(hidden, dim, **kw)
+
+  def __call__(self, x):
+    return self.fc2(self.act(self.fc1(x)))
+
+
+class Scale(nnx.Module):
+  """Learnable per-channel scale, shape (C,): layer scale on a branch, res scale on a skip."""
 
   def __init__(self, dim: int, init: float, *, param_dtype):
     self.scale = nnx.Param(jnp.full((dim,), init, param_dtype))
 
   def __call__(self, x):
     return x * self.scale[...].astype(x.dtype)
+
+
+def _maybe_scale(dim: int, init: float | None, param_dtype) -> Scale | None:
+  return None if init is None else Scale(dim, init, param_dtype=param_dtype)
 
 
 def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -250,40 +485,65 @@ def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
   return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
-class MetaFormerBlock(nnx.Module):
-  """`x += drop_path(ls1 * mixer(norm1(x)))`, then `x += drop_path(ls2 * mlp(norm2(x)))`."""
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+  """Elementwise dropout (the head's), scaled by 1/(1-rate); `key=None` means inference."""
+  if key is None or rate == 0.0:
+    return x
+  keep = 1.0 - rate
+  return jnp.where(jax.random.bernoulli(key, keep, x.shape), x / keep, jnp.zeros_like(x))
 
-  def __init__(self, dim: int, cfg: PoolFormerConfig, drop_rate: float, *,
+
+class MetaFormerBlock(nnx.Module):
+  """`x = rs1 * x + drop_path(ls1 * mixer(norm1(x)))`, then the same with `mlp(norm2(x))`.
+
+  Layer scales `ls` (v1) and res scales `rs` (v2, stages 3-4) are absent where the config has
+  none. Both branches share the block's drop-path rate, as in the releases.
+  """
+
+  def __init__(self, dim: int, cfg: MetaFormerConfig, stage: int, drop_rate: float, *,
                dtype, param_dtype, rngs: nnx.Rngs):
-    mixer_cls = TOKEN_MIXERS[cfg.token_mixer]
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    mixer = TOKEN_MIXERS[cfg.stage_token_mixers[stage]]
+    res_init = None if cfg.res_scale_init is None else cfg.res_scale_init[stage]
+    mlp_cls = Mlp if cfg.version == 1 else StarReLUMlp
     self.drop_rate = drop_rate
-    self.norm1 = group_norm(dim, cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.token_mixer = mixer_cls(dim, cfg.mixer_size, dtype=dtype, param_dtype=param_dtype,
-                                 rngs=rngs)
-    self.layer_scale1 = LayerScale(dim, cfg.layer_scale_init, param_dtype=param_dtype)
-    self.norm2 = group_norm(dim, cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), dtype=dtype, param_dtype=param_dtype,
-                   rngs=rngs)
-    self.layer_scale2 = LayerScale(dim, cfg.layer_scale_init, param_dtype=param_dtype)
+    self.norm1 = _block_norm(dim, cfg, **kw)
+    self.token_mixer = mixer(dim, cfg, stage, **kw)
+    self.layer_scale1 = _maybe_scale(dim, cfg.layer_scale_init, param_dtype)
+    self.res_scale1 = _maybe_scale(dim, res_init, param_dtype)
+    self.norm2 = _block_norm(dim, cfg, **kw)
+    self.mlp = mlp_cls(dim, int(dim * cfg.mlp_ratio), **kw)
+    self.layer_scale2 = _maybe_scale(dim, cfg.layer_scale_init, param_dtype)
+    self.res_scale2 = _maybe_scale(dim, res_init, param_dtype)
 
   def mix(self, x):
     """`token_mixer(norm1(x))`.
 
-    For pooling it is computed as `rstd * scale * (pool(x) - x)`: the norm is a per-channel
-    affine map of x and the pool averages with weights that sum to 1, so the norm's mean and
-    bias cancel in `pool(norm(x)) - norm(x)`. The normalised map is then never materialised:
-    the statistics, pool, layer scale and residual add become one fused loop over x.
+    For pooling after a one-group norm it is computed as `rstd * scale * (pool(x) - x)`: the
+    norm is a per-channel affine map of x and the pool averages with weights that sum to 1, so
+    the norm's mean and bias cancel in `pool(norm(x)) - norm(x)`. The normalised map is then
+    never materialised: the statistics, pool, layer scale and residual add become one fused
+    loop over x. (A channel LayerNorm has per-position statistics, which do not cancel.)
     """
-    if not isinstance(self.token_mixer, Pooling):
+    if not (isinstance(self.token_mixer, Pooling) and type(self.norm1) is GroupNorm1):
       return self.token_mixer(self.norm1(x))
     _, rstd = self.norm1.moments(x)
     gain = rstd * self.norm1.scale[...].astype(jnp.float32)
     return (self.token_mixer(x.astype(jnp.float32)) * gain).astype(x.dtype)
 
+  @staticmethod
+  def _residual(x, branch, scale: Scale | None, res_scale: Scale | None, rate, key):
+    if scale is not None:
+      branch = scale(branch)
+    skip = x if res_scale is None else res_scale(x)
+    return skip + drop_path(branch, rate, key)
+
   def __call__(self, x, key: jax.Array | None = None):
     k1, k2 = jax.random.split(key) if key is not None else (None, None)
-    x = ops.materialize_grad(x + drop_path(self.layer_scale1(self.mix(x)), self.drop_rate, k1))
-    x = x + drop_path(self.layer_scale2(self.mlp(self.norm2(x))), self.drop_rate, k2)
+    x = ops.materialize_grad(self._residual(x, self.mix(x), self.layer_scale1, self.res_scale1,
+                                            self.drop_rate, k1))
+    x = self._residual(x, self.mlp(self.norm2(x)), self.layer_scale2, self.res_scale2,
+                       self.drop_rate, k2)
     return ops.materialize_grad(x)
 
 
@@ -294,13 +554,38 @@ class Stage(nnx.Module):
     self.downsample = downsample
     self.blocks = nnx.List(blocks)
 
+# ---------------------------------------------------------------------------
+# Head and model.
+# ---------------------------------------------------------------------------
+
+_MLP_HEAD_RATIO = 4
+
+
+class MlpHead(nnx.Module):
+  """ConvFormer / CAFormer head: fc1 (4x) -> SquaredReLU -> LayerNorm -> dropout -> fc2."""
+
+  def __init__(self, dim: int, num_classes: int, *, norm_eps: float, dropout_rate: float,
+               dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    hidden = _MLP_HEAD_RATIO * dim
+    self.dropout_rate = dropout_rate
+    self.fc1 = _dense(dim, hidden, use_bias=True, **kw)
+    self.norm = LayerNorm(hidden, norm_eps, **kw)
+    self.fc2 = _dense(hidden, num_classes, use_bias=True, **kw)
+
+  def __call__(self, x, key: jax.Array | None = None):
+    x = self.norm(squared_relu(self.fc1(x)))
+    return self.fc2(dropout(x, self.dropout_rate, key))
+
 
 class MetaFormer(nnx.Module):
-  """The MetaFormer skeleton. With `token_mixer="pooling"` it is PoolFormer v1.
+  """The MetaFormer skeleton. With the `poolformer_*` configs it is PoolFormer v1.
 
-  Call with `train=True` and a `key` to enable stochastic depth; otherwise it is
-  deterministic. With `features_only=True` the head is replaced by one GroupNorm per stage
-  and the call returns the four stage maps (strides 4, 8, 16, 32), for dense prediction.
+  Call with `train=True` and a `key` to enable stochastic depth and head dropout; otherwise it
+  is deterministic. With `features_only=True` there is no head and the call returns the four
+  stage maps (strides 4, 8, 16, 32), for dense prediction: in v1 each through its own
+  GroupNorm, as the PoolFormer release's detection and segmentation backbones; in v2 as they
+  are, as timm's `features_only` returns them (that release has no dense-prediction code).
 
   `remat=True` wraps every block in jax.checkpoint: the backward pass recomputes a block's
   activations from its input instead of storing them, trading about a third more compute
@@ -309,34 +594,42 @@ class MetaFormer(nnx.Module):
   1.0 GB of buffers instead of 0.8 GB for S12 at batch 16), hence off by default.
   """
 
-  def __init__(self, cfg: PoolFormerConfig, *, features_only: bool = False,
+  def __init__(self, cfg: MetaFormerConfig, *, features_only: bool = False,
                dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
                remat: bool = False, rngs: nnx.Rngs):
-    if len(cfg.depths) != len(cfg.widths):
-      raise ValueError(f"depths {cfg.depths} and widths {cfg.widths} must have the same length")
-    if cfg.token_mixer not in TOKEN_MIXERS:
-      raise ValueError(f"unknown token_mixer {cfg.token_mixer!r}; "
-                       f"valid: {sorted(TOKEN_MIXERS)}")
     self.cfg = cfg
     self.features_only = features_only
     self.remat = remat
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.stem = ConvDown(cfg.in_channels, cfg.widths[0], kernel=7, stride=4, padding=2, **kw)
+    v2 = cfg.version == 2
+    down_norm = dict(norm_eps=cfg.norm_eps)
+    self.stem = ConvDown(cfg.in_channels, cfg.widths[0], kernel=7, stride=4, padding=2,
+                         norm="post" if v2 else None, **down_norm, **kw)
     rates = iter(cfg.block_drop_rates())
     stages = []
     for i, (depth, width) in enumerate(zip(cfg.depths, cfg.widths)):
-      down = None if i == 0 else ConvDown(cfg.widths[i - 1], width, 3, 2, 1, **kw)
-      blocks = [MetaFormerBlock(width, cfg, next(rates), **kw) for _ in range(depth)]
+      down = None if i == 0 else ConvDown(cfg.widths[i - 1], width, 3, 2, 1,
+                                          norm="pre" if v2 else None, **down_norm, **kw)
+      blocks = [MetaFormerBlock(width, cfg, i, next(rates), **kw) for _ in range(depth)]
       stages.append(Stage(down, blocks))
     self.stages = nnx.List(stages)
     if features_only:
-      self.feature_norms = nnx.List(
-          [group_norm(w, cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-           for w in cfg.widths])
+      if not v2:
+        self.feature_norms = nnx.List(
+            [group_norm(w, cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+             for w in cfg.widths])
+      return
+    width = cfg.widths[-1]
+    if v2:  # LayerNorm of the pooled vector.
+      self.norm = LayerNorm(width, cfg.norm_eps, dtype=dtype, param_dtype=param_dtype)
+    else:  # GroupNorm of the final map, before pooling.
+      self.norm = group_norm(width, cfg.norm_eps, dtype=dtype, param_dtype=param_dtype,
+                             rngs=rngs)
+    if cfg.head == "mlp":
+      self.head = MlpHead(width, cfg.num_classes, norm_eps=cfg.head_norm_eps,
+                          dropout_rate=cfg.head_dropout, **kw)
     else:
-      self.norm = group_norm(cfg.widths[-1], cfg.norm_eps, dtype=dtype,
-                             param_dtype=param_dtype, rngs=rngs)
-      self.head = nnx.Linear(cfg.widths[-1], cfg.num_classes, kernel_init=_dense_init,
+      self.head = nnx.Linear(width, cfg.num_classes, kernel_init=_dense_init,
                              bias_init=nnx.initializers.zeros_init(), **kw)
 
   def forward_features(self, x, key: jax.Array | None = None) -> list[jax.Array]:
@@ -360,20 +653,33 @@ class MetaFormer(nnx.Module):
       outs.append(x)
     return outs
 
-  def __call__(self, x, *, train: bool = False, key: jax.Array | None = None):
-    """Logits `[N, num_classes]`, or the four normed stage maps in features mode.
+  def forward_head(self, x, key: jax.Array | None = None):
+    """Logits from the last stage's map; `key` (training) enables head dropout."""
+    if self.cfg.version == 1:
+      x = jnp.mean(self.norm(x), axis=(1, 2))  # GroupNorm over the final map, THEN the mean.
+    else:
+      x = self.norm(jnp.mean(x, axis=(1, 2)))
+    if isinstance(self.head, MlpHead):
+      return self.head(x, key)
+    return self.head(dropout(x, self.cfg.head_dropout, key))
 
-    `train=True` enables stochastic depth and then needs `key`: randomness is explicit, so a
-    train step is a pure function of (params, batch, key).
+  def __call__(self, x, *, train: bool = False, key: jax.Array | None = None):
+    """Logits `[N, num_classes]`, or the four stage maps in features mode.
+
+    `train=True` enables stochastic depth and head dropout and then needs `key`: randomness
+    is explicit, so a train step is a pure function of (params, batch, key).
     """
-    if train and key is None and self.cfg.drop_path_rate > 0:
-      raise ValueError("train=True with drop_path_rate > 0 needs a PRNG `key`")
-    feats = self.forward_features(x, key if train else None)
+    cfg = self.cfg
+    if train and key is None and (cfg.drop_path_rate > 0 or cfg.head_dropout > 0):
+      raise ValueError("train=True with drop_path_rate or head_dropout > 0 needs a PRNG `key`")
+    key = key if train else None
+    feats = self.forward_features(x, key)
     if self.features_only:
-      return [norm(f) for norm, f in zip(self.feature_norms, feats)]
-    x = self.norm(feats[-1])  # GroupNorm over the final map, THEN the spatial mean.
-    x = jnp.mean(x, axis=(1, 2))
-    return self.head(x)
+      if cfg.version == 1:
+        return [norm(f) for norm, f in zip(self.feature_norms, feats)]
+      return feats
+    head_key = None if key is None else jax.random.fold_in(key, cfg.num_blocks)
+    return self.forward_head(feats[-1], head_key)
 
 
 # ---------------------------------------------------------------------------
@@ -381,16 +687,66 @@ class MetaFormer(nnx.Module):
 # ---------------------------------------------------------------------------
 
 
+_S, _M = (64, 128, 320, 512), (96, 192, 384, 768)
+# IdentityFormer, RandFormer, PoolFormerV2: size -> (depths, widths).
+_SIZES = {"s12": ((2, 2, 6, 2), _S), "s24": ((4, 4, 12, 4), _S), "s36": ((6, 6, 18, 6), _S),
+          "m36": ((6, 6, 18, 6), _M), "m48": ((8, 8, 24, 8), _M)}
+# ConvFormer, CAFormer (M36 ends in 576, not 768).
+_CONV_SIZES = {"s18": ((3, 3, 9, 3), _S), "s36": ((3, 12, 18, 3), _S),
+               "m36": ((3, 12, 18, 3), (96, 192, 384, 576)),
+               "b36": ((3, 12, 18, 3), (128, 256, 512, 768))}
+
+
+def _v2(sizes: tuple, token_mixer, drop_path_rate: float, **fields) -> MetaFormerConfig:
+  """A MetaFormer-baselines variant: what all of them share, plus its own fields."""
+  depths, widths = sizes
+  return MetaFormerConfig(depths=depths, widths=widths, token_mixer=token_mixer,
+                          drop_path_rate=drop_path_rate, version=2, norm_eps=1e-6,
+                          layer_scale_init=None, res_scale_init=(None, None, 1.0, 1.0),
+                          crop_pct=1.0, **fields)
+
+
+# The released models. Drop-path rates and head dropout are the release's training recipe.
+# v1 first: a checkpoint converter that matches by depths and widths finds PoolFormer v1 first.
+VARIANTS: dict[str, MetaFormerConfig] = {
+    "poolformer_s12": MetaFormerConfig(depths=(2, 2, 6, 2), widths=(64, 128, 320, 512),
+                                       layer_scale_init=1e-5, drop_path_rate=0.1, crop_pct=0.9),
+    "poolformer_s24": MetaFormerConfig(depths=(4, 4, 12, 4), widths=(64, 128, 320, 512),
+                                       layer_scale_init=1e-5, drop_path_rate=0.1, crop_pct=0.9),
+    "poolformer_s36": MetaFormerConfig(depths=(6, 6, 18, 6), widths=(64, 128, 320, 512),
+                                       layer_scale_init=1e-6, drop_path_rate=0.2, crop_pct=0.9),
+    "poolformer_m36": MetaFormerConfig(depths=(6, 6, 18, 6), widths=(96, 192, 384, 768),
+                                       layer_scale_init=1e-6, drop_path_rate=0.3, crop_pct=0.95),
+    "poolformer_m48": MetaFormerConfig(depths=(8, 8, 24, 8), widths=(96, 192, 384, 768),
+                                       layer_scale_init=1e-6, drop_path_rate=0.4, crop_pct=0.95),
+}
+# size: drop-path rate of (IdentityFormer, RandFormer, PoolFormerV2).
+for _size, (_id, _rand, _pool) in {"s12": (.1, .1, .1), "s24": (.1, .1, .1), "s36": (.2, .2, .2),
+                                    "m36": (.3, .3, .3), "m48": (.4, .3, .4)}.items():
+  _sizes = _SIZES[_size]
+  VARIANTS[f"identityformer_{_size}"] = _v2(_sizes, "identity", _id)
+  VARIANTS[f"randformer_{_size}"] = _v2(_sizes, ("identity", "identity", "random", "random"),
+                                        _rand)
+  VARIANTS[f"poolformerv2_{_size}"] = _v2(_sizes, "pooling", _pool)
+# size: drop-path rate of ConvFormer, of CAFormer; CAFormer's head dropout (ConvFormer's is 0).
+for _size, (_conv, _ca, _ca_head) in {"s18": (.2, .15, 0.), "s36": (.3, .3, .4),
+                                      "m36": (.4, .4, .4), "b36": (.6, .6, .5)}.items():
+  _sizes, _fields = _CONV_SIZES[_size], dict(mixer_size=7, norm="layer", head="mlp")
+  VARIANTS[f"convformer_{_size}"] = _v2(_sizes, "sepconv", _conv, **_fields)
+  VARIANTS[f"caformer_{_size}"] = _v2(_sizes, ("sepconv", "sepconv", "attention", "attention"),
+                                      _ca, head_dropout=_ca_head, **_fields)
+
+
 def list_models() -> list[str]:
   """Names accepted by `create_model`."""
   return sorted(VARIANTS)
 
 
-def get_config(name: str, **overrides) -> PoolFormerConfig:
-  """The variant's config with `overrides` applied (any `PoolFormerConfig` field)."""
+def get_config(name: str, **overrides) -> MetaFormerConfig:
+  """The variant's config with `overrides` applied (any `MetaFormerConfig` field)."""
   if name not in VARIANTS:
     raise ValueError(f"unknown model {name!r}; valid names: {', '.join(list_models())}")
-  fields = {f.name for f in dataclasses.fields(PoolFormerConfig)}
+  fields = {f.name for f in dataclasses.fields(MetaFormerConfig)}
   bad = sorted(set(overrides) - fields)
   if bad:
     raise ValueError(f"unknown override(s) {bad} for {name}; valid: {sorted(fields)}")
@@ -401,7 +757,7 @@ def create_model(name: str, *, num_classes: int = 1000, rngs: nnx.Rngs,
                  features_only: bool = False, dtype: Dtype = jnp.float32,
                  param_dtype: Dtype = jnp.float32, remat: bool = False,
                  **overrides) -> MetaFormer:
-  """Builds a registered variant, e.g. `create_model("poolformer_s12", rngs=nnx.Rngs(0))`.
+  """Builds a registered variant, e.g. `create_model("caformer_s18", rngs=nnx.Rngs(0))`.
 
   `overrides` replace config fields (e.g. `token_mixer="identity"`, `drop_path_rate=0.`).
   `remat` is MetaFormer's (recompute block activations in the backward pass).
@@ -412,5 +768,5 @@ def create_model(name: str, *, num_classes: int = 1000, rngs: nnx.Rngs,
 
 
 def count_params(model: nnx.Module) -> int:
-  """Number of scalars in the model's `nnx.Param`s."""
+  """Number of scalars in the model's `nnx.Param`s (RandFormer's frozen matrices included)."""
   return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -1,15 +1,26 @@
-"""The release's optimizer: AdamW with a weight-decay mask, warmup + cosine + cooldown, from optax.
+"""The releases' optimizers: AdamW or LAMB with a weight-decay mask, warmup + cosine + cooldown,
+from optax.
 
-Recipe (PoolFormer v1, via timm): AdamW betas (0.9, 0.999), eps 1e-8, weight decay 0.05 on weights
-only (no decay on parameters with ndim <= 1: norms, layer scales, biases); lr = base_lr * batch /
-1024; linear warmup from warmup_lr, cosine down to min_lr, then a constant cooldown at min_lr.
-The schedule is per step (timm's default steps per epoch); the shape is the same.
+Recipe (PoolFormer v1 and the MetaFormer baselines, via timm): AdamW betas (0.9, 0.999), eps
+1e-8, weight decay 0.05 on weights only (no decay on parameters with ndim <= 1: norms, layer
+and res scales, StarReLU scalars, biases); CAFormer uses timm's LAMB instead (`lamb`). lr =
+base_lr * batch / lr_base_batch_size; linear warmup from warmup_lr, cosine down to min_lr, then a
+constant cooldown at min_lr. The schedule is per step (timm's default steps per epoch); the
+shape is the same.
+
+Frozen parameters (RandFormer's random mixing matrices) are in the parameter tree, so they are
+checkpointed and loaded with the rest, but get no update, no optimizer state and no weight decay.
 """
 
 from __future__ import annotations
 
 import jax
 import optax
+
+from poolformer_jax import model as model_lib
+from poolformer_jax.errors import ConfigError
+
+OPTIMIZERS = ("adamw", "lamb")
 
 
 def decay_mask(params):
@@ -41,10 +52,48 @@ def total_steps(config, steps_per_epoch: int) -> int:
   return round((config.num_epochs + config.cooldown_epochs) * steps_per_epoch)
 
 
+def lamb(learning_rate: optax.ScalarOrSchedule, *, b1: float, b2: float, eps: float,
+         weight_decay: float, mask) -> optax.GradientTransformation:
+  """LAMB as timm's `Lamb` (the release's CAFormer optimizer): Adam's step plus decoupled weight
+  decay, rescaled per tensor by the trust ratio |w| / |step|, which timm applies only to the
+  tensors that weight decay applies to (`mask`); the others take the plain Adam step.
+
+  Not `optax.lamb`, which applies the trust ratio to every tensor (norm gains and biases too).
+  timm's Lamb also clips the global gradient norm to 1 before all this: that is
+  `config.grad_clip_norm` (1.0 in the CAFormer recipe).
+  """
+  return optax.chain(
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.masked(optax.scale_by_trust_ratio(), mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
 def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
-  """AdamW with the decay mask, optionally after global-norm gradient clipping."""
-  adamw = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
-                      weight_decay=config.weight_decay, mask=decay_mask)
+  """`config.optimizer` (AdamW or LAMB) with the decay mask, optionally after global-norm
+  gradient clipping.
+
+  For a model with frozen parameters (`config.model` with `config.model_overrides`) the whole
+  chain sees only the trainable ones; the frozen ones get `set_to_zero` (no state).
+  """
+  if config.optimizer not in OPTIMIZERS:
+    raise ConfigError(f"config.optimizer={config.optimizer!r}; use one of {list(OPTIMIZERS)}")
+  make = optax.adamw if config.optimizer == "adamw" else lamb
+  tx = make(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
+            weight_decay=config.weight_decay, mask=decay_mask)
   if config.get("grad_clip_norm"):
-    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
-  return adamw
+    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+  model_config = model_lib.get_config(config.model, **config.model_overrides.to_dict())
+  if model_config.has_frozen_params:
+    tx = skip_frozen(tx)
+  return tx
+
+
+def skip_frozen(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`tx` on the trainable parameters; zero updates and no state for the frozen ones."""
+  def labels(params):
+    return jax.tree.map(lambda frozen: "frozen" if frozen else "trainable",
+                        model_lib.frozen_mask(params))
+
+  return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)

@@ -14,6 +14,8 @@ No torch, no TensorFlow.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.resources
 import json
 import os
 import shutil
@@ -27,15 +29,27 @@ import orbax.checkpoint as ocp
 from etils import epath  # An Orbax dependency: local and gs:// paths alike.
 from flax import nnx
 
-from poolformer_jax.model import MetaFormer, PoolFormerConfig, get_config
+from poolformer_jax import checkpointing
+from poolformer_jax.errors import CheckpointError
+from poolformer_jax.model import MetaFormer, MetaFormerConfig, get_config
 
 FORMAT = "poolformer_jax.pretrained/1"
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 CHECKPOINTS_DIR = "checkpoints"  # In a training workdir.
 
+# ImageNet-1k, which every released model was trained on: normalisation (0..1 pixel scale).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@functools.cache
+def imagenet_labels() -> tuple[str, ...]:
+  """The 1000 ImageNet-1k class names in index order ('tench', 'goldfish', ...), read from
+  imagenet_classes.txt (shipped in the package: WordNet id, tab, names)."""
+  text = importlib.resources.files("poolformer_jax").joinpath("imagenet_classes.txt").read_text()
+  return tuple(line.split("\t")[1].split(",")[0] for line in text.splitlines()
+               if line and not line.startswith("#"))
 
 
 def default_preprocessing(crop_pct: float = 0.9, input_size: int = 224) -> dict:
@@ -63,7 +77,7 @@ def atomic_directory(directory: str, write: Callable[[str], None], *,
   """
   directory = os.path.abspath(directory)
   if os.path.lexists(directory) and not overwrite:
-    raise FileExistsError(f"{directory} already exists; choose another output or pass "
+    raise CheckpointError(f"{directory} already exists; choose another output or pass "
                           "--overwrite (overwrite=True) to replace it")
   parent, name = os.path.split(directory)
   os.makedirs(parent, exist_ok=True)
@@ -88,20 +102,20 @@ def atomic_directory(directory: str, write: Callable[[str], None], *,
   return directory
 
 
-def _config_to_json(cfg: PoolFormerConfig) -> dict:
+def _config_to_json(cfg: MetaFormerConfig) -> dict:
   return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
-def _config_from_json(d: Mapping) -> PoolFormerConfig:
-  fields = {f.name for f in dataclasses.fields(PoolFormerConfig)}
+def _config_from_json(d: Mapping) -> MetaFormerConfig:
+  fields = {f.name for f in dataclasses.fields(MetaFormerConfig)}
   unknown = sorted(set(d) - fields)
   if unknown:
-    raise ValueError(f"unknown model config field(s) {unknown}; was this saved by a newer "
-                     "poolformer_jax?")
-  return PoolFormerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    raise CheckpointError(f"unknown model config field(s) {unknown}; was this saved by a newer "
+                          "poolformer_jax?")
+  return MetaFormerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-def write_config(directory: str, cfg: PoolFormerConfig, *, variant: str,
+def write_config(directory: str, cfg: MetaFormerConfig, *, variant: str,
                  labels: list[str] | tuple[str, ...] | None = None,
                  preprocessing: Mapping[str, Any] | None = None) -> None:
   """Writes DIRECTORY/config.json: the architecture, classes and eval preprocessing.
@@ -144,22 +158,22 @@ def save_pretrained(directory: str, model: MetaFormer, *, variant: str,
   return atomic_directory(directory, write, overwrite=overwrite)
 
 
-def read_info(directory: str) -> tuple[PretrainedInfo, PoolFormerConfig]:
+def read_info(directory: str) -> tuple[PretrainedInfo, MetaFormerConfig]:
   """Reads config.json only (no weights)."""
   path = epath.Path(directory) / CONFIG_FILE
   if not epath.Path(directory).is_dir():
-    raise FileNotFoundError(f"{directory} is not a directory; pass a directory written by "
-                            "convert_torch_weights.py, save_pretrained or the trainer")
+    raise CheckpointError(f"{directory} is not a directory; pass a directory written by "
+                          "convert_torch_weights.py, save_pretrained or the trainer")
   if not path.is_file():
-    raise FileNotFoundError(f"{directory} has no {CONFIG_FILE}; it was not written by "
-                            "save_pretrained or the trainer (or the write did not finish)")
+    raise CheckpointError(f"{directory} has no {CONFIG_FILE}; it was not written by "
+                          "save_pretrained or the trainer (or the write did not finish)")
   try:
     config = json.loads(path.read_text())
   except ValueError as e:
-    raise ValueError(f"{path} is not valid JSON ({e})") from None
+    raise CheckpointError(f"{path} is not valid JSON ({e})") from None
   if not isinstance(config, dict) or config.get("format") != FORMAT:
     got = config.get("format") if isinstance(config, dict) else type(config).__name__
-    raise ValueError(f"{path} has format {got!r}, expected {FORMAT!r}")
+    raise CheckpointError(f"{path} has format {got!r}, expected {FORMAT!r}")
   cfg = (_config_from_json(config["model"]) if "model" in config else
          get_config(config["variant"], num_classes=config["num_classes"]))
   labels = config.get("labels")
@@ -169,7 +183,7 @@ def read_info(directory: str) -> tuple[PretrainedInfo, PoolFormerConfig]:
   return info, cfg
 
 
-def abstract_params(cfg: PoolFormerConfig) -> dict:
+def abstract_params(cfg: MetaFormerConfig) -> dict:
   """The parameter tree of `cfg` as shapes on one device: the target to restore a checkpoint into."""
   abstract = nnx.eval_shape(lambda: MetaFormer(cfg, rngs=nnx.Rngs(0)))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -177,13 +191,12 @@ def abstract_params(cfg: PoolFormerConfig) -> dict:
                       nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
 
 
-def load_params(directory: str) -> tuple[dict, PretrainedInfo, PoolFormerConfig]:
+def load_params(directory: str) -> tuple[dict, PretrainedInfo, MetaFormerConfig]:
   """(parameters as a nested dict of numpy arrays, info, architecture) from either
 
   * a pretrained directory (`params/`, written by the converter or `save_pretrained`), or
   * a training workdir (`checkpoints/`): its newest checkpoint that passes verification.
   """
-  from poolformer_jax import checkpointing  # pylint: disable=g-import-not-at-top
   info, cfg = read_info(directory)
   target = abstract_params(cfg)
   root = epath.Path(checkpointing.orbax_path(directory))
@@ -196,11 +209,11 @@ def load_params(directory: str) -> tuple[dict, PretrainedInfo, PoolFormerConfig]
     restored = ckpt.restore_latest({"params": target})
     ckpt.close()
     if restored is None:
-      raise FileNotFoundError(f"{directory} is a training workdir without any checkpoint yet")
+      raise CheckpointError(f"{directory} is a training workdir without any checkpoint yet")
     params = restored[0]["params"]
   else:
-    raise FileNotFoundError(f"{directory} has neither {PARAMS_DIR}/ (a converted model) nor "
-                            f"{CHECKPOINTS_DIR}/ (a training workdir)")
+    raise CheckpointError(f"{directory} has neither {PARAMS_DIR}/ (a converted model) nor "
+                          f"{CHECKPOINTS_DIR}/ (a training workdir)")
   return jax.tree.map(np.asarray, params), info, cfg
 
 

@@ -12,6 +12,8 @@ Design points:
   * One `jax.jit` per step with explicit in/out shardings and the state donated; compiled ahead
     of time, so it can never retrace (a changed shape is an error, not a silent recompile), and
     its FLOPs come from XLA's cost analysis (for MFU).
+  * TensorFlow is the input pipeline's alone: building and compiling the steps, checkpoints and
+    metrics need none of it (`input_pipeline` is imported when the first batch is made).
   * The NNX model is split once into a static graph and a plain dict of parameters, and merged
     inside the step (the Flax performance guide's pattern).
   * The host reads step n-1's metrics after dispatching step n, so the accelerator never waits
@@ -29,18 +31,19 @@ import uuid
 from typing import Any
 
 from absl import logging
+from etils import epath
+from etils import epy
 import flax
 from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
+from ml_collections.config_dict import placeholder
 import numpy as np
 import optax
-import tensorflow as tf
 
 from poolformer_jax import checkpointing
 from poolformer_jax import cpu_tuning
-from poolformer_jax import input_pipeline
 from poolformer_jax import metrics as metrics_lib
 from poolformer_jax import mixup
 from poolformer_jax import model as model_lib
@@ -48,16 +51,16 @@ from poolformer_jax import multihost
 from poolformer_jax import optimizer as optimizer_lib
 from poolformer_jax import pretrained
 from poolformer_jax import sharding as sharding_lib
+from poolformer_jax.errors import CheckpointError, ConfigError, Error
+
+with epy.lazy_imports():  # TensorFlow: imported at the first use, when batches are made.
+  from poolformer_jax import input_pipeline
 
 # Exit code of a run stopped by SIGTERM after saving (BSD's EX_TEMPFAIL: "try again").
 PREEMPTED_EXIT_CODE = 75
 
 
-class ConfigError(ValueError):
-  """A config or environment that cannot work; raised before any expensive work."""
-
-
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(Error):
   """The loss or the gradients became NaN/inf; nothing after the last good step is saved."""
 
 
@@ -83,12 +86,46 @@ def default_config() -> ml_collections.ConfigDict:
   """
   c = ml_collections.ConfigDict()
   c.model = "poolformer_s12"
-  c.model_overrides = ml_collections.ConfigDict()  # PoolFormerConfig fields, e.g. token_mixer.
+  c.model_overrides = ml_collections.ConfigDict()  # MetaFormerConfig fields, e.g. token_mixer.
   c.num_classes = 0  # 0: from the dataset.
   c.dtype = "bfloat16"  # Compute dtype; parameters and optimizer state stay float32.
   c.remat = False  # Recompute each block's activations in the backward pass: less memory.
   c.matmul_precision = "default"  # 'highest' for float32-exact matmuls (parity checks).
-  c.data = input_pipeline.default_data_config()
+
+  # Data (poolformer_jax.input_pipeline): ImageNet-1k with timm's train/eval transforms.
+  c.data = d = ml_collections.ConfigDict()
+  d.dataset = "imagenet2012"  # 'imagenet2012' | 'digits' | any TFDS name | 'folder'.
+  # Optional strings are typed placeholders (None until set), settable from the command line.
+  d.data_dir = placeholder(str)  # TFDS data dir (None: TFDS default, ~/tensorflow_datasets).
+  d.manual_dir = placeholder(str)  # ILSVRC2012_img_{train,val}.tar (None: <data_dir>/downloads/manual).
+  d.prepare = False  # Run download_and_prepare for a TFDS dataset that is not prepared yet.
+  d.folder = placeholder(str)  # Root of <split>/<label>/*.jpg when dataset == 'folder'.
+  # Folder datasets: every file is decoded once before training (poolformer_jax.folder_scan)
+  # and the run reads the checked list from here (None: WORKDIR/data_manifest).
+  d.manifest_dir = placeholder(str)
+  d.max_bad_train_fraction = 0.001  # Undecodable train files left out; more is an error.
+  d.max_bad_eval_fraction = 0.0  # Eval: any undecodable file is an error (every image counts).
+  d.image_key = placeholder(str)  # Feature names; None: the dataset's supervised_keys.
+  d.label_key = placeholder(str)
+  d.train_split = "train"
+  d.eval_split = "validation"
+  d.image_size = 224
+  # Eval: resize the short side to floor(image_size / crop_pct), then center-crop image_size.
+  d.crop_pct = 0.9
+  d.interpolation = "bicubic"  # Eval resize.
+  d.train_interpolation = "random"  # 'random' (bilinear or bicubic per image, as timm), 'bilinear', 'bicubic'.
+  d.mean = pretrained.IMAGENET_MEAN  # In 0..1 pixel scale.
+  d.std = pretrained.IMAGENET_STD
+  d.rrc_scale = placeholder(tuple)  # Random-resized-crop area range; None: no crop, resize whole.
+  d.rrc_scale = (0.08, 1.0)
+  d.rrc_ratio = (3.0 / 4.0, 4.0 / 3.0)
+  d.hflip = True
+  d.randaugment = "rand-m9-mstd0.5-inc1"  # timm policy string; None or '' disables.
+  d.random_erasing = 0.25  # Probability (pixel mode, after normalisation); 0 disables.
+  d.shuffle_buffer = 16_384  # Encoded images; ImageNet JPEGs average ~110 KB.
+  d.prefetch = 2  # Batches prefetched by tf.data.
+  d.cache = False  # Keep the encoded split in host memory (small datasets).
+  d.num_parallel_calls = -1  # -1: tf.data.AUTOTUNE.
 
   c.seed = 0
   c.batch_size = 4096  # Global: split over all chips and processes.
@@ -102,6 +139,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.lr_base_batch_size = 1024
   c.warmup_lr = 1e-6
   c.min_lr = 1e-5
+  c.optimizer = "adamw"  # 'adamw' | 'lamb' (timm's LAMB: the CAFormer recipe).
   c.weight_decay = 0.05  # Weights only: no decay on norms, layer scales, biases.
   c.adam_b1 = 0.9
   c.adam_b2 = 0.999
@@ -134,35 +172,43 @@ def validate_config(config, *, workdir: str | None, num_devices: int,
   if config.model not in model_lib.VARIANTS:
     raise ConfigError(f"unknown model {config.model!r}; valid: {', '.join(model_lib.list_models())}")
   try:
-    model_lib.get_config(config.model, **config.model_overrides.to_dict())
+    model_config = model_lib.get_config(config.model, **config.model_overrides.to_dict())
   except ValueError as e:
     raise ConfigError(f"config.model_overrides: {e}") from None
+  if config.optimizer not in optimizer_lib.OPTIMIZERS:
+    raise ConfigError(f"config.optimizer={config.optimizer!r}; use one of "
+                      f"{list(optimizer_lib.OPTIMIZERS)}")
   if config.dtype not in _DTYPES:
     raise ConfigError(f"config.dtype={config.dtype!r}; use one of {sorted(_DTYPES)}")
   size = config.data.image_size
   if size <= 0 or size % 32:
     raise ConfigError(f"config.data.image_size={size} must be a positive multiple of 32 "
                       "(the network downsamples by 32), e.g. 224 or 256")
+  fixed = model_lib.RANDOM_MIXING_INPUT_SIZE
+  if "random" in model_config.stage_token_mixers and size != fixed:
+    raise ConfigError(f"config.data.image_size={size}, but {config.model} mixes tokens with "
+                      f"fixed random matrices drawn for {fixed}x{fixed} input: set "
+                      f"--config.data.image_size={fixed}")
   if config.fsdp < 1 or num_devices % config.fsdp:
     raise ConfigError(f"config.fsdp={config.fsdp} must divide the number of devices "
                       f"({num_devices})")
   b, k = config.batch_size, config.grad_accum_steps
   if k < 1 or b % k:
     raise ConfigError(f"config.batch_size={b} must be divisible by config.grad_accum_steps={k}")
-  if (b // k) % num_devices:
+  # Each process feeds its own devices: a batch splits over processes, then over their devices.
+  split = (f"the data-parallel size, the number of devices ({num_devices}; processes: "
+           f"{process_count})")
+  if (b // k) % num_devices or b % process_count:
     raise ConfigError(
-        f"config.batch_size={b} (per micro-batch {b // k}) must be divisible by the "
-        f"data-parallel size, the number of devices ({num_devices}); e.g. "
+        f"config.batch_size={b} (per micro-batch {b // k}) must be divisible by {split}; e.g. "
         f"--config.batch_size={max(num_devices * k, b // (num_devices * k) * num_devices * k)}")
-  if b % process_count:
-    raise ConfigError(f"config.batch_size={b} must be divisible by the number of processes "
-                      f"({process_count})")
   if (config.mixup_alpha > 0 or config.cutmix_alpha > 0) and (b // k // num_devices) % 2:
     raise ConfigError(f"Mixup/CutMix pairs images on each device: the per-device micro-batch "
                       f"({b // k // num_devices}) must be even")
-  if config.eval_batch_size % num_devices or config.eval_batch_size % process_count:
-    raise ConfigError(f"config.eval_batch_size={config.eval_batch_size} must be divisible by "
-                      f"the number of devices ({num_devices})")
+  e = config.eval_batch_size
+  if e % num_devices or e % process_count:
+    raise ConfigError(f"config.eval_batch_size={e} must be divisible by {split}; e.g. "
+                      f"--config.eval_batch_size={max(num_devices, e // num_devices * num_devices)}")
   if not 0.0 <= config.ema_decay < 1.0:
     raise ConfigError(f"config.ema_decay={config.ema_decay} must be in [0, 1)")
   for name in ("log_every_steps", "checkpoint_every_steps"):
@@ -176,25 +222,24 @@ def validate_config(config, *, workdir: str | None, num_devices: int,
 
 def _check_writable(workdir: str) -> None:
   try:
-    tf.io.gfile.makedirs(workdir)
-    probe = os.path.join(workdir, f".write-test-{uuid.uuid4().hex[:8]}")
-    with tf.io.gfile.GFile(probe, "w") as f:
-      f.write("ok")
-    tf.io.gfile.remove(probe)
-  except (tf.errors.OpError, OSError) as e:
-    raise ConfigError(f"workdir {workdir} is not writable ({type(e).__name__}: "
-                      f"{getattr(e, 'message', e)}); choose another --workdir") from None
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    probe = epath.Path(workdir) / f".write-test-{uuid.uuid4().hex[:8]}"
+    probe.write_text("ok")
+    probe.unlink()
+  except Exception as e:  # pylint: disable=broad-except  (OSError locally, others on gs://)
+    raise ConfigError(f"workdir {workdir} is not writable ({type(e).__name__}: {e}); choose "
+                      "another --workdir") from None
 
 
 _ARCHITECTURE_FIELDS = ("depths", "widths", "token_mixer", "mixer_size", "mlp_ratio",
-                        "in_channels")
+                        "in_channels", "version", "norm", "head", "head_dim")
 
 
 def _check_init_from(config) -> None:
   """init_from must exist and hold the same architecture (the head may differ)."""
   try:
     _, source_cfg = pretrained.read_info(config.init_from)
-  except (FileNotFoundError, ValueError) as e:
+  except CheckpointError as e:
     raise ConfigError(f"config.init_from: {e}") from None
   ours = model_lib.get_config(config.model, **config.model_overrides.to_dict())
   diff = [f"{f}: {getattr(source_cfg, f)} there, {getattr(ours, f)} here"
@@ -256,7 +301,6 @@ class Trainer:
         self.state_sharding)
     self.batch_sharding = sharding_lib.batch_sharding(self.mesh)
     self.replicated = sharding_lib.replicated(self.mesh)
-    self.train_traces = 0  # Incremented when the train step is traced: must end at 1.
 
   def _new_model(self, rngs):
     return model_lib.MetaFormer(self.model_config, dtype=self.dtype, remat=self.config.remat,
@@ -302,7 +346,6 @@ class Trainer:
     return jax.tree.map(lambda g: g / k, (loss, grads))
 
   def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
-    self.train_traces += 1
     c = self.config
     key = jax.random.fold_in(jax.random.key(c.seed), state.step)
     mix_key, depth_key = jax.random.split(key)
@@ -316,6 +359,9 @@ class Trainer:
     ema = state.ema
     if ema is not None:
       ema = optax.incremental_update(params, ema, 1.0 - c.ema_decay)
+      if self.model_config.has_frozen_params:  # a*w + (1-a)*w can round: keep frozen w exact
+        ema = jax.tree.map(lambda frozen, e, p: p if frozen else e,
+                           model_lib.frozen_mask(params), ema, params)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                "lr": self.schedule(state.step)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
@@ -365,20 +411,25 @@ class Trainer:
 
   # -- checkpoints ---------------------------------------------------------
 
-  def restore_targets(self) -> dict[str, Any]:
-    return self.abstract_state.checkpoint_items()
+  def load_params(self, directory: str, fresh=None):
+    """The parameters of a pretrained dir or workdir, laid out on the mesh.
 
-  def load_params(self, state: TrainState, directory: str) -> TrainState:
-    """`state` with params (and EMA) from a pretrained dir or workdir; a new head if needed."""
+    A head for another number of classes is taken from `fresh` (newly initialised parameters:
+    fine-tuning); without `fresh`, every tensor must fit.
+    """
     loaded, info, _ = pretrained.load_params(directory)
     same_head = info.num_classes == self.num_classes
-    flat_loaded = dict(_flatten(loaded))
+    if not same_head and fresh is None:
+      raise ConfigError(f"{directory} has {info.num_classes} classes, the dataset "
+                        f"{self.num_classes}: scoring needs a model of the dataset's classes")
+    loaded = {jax.tree_util.keystr(p, simple=True, separator="."): v
+              for p, v in jax.tree_util.tree_leaves_with_path(loaded)}
     kept_new = []
 
     def pick(path, current, sharding):
-      name = checkpointing.path_name(path)
-      if name in flat_loaded and (same_head or not name.startswith("head.")):
-        value = np.asarray(flat_loaded[name], np.float32)
+      name = jax.tree_util.keystr(path, simple=True, separator=".")
+      if name in loaded and (same_head or not name.startswith("head.")):
+        value = np.asarray(loaded[name], np.float32)
         if value.shape != current.shape:
           raise ConfigError(f"init_from {directory}: {name} has shape {value.shape}, "
                             f"this model needs {current.shape}")
@@ -386,19 +437,15 @@ class Trainer:
       kept_new.append(name)
       return current
 
-    params = jax.tree_util.tree_map_with_path(pick, state.params, self.state_sharding.params)
+    params = jax.tree_util.tree_map_with_path(
+        pick, self.abstract_state.params if fresh is None else fresh, self.state_sharding.params)
     if not same_head:
       metrics_lib.log(f"init_from {directory}: it has {info.num_classes} classes, this run "
                       f"{self.num_classes}; the head is newly initialised "
                       f"({', '.join(kept_new)}), every other tensor is loaded")
     elif kept_new:
       raise ConfigError(f"init_from {directory} lacks {kept_new}")
-    ema = params if state.ema is not None else None
-    return state.replace(params=params, ema=ema)
-
-
-def _flatten(tree):
-  return [(checkpointing.path_name(p), v) for p, v in jax.tree_util.tree_leaves_with_path(tree)]
+    return params
 
 
 # ---------------------------------------------------------------------------
@@ -423,14 +470,13 @@ def _format_eval(record: dict) -> str:
   return ", ".join(f"{k} {v:.4f}" for k, v in record.items() if not k.endswith("examples"))
 
 
-def _eval_record(trainer, eval_step, state, eval_batches) -> dict:
-  sets = {"eval": state.params}
-  if state.ema is not None:
-    sets["eval_ema"] = state.ema
+def _eval_record(trainer, eval_step, eval_batches, **param_sets) -> dict:
+  """{'eval/top1': ..., 'eval_ema/top1': ...}: each set of parameters that is not None."""
   record = {}
-  for prefix, params in sets.items():
-    result = run_eval(eval_step, params, eval_batches, trainer.batch_sharding)
-    record.update({f"{prefix}/{k}": v for k, v in result.items()})
+  for prefix, params in param_sets.items():
+    if params is not None:
+      result = run_eval(eval_step, params, eval_batches, trainer.batch_sharding)
+      record.update({f"{prefix}/{k}": v for k, v in result.items()})
   return record
 
 
@@ -480,8 +526,7 @@ def _write_run_files(workdir, config, trainer, info) -> None:
              std=list(config.data.std))
   pretrained.write_config(workdir, trainer.model_config, variant=config.model, labels=labels,
                           preprocessing=pre)
-  with tf.io.gfile.GFile(os.path.join(workdir, "train_config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  (epath.Path(workdir) / "train_config.json").write_text(config.to_json_best_effort(indent=2))
 
 
 class _SigtermFlag:
@@ -520,9 +565,9 @@ class _SigtermFlag:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from WORKDIR/checkpoints if present), evaluates, checkpoints.
 
-  Returns the final record (eval metrics at the last step, plus `compiles`). Raises
-  ConfigError / DatasetNotFoundError before any expensive work, TrainingDivergedError on
-  NaN/inf, Preempted after saving on SIGTERM.
+  Returns the final record (the step and the eval metrics at the last step). Raises
+  ConfigError / DatasetError before any expensive work, TrainingDivergedError on NaN/inf,
+  Preempted after saving on SIGTERM.
   """
   # --- Validate, mesh, data sizes -----------------------------------------
   config, mesh, info, num_classes = _setup(
@@ -543,14 +588,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     max_to_keep=config.keep_checkpoints,
                                     async_save=config.async_checkpoints)
-  restored = ckpt.restore_latest(trainer.restore_targets(), fallback=config.checkpoint_fallback)
+  restored = ckpt.restore_latest(trainer.abstract_state.checkpoint_items(),
+                                 fallback=config.checkpoint_fallback)
   if restored is not None:
     state = TrainState.from_checkpoint_items(restored[0])
     metrics_lib.log(f"Resumed from checkpoint step {int(state.step)} in {ckpt.directory}")
   else:
     state = trainer.init_state(config.seed)
     if config.init_from:
-      state = trainer.load_params(state, config.init_from)
+      params = trainer.load_params(config.init_from, state.params)
+      # The EMA starts as a copy: the step donates the state, each buffer may appear once.
+      state = state.replace(params=params,
+                            ema=None if state.ema is None else jax.tree.map(jnp.copy, params))
       metrics_lib.log(f"Initialised from {config.init_from}")
   start = int(state.step)
   writer = metrics_lib.MetricWriter(workdir, resume_step=start)
@@ -562,9 +611,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if start >= total:
     ckpt.close()
     writer.close()
-    record = _eval_record(trainer, eval_step, state, eval_batches)
+    record = _eval_record(trainer, eval_step, eval_batches, eval=state.params, eval_ema=state.ema)
     metrics_lib.log(f"Training was already complete at step {start}: {_format_eval(record)}")
-    return {"step": start, **record, "compiles": trainer.train_traces}
+    return {"step": start, **record}
   train_batches = sharding_lib.prefetch_to_device(
       input_pipeline.create_train_iterator(config.data, global_batch_size=config.batch_size,
                                            seed=config.seed, start_step=start),
@@ -627,7 +676,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           metrics_lib.log(metrics_lib.format_progress(step, total, record))
         if step % eval_every == 0 or step == total:
           drain()
-          record = _eval_record(trainer, eval_step, state, eval_batches)
+          record = _eval_record(trainer, eval_step, eval_batches, eval=state.params,
+                                eval_ema=state.ema)
           writer.write(step, record)
           metrics_lib.log(f"step {step}: {_format_eval(record)}")
           final.update(record)
@@ -645,11 +695,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       finally:
         ckpt.close()
         writer.close()
-  return {"step": total, **final, "compiles": trainer.train_traces}
+  return {"step": total, **final}
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Scores `config.init_from` (e.g. converted release weights), else WORKDIR's latest checkpoint.
+  """Scores the parameters of `config.init_from` (e.g. converted release weights), else of
+  WORKDIR's newest checkpoint (its EMA is scored during training). Only parameters are read.
 
   This is how ImageNet accuracy parity of converted weights is checked: the release's eval
   transform on `imagenet2012`'s validation split, every image counted once.
@@ -657,21 +708,20 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config, mesh, info, num_classes = _setup(config, workdir, (config.data.eval_split,))
   trainer = Trainer(config, mesh, num_classes, steps_per_epoch=1, total_steps=1)
   if config.init_from:
-    state = trainer.load_params(trainer.init_state(config.seed), config.init_from)
-    source, step = config.init_from, 0
+    params, source, step = trainer.load_params(config.init_from), config.init_from, 0
   else:
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
-    restored = ckpt.restore_latest(trainer.restore_targets(),
+    restored = ckpt.restore_latest({"params": trainer.abstract_state.params},
                                    fallback=config.checkpoint_fallback)
     ckpt.close()
     if restored is None:
       raise ConfigError(f"nothing to evaluate: no checkpoint in {workdir}/checkpoints and no "
                         "--config.init_from")
-    state = TrainState.from_checkpoint_items(restored[0])
-    source, step = f"{workdir} step {int(state.step)}", int(state.step)
+    params, step = restored[0]["params"], restored[1]["step"]
+    source = f"{workdir} step {step}"
   eval_batches, _ = input_pipeline.create_eval_iterator(
       config.data, global_batch_size=config.eval_batch_size)
-  record = _eval_record(trainer, trainer.compile_eval_step(), state, eval_batches)
+  record = _eval_record(trainer, trainer.compile_eval_step(), eval_batches, eval=params)
   writer = metrics_lib.MetricWriter(workdir)
   writer.write(step, {**record, "source": source})
   writer.close()

@@ -8,7 +8,11 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import collections  # noqa: E402
+import contextlib  # noqa: E402
+import logging  # noqa: E402
 import pathlib  # noqa: E402
+import re  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -51,6 +55,37 @@ def load_config(spec: str):
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg) if arg else module.get_config()
+
+
+@contextlib.contextmanager
+def count_compiles():
+  """Counts XLA compilations per function name while active (from `jax.log_compiles`' log).
+
+  A retrace with new shapes, or a recompile for new shardings, adds one; a cached call does not.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  counts = collections.Counter()
+
+  class Handler(logging.Handler):
+    def emit(self, record):
+      match = re.match(r"Compiling jit\((\w+)\)", record.getMessage())
+      if match:
+        counts[match[1]] += 1
+
+  handler = Handler()
+  logging.getLogger("jax").addHandler(handler)
+  try:
+    with jax.log_compiles():
+      yield counts
+  finally:
+    logging.getLogger("jax").removeHandler(handler)
+
+
+def count_primitive(jaxpr, primitive) -> int:
+  """Equations of `primitive` in `jaxpr`, nested jaxprs (jit, scan, remat, ...) included."""
+  from jax.extend import core  # pylint: disable=g-import-not-at-top
+  return (sum(eqn.primitive is primitive for eqn in jaxpr.eqns)
+          + sum(count_primitive(sub, primitive) for sub in core.subjaxprs(jaxpr)))
 
 
 class SmallFilesystem:

@@ -24,7 +24,9 @@ import helpers_torch as H  # noqa: E402
 from flax import nnx  # noqa: E402
 from poolformer_jax import convert as cv  # noqa: E402
 from poolformer_jax import create_model, load_pretrained  # noqa: E402
+from poolformer_jax import errors  # noqa: E402
 from poolformer_jax import pretrained  # noqa: E402
+from poolformer_jax.convert import hf_export, keys  # noqa: E402
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 TOL = 1e-4
@@ -120,21 +122,24 @@ def test_layout_parity_m36_small_input(layout, fmt, tmp_path):
 
 
 def test_tables_name_every_parameter_once_in_every_layout():
-  """Each JAX parameter has one name per layout, and that name maps back to it."""
+  """Each JAX parameter has one name per PoolFormer v1 layout, and that name maps back to it.
+  (The MetaFormer baselines' layouts: tests/test_convert_metaformer.py.)"""
   abstract = nnx.eval_shape(lambda: create_model("poolformer_m48", rngs=nnx.Rngs(0)))
   paths = [".".join(str(getattr(k, "key", k)) for k in path) for path, _ in
            jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(abstract)))[0]]
   assert len(paths) == 2 + 2 * 3 + 10 * sum((8, 8, 24, 8)) + 4  # stem, downs, blocks, norm+head
-  for layout in cv.LAYOUTS:
+  layouts = [layout for layout in keys.LAYOUTS if 1 in keys.LAYOUT_VERSIONS[layout]]
+  assert layouts == ["release", "hf", "timm"]
+  for layout in layouts:
     names = set()
     for path in paths:
-      canon, _ = cv._lookup(path, "jax")
-      name = cv.source_key(canon, layout)
+      canon, _ = keys.lookup(path, "jax")
+      name = keys.source_key(canon, layout)
       names.add(name)
-      back = cv.canonical_key(name, layout)
-      assert cv._lookup(back, "canonical")[0] == path, (layout, name)
+      back = keys.canonical_key(name, layout)
+      assert keys.lookup(back, "canonical")[0] == path, (layout, name)
     assert len(names) == len(paths)
-    assert cv.detect_layout(names) == layout
+    assert keys.detect_layout(names) == layout
 
 
 # ---------------------------------------------------------------------------
@@ -168,7 +173,7 @@ def test_roundtrip_jax_hf_safetensors_jax_is_bit_exact(tmp_path):
   model = _random_jax_model()
   info = pretrained.PretrainedInfo("poolformer_s12", 7, labels=tuple("abcdefg"),
                                    preprocessing=pretrained.default_preprocessing(0.9))
-  hf_dir = cv.export_hf_safetensors(model, info, str(tmp_path / "hf"))
+  hf_dir = hf_export.export_hf_safetensors(model, info, str(tmp_path / "hf"))
   back = cv.convert(hf_dir)
   assert back.layout == "hf" and back.info.labels == info.labels
   a, b = params_of(model), params_of(back.model)
@@ -209,7 +214,7 @@ def test_save_load_pretrained_is_bit_exact(tmp_path):
                                            pretrained.default_preprocessing(0.9))
   a, b = params_of(model), params_of(loaded)
   assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-  with pytest.raises(FileExistsError, match="overwrite"):
+  with pytest.raises(errors.CheckpointError, match="overwrite"):
     pretrained.save_pretrained(path, model, variant="poolformer_s12")
 
 
@@ -300,7 +305,7 @@ def test_other_architecture(tmp_path, capsys, arch):
              "head.weight": torch.zeros(10, 8), "head.bias": torch.zeros(10)}
   path = tmp_path / f"{arch}.pth"
   torch.save(state, path)
-  _fails(capsys, tmp_path, path, match="not a PoolFormer v1 checkpoint")
+  _fails(capsys, tmp_path, path, match="not a PoolFormer / MetaFormer checkpoint")
 
 
 def test_other_architecture_hf_directory(tmp_path, capsys):
@@ -385,7 +390,7 @@ def test_check_passes_then_fails_when_a_weight_is_perturbed(s12_release, tmp_pat
     t = dataclasses.replace(entry.transform, to_jax=lambda x: x + np.float32(1e-3))
     return dataclasses.replace(entry, transform=t)
 
-  monkeypatch.setattr(cv, "TABLE", tuple(nudged(e) for e in cv.TABLE))
+  monkeypatch.setattr(keys, "TABLE", tuple(nudged(e) for e in keys.TABLE))
   photo = tmp_path / "coffee.png"
   from PIL import Image
   Image.fromarray(skimage_data.coffee()).save(photo)

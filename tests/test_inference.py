@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import REPO
 from poolformer_jax import inference
 
 skimage_data = pytest.importorskip("skimage.data")
@@ -54,6 +55,9 @@ def test_preprocess_matches_hf_resize_and_release_crop(crop_pct):
   same = [np.abs(a - b).max() <= PREPROCESS_ATOL for a, b in zip(ours, full)]
   assert sum(not s for s in same) == floor_differs  # only the 3-mod-4 margins differ from HF
   assert floor_differs >= 1  # and the photo set does exercise that case
+  # reference="hf" is HF's processor exactly, those photos included.
+  np.testing.assert_allclose(inference.preprocess(images, {"crop_pct": crop_pct}, reference="hf"),
+                             full, atol=PREPROCESS_ATOL, rtol=0)
 
 
 def test_grayscale_rgba_and_16bit_inputs(tmp_path):
@@ -101,10 +105,13 @@ def test_corrupt_and_non_image_files_give_clear_errors(tmp_path):
 
 
 def test_imagenet_class_names_ship_with_the_package():
-  classes = inference.imagenet_classes()
+  from poolformer_jax import pretrained
+  text = (REPO / "poolformer_jax" / "imagenet_classes.txt").read_text()
+  classes = [line.split("\t") for line in text.splitlines() if line and not line.startswith("#")]
   assert len(classes) == 1000 and len({w for w, _ in classes}) == 1000
-  assert classes[0] == ("n01440764", "tench, Tinca tinca")
-  assert inference.imagenet_labels()[1] == "goldfish"
+  assert classes[0] == ["n01440764", "tench, Tinca tinca"]
+  labels = pretrained.imagenet_labels()
+  assert len(labels) == 1000 and labels[:2] == ("tench", "goldfish")
   tfds_labels = pytest.importorskip("tensorflow_datasets.datasets.siscore.labels")
   assert [n for _, n in classes] == list(tfds_labels.IMAGENET_LABELS_LIST)
 
@@ -162,11 +169,11 @@ def test_classify_files_skips_and_reports_broken_files(converted_random_model, t
 def test_release_checkpoints_get_imagenet_names(converted_random_model, tmp_path):
   """Release/timm files hold no class names; a 1000-class one is labelled with ImageNet's."""
   import helpers_torch
-  from poolformer_jax import convert
+  from poolformer_jax import convert, pretrained
   hf, _, _, torch, _ = converted_random_model
   torch.save(helpers_torch.to_release_keys(helpers_torch.hf_state(hf)), tmp_path / "s12.pth.tar")
   info = convert.convert(str(tmp_path / "s12.pth.tar")).info
-  assert info.labels == inference.imagenet_labels() and info.labels[1] == "goldfish"
+  assert info.labels == pretrained.imagenet_labels() and info.labels[1] == "goldfish"
 
 
 @pytest.mark.slow
@@ -199,3 +206,53 @@ def test_predict_cli_classifies_a_folder_and_names_the_broken_file(converted_ran
     lines = proc.stdout.splitlines()
     assert len(lines) == 3 and lines[1].startswith(str(tmp_path / "chelsea.png"))
     assert expected.labels[0] in lines[1]
+
+
+def tiny_model(num_classes=7):
+  from flax import nnx
+  from poolformer_jax import model as model_lib
+  return model_lib.create_model("poolformer_s12", num_classes=num_classes, rngs=nnx.Rngs(0),
+                                depths=(1, 1, 1, 1), widths=(8, 16, 24, 32))
+
+
+TINY_PREPROCESSING = {"input_size": 32, "crop_pct": 1.0}
+
+
+def test_predict_compiles_once_for_any_number_of_images(tmp_path):
+  """Every batch is padded to batch_size: calls with 3, 1 and 5 images reuse one program."""
+  from conftest import count_compiles
+  model = tiny_model()
+  rng = np.random.default_rng(0)
+  images = [rng.integers(0, 256, (40 + i, 48, 3), np.uint8) for i in range(5)]
+  for i, image in enumerate(images):
+    Image.fromarray(image).save(tmp_path / f"{i}.png")
+  inference._probabilities_fn.cache_clear()
+  with count_compiles() as compiles:
+    three = inference.predict(model, images[:3], preprocessing=TINY_PREPROCESSING, batch_size=2)
+    one = inference.predict(model, images[:1], preprocessing=TINY_PREPROCESSING, batch_size=2)
+    files, failed = inference.classify_files(model, inference.list_image_files([str(tmp_path)]),
+                                             preprocessing=TINY_PREPROCESSING, batch_size=2)
+    everything = inference.predict(model, images, preprocessing=TINY_PREPROCESSING, batch_size=2)
+  assert compiles["probabilities"] == 1, compiles
+  assert len(three) == 3 and one[0] == three[0] and not failed
+  assert [p.indices for p in files.values()] == [p.indices for p in everything]
+
+
+def test_predict_command_never_imports_tensorflow(tmp_path):
+  """`main.py --mode=predict` (load_pretrained, preprocess, predict) runs without TensorFlow."""
+  import re
+  import subprocess
+  import sys
+  from poolformer_jax import pretrained
+  checkpoint = pretrained.save_pretrained(tmp_path / "model", tiny_model(), variant="poolformer_s12",
+                                          preprocessing=TINY_PREPROCESSING)
+  Image.fromarray(skimage_data.coffee()).save(tmp_path / "coffee.png")
+  proc = subprocess.run(
+      [sys.executable, "-X", "importtime", "main.py", "--mode=predict",
+       f"--checkpoint={checkpoint}", str(tmp_path / "coffee.png")],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.startswith(str(tmp_path / "coffee.png"))
+  assert "import time:" in proc.stderr  # -X importtime lists every module imported...
+  assert not re.search(r"^import time:.*\|\s+tensorflow\b", proc.stderr, re.M)  # ...none is TF

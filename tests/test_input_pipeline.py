@@ -14,7 +14,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from poolformer_jax import augment
+from poolformer_jax import errors
 from poolformer_jax import input_pipeline as ip
+from poolformer_jax import pretrained
+from poolformer_jax import train
 
 sys.path.insert(0, os.path.dirname(__file__))
 import fake_imagenet  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -33,7 +36,7 @@ def digits_dir(tmp_path_factory):
 
 
 def _digits_config(data_dir, *, augmented=True, **overrides):
-  c = ip.default_data_config()
+  c = train.default_config().data
   c.dataset = "digits"
   c.data_dir = data_dir
   c.eval_split = "test"
@@ -230,7 +233,7 @@ def fake_imagenet_dir(tmp_path_factory):
 @pytest.mark.slow
 def test_fake_imagenet_through_the_real_builder(fake_imagenet_dir):
   data_dir, expected = fake_imagenet_dir
-  c = ip.default_data_config()  # The release recipe: RRC, flip, RandAugment, erasing.
+  c = train.default_config().data  # The release recipe: RRC, flip, RandAugment, erasing.
   c.data_dir = data_dir
   c.image_size = 32
   c.crop_pct = 0.875
@@ -332,7 +335,7 @@ def test_folder_scan_stops_with_the_list_beyond_the_threshold(tmp_path):
   odd_images.make_folder(tmp_path / "data", np.random.default_rng(0),
                          per_class={"train": 30, "val": 2}, bad_in=("train", "val"))
   c = _folder_config(tmp_path / "data", tmp_path / "m")
-  with pytest.raises(folder_scan.BadImagesError) as e:
+  with pytest.raises(errors.BadImagesError) as e:
     ip.check_folder(c, ["train", "val"])
   msg = str(e.value)
   assert "2 of 97 files" in msg and "config.data.max_bad_train_fraction=0.001" in msg
@@ -340,7 +343,7 @@ def test_folder_scan_stops_with_the_list_beyond_the_threshold(tmp_path):
   assert str(tmp_path / "m" / "train_bad_files.txt") in msg
   assert not (tmp_path / "m" / "train.json").exists()  # Nothing is reused after fixing.
   c.max_bad_train_fraction = 0.03
-  with pytest.raises(folder_scan.BadImagesError, match="max_bad_eval_fraction=0 allows"):
+  with pytest.raises(errors.BadImagesError, match="max_bad_eval_fraction=0 allows"):
     ip.check_folder(c, ["train", "val"])
   assert (tmp_path / "m" / "train.json").exists() and not (tmp_path / "m" / "val.json").exists()
 
@@ -369,7 +372,7 @@ def test_folder_manifest_fixes_the_epochs_when_the_folder_changes(tmp_path):
   _assert_same_batches(batches(c, 2)[:4], before[2:])
   listed = _folder_config(root, tmp_path / "none")  # No list there: reads the folder.
   assert ip.get_dataset_info(listed).num_classes == 4
-  with pytest.raises(folder_scan.BadImagesError, match="lists the files of"):
+  with pytest.raises(errors.BadImagesError, match="lists the files of"):
     ip.check_folder(_folder_config(tmp_path, tmp_path / "m"), ["train"])
 
 
@@ -382,7 +385,7 @@ def test_odd_formats_decode_to_the_right_rgb(tmp_path):
       continue
     path = tmp_path / name
     path.write_bytes(data)
-    c = ip.default_data_config()
+    c = train.default_config().data
     c.mean, c.std, c.crop_pct = (0.0, 0.0, 0.0), (1 / 255,) * 3, 1.0
     c.image_size = min(expected.shape[:2])
     decoded = ip.make_eval_preprocess(c)(ip._checked_read(str(path)), 0)["image"].numpy()  # pylint: disable=protected-access
@@ -402,9 +405,9 @@ def test_odd_formats_decode_to_the_right_rgb(tmp_path):
 
 
 def test_missing_imagenet_says_how_to_prepare_it(tmp_path):
-  c = ip.default_data_config()
+  c = train.default_config().data
   c.data_dir = str(tmp_path)
-  with pytest.raises(ip.DatasetNotFoundError) as e:
+  with pytest.raises(errors.DatasetError) as e:
     ip.get_dataset_info(c)
   msg = str(e.value)
   for needle in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "tfds build imagenet2012",
@@ -413,17 +416,17 @@ def test_missing_imagenet_says_how_to_prepare_it(tmp_path):
 
 
 def test_other_bad_datasets_raise_clear_errors(tmp_path):
-  c = ip.default_data_config()
+  c = train.default_config().data
   c.data_dir = str(tmp_path)
   c.dataset = "cifar10"
-  with pytest.raises(ip.DatasetNotFoundError, match="tfds build cifar10"):
+  with pytest.raises(errors.DatasetError, match="tfds build cifar10"):
     ip.get_dataset_info(c)
   c.dataset = "no_such_dataset_xyz"
-  with pytest.raises(ip.DatasetNotFoundError, match="Unknown dataset"):
+  with pytest.raises(errors.DatasetError, match="Unknown dataset"):
     ip.get_dataset_info(c)
   c.dataset = "folder"
   c.folder = str(tmp_path / "missing")
-  with pytest.raises(ip.DatasetNotFoundError, match="<split>/<label>"):
+  with pytest.raises(errors.DatasetError, match="<split>/<label>"):
     ip.get_dataset_info(c)
 
 
@@ -444,7 +447,7 @@ def test_bad_split_and_batch_size(digits_dir):
 def test_eval_preprocessing_matches_pil_bicubic_resize_and_center_crop():
   """Tolerance: at most 2 grey levels per pixel, mean below 0.5 (TF vs PIL bicubic rounding)."""
   rng = np.random.default_rng(0)
-  c = ip.default_data_config()
+  c = train.default_config().data
   c.image_size, c.crop_pct = 32, 0.875
   pre = ip.make_eval_preprocess(c)
   for h, w in [(50, 71), (90, 40), (37, 37)]:
@@ -509,17 +512,18 @@ def test_randaugment_ops_match_pil(sign):
 
 
 def test_parse_randaugment():
-  p = augment.parse_randaugment("rand-m9-mstd0.5-inc1")
+  p = augment.parse_randaugment("rand-m9-mstd0.5-inc1", pretrained.IMAGENET_MEAN)
   assert (p.magnitude, p.magnitude_std, p.num_layers, p.ops) == (9.0, 0.5, 2, augment.INCREASING_OPS)
   assert p.fill == (124.0, 116.0, 104.0)  # timm: round(255 * ImageNet mean).
-  assert augment.parse_randaugment("rand-m7-n3").ops == augment.DEFAULT_OPS
+  default = augment.parse_randaugment("rand-m7-n3", pretrained.IMAGENET_MEAN)
+  assert default.ops == augment.DEFAULT_OPS
   with pytest.raises(ValueError, match="Unknown RandAugment field"):
-    augment.parse_randaugment("rand-m9-x3")
+    augment.parse_randaugment("rand-m9-x3", pretrained.IMAGENET_MEAN)
 
 
 def test_randaugment_changes_images_and_is_seeded():
   image = tf.constant(_smooth_image(np.random.default_rng(2), 32, 32).astype(np.float32))
-  policy = augment.parse_randaugment("rand-m9-mstd0.5-inc1")
+  policy = augment.parse_randaugment("rand-m9-mstd0.5-inc1", pretrained.IMAGENET_MEAN)
   outs = [augment.randaugment(image, policy, tf.constant([7, s], tf.int64)).numpy() for s in range(12)]
   again = augment.randaugment(image, policy, tf.constant([7, 0], tf.int64)).numpy()
   np.testing.assert_array_equal(outs[0], again)

@@ -10,13 +10,41 @@ from flax import nnx
 from poolformer_jax import model as pf
 from poolformer_jax import ops
 
+# Exact parameter counts of the releases (1000 classes), RandFormer's frozen matrices included.
 EXPECTED_PARAMS = {
     "poolformer_s12": 11_915_176,
     "poolformer_s24": 21_388_968,
     "poolformer_s36": 30_862_760,
     "poolformer_m36": 56_172_520,
     "poolformer_m48": 73_473_448,
+    "identityformer_s12": 11_891_712,
+    "identityformer_s24": 21_341_464,
+    "identityformer_s36": 30_791_216,
+    "identityformer_m36": 56_077_168,
+    "identityformer_m48": 73_346_056,
+    "randformer_s12": 12_127_010,
+    "randformer_s24": 21_812_060,
+    "randformer_s36": 31_497_110,
+    "randformer_m36": 56_783_062,
+    "randformer_m48": 74_287_248,
+    "poolformerv2_s12": 11_891_712,
+    "poolformerv2_s24": 21_341_464,
+    "poolformerv2_s36": 30_791_216,
+    "poolformerv2_m36": 56_077_168,
+    "poolformerv2_m48": 73_346_056,
+    "convformer_s18": 26_774_448,
+    "convformer_s36": 40_012_152,
+    "convformer_m36": 57_051_640,
+    "convformer_b36": 99_882_616,
+    "caformer_s18": 26_341_656,
+    "caformer_s36": 39_297_102,
+    "caformer_m36": 56_204_878,
+    "caformer_b36": 98_753_614,
 }
+# RandFormer's frozen matrices: 196^2 per stage-3 block, 49^2 per stage-4 block.
+EXPECTED_FROZEN = {"randformer_s12": 235_298, "randformer_s24": 470_596,
+                   "randformer_s36": 705_894, "randformer_m36": 705_894,
+                   "randformer_m48": 941_192}
 
 # A small member of the family for tests that are about behaviour, not size.
 TINY = dict(depths=(1, 1, 2, 1), widths=(8, 16, 24, 32))
@@ -38,8 +66,13 @@ def tiny_model(**overrides):
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_PARAMS))
 def test_parameter_count_matches_release(name):
+  """Built abstractly (shapes only: no memory or time for the 100M-parameter variants)."""
   abstract = nnx.eval_shape(lambda: pf.create_model(name, rngs=nnx.Rngs(0)))
   assert pf.count_params(abstract) == EXPECTED_PARAMS[name]
+  params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+  frozen = sum(int(np.prod(p.shape)) for p, f in zip(jax.tree.leaves(params),
+                                                     jax.tree.leaves(pf.frozen_mask(params))) if f)
+  assert frozen == EXPECTED_FROZEN.get(name, 0)
 
 
 def test_registry_lists_variants_and_rejects_unknown_names():
@@ -49,7 +82,7 @@ def test_registry_lists_variants_and_rejects_unknown_names():
   with pytest.raises(ValueError, match="unknown override"):
     pf.create_model("poolformer_s12", rngs=nnx.Rngs(0), depth=3)
   with pytest.raises(ValueError, match="token_mixer"):
-    pf.create_model("poolformer_s12", rngs=nnx.Rngs(0), token_mixer="attention")
+    pf.create_model("poolformer_s12", rngs=nnx.Rngs(0), token_mixer="transformer")
 
 
 def test_variant_hyperparameters_are_the_releases():
@@ -473,7 +506,9 @@ def test_s12_gradients_match_hf_with_random_weights():
     np.testing.assert_allclose(got[path], r, atol=1e-4 * scale, err_msg=str(path))
 
 
-def test_remat_gives_the_same_loss_and_gradients():
+def test_remat_recomputes_every_block_and_gives_the_same_loss_and_gradients():
+  from jax.extend.core.primitives import remat_p
+  from conftest import count_primitive
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64, 64, 3)), jnp.float32)
   key = jax.random.key(3)
   grads = []
@@ -484,6 +519,9 @@ def test_remat_gives_the_same_loss_and_gradients():
     def loss(params):
       return jnp.sum(nnx.merge(graphdef, params)(x, train=True, key=key) ** 2)
 
+    # The rematerialisation is in the differentiated program (one per block), or absent.
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(loss))(params).jaxpr
+    assert count_primitive(jaxpr, remat_p) == (sum(TINY["depths"]) if remat else 0)
     grads.append(jax.jit(jax.value_and_grad(loss))(params))
   (l0, g0), (l1, g1) = grads
   np.testing.assert_allclose(l1, l0, rtol=1e-6)

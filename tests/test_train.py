@@ -10,9 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
-from conftest import REPO, load_config
+from conftest import REPO, count_compiles, count_primitive, load_config
 from poolformer_jax import mixup
+from poolformer_jax import model as model_lib
 from poolformer_jax import optimizer
 from poolformer_jax import sharding
 from poolformer_jax import train
@@ -51,13 +53,18 @@ def random_batches(n, batch_size, size=32, num_classes=10, seed=0):
 
 
 def run_steps(trainer, batches):
-  """Initial state + the compiled step over `batches`; returns (host params, host metrics)."""
-  state = trainer.init_state(0)
-  step = trainer.compile_train_step()
-  history = []
-  for batch in batches:
-    state, metrics = step(state, sharding.global_batch(batch, trainer.batch_sharding))
-    history.append(jax.device_get(metrics))
+  """Initial state + the compiled step over `batches`: (host params, host metrics, state).
+
+  The step must compile exactly once, whatever the data: a recompile would be counted here.
+  """
+  with count_compiles() as compiles:
+    state = trainer.init_state(0)
+    step = trainer.compile_train_step()
+    history = []
+    for batch in batches:
+      state, metrics = step(state, sharding.global_batch(batch, trainer.batch_sharding))
+      history.append(jax.device_get(metrics))
+  assert compiles["train_step"] == 1, compiles
   return jax.device_get(state.params), history, state
 
 
@@ -108,6 +115,62 @@ def test_weight_decay_skips_norms_layer_scales_and_biases():
   assert decayed >= 10 and unchanged >= 20
 
 
+def test_batch_divisibility_errors_name_devices_and_processes(tmp_path):
+  """Batches are split over the processes' devices: the message names both counts."""
+  for field, value in (("batch_size", 60), ("eval_batch_size", 12)):
+    c = tiny_config(mixup_alpha=0.0, cutmix_alpha=0.0, **{field: value})
+    with pytest.raises(train.ConfigError,
+                       match=rf"config.{field}={value}.*devices \(8; processes: 2\)"):
+      train.validate_config(c, workdir=None, num_devices=8, process_count=2)
+
+
+def test_frozen_random_matrices_get_no_update_no_state_and_no_decay():
+  """RandFormer: the optimizer leaves the random matrices alone even when handed a gradient
+  for them (weight decay and clipping on); every other parameter moves."""
+  c = tiny_config(model="randformer_s12", weight_decay=0.5, grad_clip_norm=1.0)
+  abstract = nnx.eval_shape(lambda: model_lib.create_model(
+      c.model, num_classes=10, rngs=nnx.Rngs(0), **c.model_overrides.to_dict()))
+  params = jax.tree.map(lambda x: jnp.ones(x.shape, x.dtype),
+                        nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+  frozen = jax.tree.leaves(model_lib.frozen_mask(params))
+  assert sum(frozen) == 2  # the stage-3 and stage-4 blocks of the tiny model
+  tx = optimizer.make_optimizer(c, optax.constant_schedule(0.1))
+  opt_state = tx.init(params)
+  assert not any(x.shape in {(196, 196), (49, 49)} for x in jax.tree.leaves(opt_state))
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), opt_state, params)
+  for (path, u), f in zip(jax.tree_util.tree_leaves_with_path(updates), frozen):
+    if f:
+      np.testing.assert_array_equal(u, 0.0, err_msg=jax.tree_util.keystr(path))
+    else:
+      assert np.abs(u).max() > 0, jax.tree_util.keystr(path)
+  # PoolFormer has nothing frozen: its optimizer (and state layout) is plain AdamW.
+  plain = optimizer.make_optimizer(tiny_config(), optax.constant_schedule(0.1))
+  assert isinstance(plain.init(params)[0], optax.ScaleByAdamState)
+
+
+def test_randformer_trains_without_touching_its_random_matrices():
+  """Two real train steps (stop_gradient + optimizer): matrices bit-identical, the rest moves.
+  The EMA's matrices too (optax.incremental_update's a*w + (1-a)*w would round them)."""
+  c = tiny_config(model="randformer_s12", weight_decay=0.05, ema_decay=0.9999)
+  c.data.image_size = 224
+  c.batch_size = 2
+  trainer = make_trainer(c, jax.devices()[:1])
+  before = jax.device_get(trainer.init_state(0).params)
+  after, history, state = run_steps(trainer, random_batches(2, 2, size=224))
+  assert np.isfinite(history[-1]["loss"])
+  assert not any(x.shape in {(196, 196), (49, 49)} for x in jax.tree.leaves(state.opt_state))
+  frozen = jax.tree.leaves(model_lib.frozen_mask(before))
+  assert sum(frozen) == 2
+  ema = jax.device_get(state.ema)
+  for (path, a), b, e, f in zip(jax.tree_util.tree_leaves_with_path(before),
+                                jax.tree.leaves(after), jax.tree.leaves(ema), frozen):
+    if f:
+      np.testing.assert_array_equal(b, a, err_msg=jax.tree_util.keystr(path))
+      np.testing.assert_array_equal(e, a, err_msg=jax.tree_util.keystr(path))
+    else:
+      assert not np.array_equal(b, a), jax.tree_util.keystr(path)
+
+
 # --------------------------------------------------------------------------- mixup
 
 
@@ -152,7 +215,7 @@ def test_mixup_off_returns_images_and_smoothed_targets():
 # --------------------------------------------------------------------------- the step
 
 
-def test_sharded_step_equals_single_device_step_and_traces_once():
+def test_sharded_step_equals_single_device_step():
   """8-way data parallel == 1 device on the same global batch, Mixup and drop path included.
 
   Tolerance: the 8-way gradient is an all-reduce of partial sums, so float32 sums are added in
@@ -169,7 +232,6 @@ def test_sharded_step_equals_single_device_step_and_traces_once():
   p8, m8, state = run_steps(sharded, batches)
   assert max_abs_diff(p1, p8) < 1e-5
   np.testing.assert_allclose([m["loss"] for m in m1], [m["loss"] for m in m8], rtol=1e-5)
-  assert sharded.train_traces == 1 and single.train_traces == 1
   # The state really is laid out over the 8 devices and the batch split 2 per device.
   assert len(state.params["head"]["kernel"].sharding.device_set) == 8
   assert sharded.batch_sharding.shard_shape((16, 32, 32, 3)) == (2, 32, 32, 3)
@@ -204,13 +266,19 @@ def test_gradient_accumulation_equals_one_big_batch():
     assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
 
 
-def test_remat_trains_identically():
+def test_remat_is_in_the_step_and_trains_identically():
+  from jax.extend.core.primitives import remat_p
   c = tiny_config()
   batches = random_batches(2, 16)
-  plain, _, _ = run_steps(make_trainer(c, jax.devices()[:1]), batches)
-  c.remat = True
-  remat, _, _ = run_steps(make_trainer(c, jax.devices()[:1]), batches)
-  assert max_abs_diff(plain, remat) < 1e-6
+  params = {}
+  for remat in (False, True):
+    c.remat = remat
+    trainer = make_trainer(c, jax.devices()[:1])
+    step = jax.make_jaxpr(trainer.train_step)(trainer.abstract_state,
+                                              trainer.abstract_batch(16, train=True))
+    assert count_primitive(step.jaxpr, remat_p) == (4 if remat else 0)  # One per block.
+    params[remat], _, _ = run_steps(trainer, batches)
+  assert max_abs_diff(params[False], params[True]) < 1e-6
 
 
 def test_state_is_donated_and_flops_come_from_xla():
@@ -243,6 +311,30 @@ def test_ema_and_gradient_clipping():
   assert float(optax.tree.norm(mu)) == pytest.approx((1 - c.adam_b1) * 1e-3, rel=1e-4)  # ...not used.
 
 
+def test_the_trainer_builds_compiles_and_checkpoints_without_tensorflow(tmp_path):
+  """TensorFlow is the input pipeline's alone: a GPU or TPU machine without it can build the
+  Trainer, compile its steps and checkpoint the state."""
+  script = f"""
+import sys
+from poolformer_jax import checkpointing, sharding, train
+c = train.default_config()
+c.model_overrides.depths, c.model_overrides.widths = (1, 1, 1, 1), (8, 16, 24, 32)
+c.dtype, c.data.image_size, c.batch_size, c.eval_batch_size = "float32", 32, 8, 8
+trainer = train.Trainer(c, sharding.make_mesh(1), 10, steps_per_epoch=1, total_steps=1)
+trainer.compile_train_step(), trainer.compile_eval_step()
+ckpt = checkpointing.Checkpointer({str(tmp_path)!r}, async_save=False)
+ckpt.save(0, trainer.init_state(0).checkpoint_items())
+ckpt.close()
+print(sorted(m for m in sys.modules if m.split(".")[0] == "tensorflow"))
+"""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip() == "[]"  # No TensorFlow module was imported.
+  assert os.path.isdir(tmp_path / "0" / "params")
+
+
 # --------------------------------------------------------------------------- whole runs
 
 
@@ -257,18 +349,24 @@ SHARES_SMOKE_RUN = pytest.mark.xdist_group("smoke_run")
 
 @pytest.fixture(scope="session")  # Session: xdist may interleave other modules.
 def smoke_run(digits_data_dir, tmp_path_factory):
-  """The demo's smoke config (real digits, tiny PoolFormer), trained in-process on 8 devices."""
+  """The demo's smoke config (real digits, tiny PoolFormer), trained in-process on 8 devices.
+
+  The result also holds the number of compilations of each step over the whole run.
+  """
   config = load_config("demo.py:smoke")
   config.data.data_dir = digits_data_dir
   workdir = str(tmp_path_factory.mktemp("smoke"))
-  result = train.train_and_evaluate(config, workdir)
-  return config, workdir, result
+  with count_compiles() as compiles:
+    result = train.train_and_evaluate(config, workdir)
+  return config, workdir, {**result, "compiles": compiles}
 
 
 @SHARES_SMOKE_RUN
 def test_smoke_run_logs_evaluates_and_checkpoints(smoke_run):
   config, workdir, result = smoke_run
-  assert result["step"] == 40 and result["compiles"] == 1
+  # 40 steps on different batches, 2 evaluations: each step compiled once.
+  assert result["step"] == 40
+  assert result["compiles"]["train_step"] == 1 and result["compiles"]["eval_step"] == 1
   assert result["eval/examples"] == 360  # Every test image exactly once.
   assert result["eval/top1"] > 0.3  # Learns (10 classes: chance is 0.1) in 40 tiny steps.
   records = read_metrics(workdir)
@@ -288,10 +386,14 @@ def test_smoke_run_logs_evaluates_and_checkpoints(smoke_run):
 
 
 @SHARES_SMOKE_RUN
-def test_eval_mode_and_load_pretrained_read_the_run(smoke_run):
+def test_eval_mode_and_load_pretrained_read_the_run(smoke_run, tmp_path):
+  import shutil
   from poolformer_jax import pretrained
   config, workdir, result = smoke_run
-  record = train.evaluate(config, workdir)
+  # Evaluation reads the parameters only: it works without the optimizer state on disk.
+  shutil.copytree(workdir, tmp_path / "run")
+  shutil.rmtree(tmp_path / "run" / "checkpoints" / "40" / "train")
+  record = train.evaluate(config, str(tmp_path / "run"))
   assert record["eval/top1"] == pytest.approx(result["eval/top1"])
   model, info = pretrained.load_pretrained(workdir)
   assert info.num_classes == 10 and info.labels == tuple(str(i) for i in range(10))
@@ -303,9 +405,10 @@ def test_eval_mode_and_load_pretrained_read_the_run(smoke_run):
 def test_rerun_of_a_finished_run_trains_nothing(smoke_run):
   config, workdir, result = smoke_run
   before = read_metrics(workdir)
-  again = train.train_and_evaluate(config, workdir)
+  with count_compiles() as compiles:
+    again = train.train_and_evaluate(config, workdir)
   assert again["eval/top1"] == pytest.approx(result["eval/top1"])
-  assert again["compiles"] == 0  # Nothing left to train: the step was compiled, never traced again.
+  assert compiles["train_step"] == 0 and compiles["eval_step"] == 1  # Nothing left to train.
   assert [r for r in read_metrics(workdir) if "loss" in r] == [r for r in before if "loss" in r]
 
 
@@ -319,10 +422,12 @@ def test_init_from_a_run_with_another_head(smoke_run, tmp_path, caplog):
   trainer = make_trainer(config, jax.devices(), num_classes=3)
   fresh = trainer.init_state(0)
   with caplog.at_level("INFO"):
-    state = trainer.load_params(fresh, workdir)
+    params = trainer.load_params(workdir, fresh.params)
   assert "the head is newly initialised" in caplog.text and "10 classes" in caplog.text
+  with pytest.raises(train.ConfigError, match="10 classes, the dataset 3"):
+    trainer.load_params(workdir)  # Evaluation: no fresh head to fall back on.
   loaded, _, _ = pretrained.load_params(workdir)
-  got = jax.device_get(state.params)
+  got = jax.device_get(params)
   np.testing.assert_array_equal(got["stages"][2]["blocks"][0]["mlp"]["fc1"]["kernel"],
                                 loaded["stages"][2]["blocks"][0]["mlp"]["fc1"]["kernel"])
   np.testing.assert_array_equal(got["head"]["kernel"], jax.device_get(fresh.params)["head"]["kernel"])
@@ -333,6 +438,17 @@ def test_init_from_a_run_with_another_head(smoke_run, tmp_path, caplog):
   with pytest.raises(train.ConfigError, match=r"another architecture.*widths: \(16, 32, 48, 64\)"
                      r" there, \(16, 32, 48, 80\) here"):
     train.validate_config(other, workdir=str(tmp_path), num_devices=8, process_count=1)
+
+
+@SHARES_SMOKE_RUN
+def test_a_fresh_run_from_init_from_with_an_ema_trains(smoke_run, digits_data_dir, tmp_path):
+  """init_from + EMA on a fresh run: the EMA starts as the loaded weights, in buffers of its own
+  (the step donates the state, and XLA refuses the same buffer donated twice)."""
+  config = load_config("demo.py:smoke")
+  config.data.data_dir = digits_data_dir
+  config.init_from, config.ema_decay, config.total_steps = smoke_run[1], 0.99, 2
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert result["step"] == 2 and 0.0 <= result["eval_ema/top1"] <= 1.0
 
 
 @pytest.mark.slow
