@@ -27,6 +27,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from poolformer_jax import cpu_tuning
+from poolformer_jax import multihost
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -46,6 +47,13 @@ flags.DEFINE_integer("batch_size", 32, "predict: images per forward pass.")
 flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
+# JAX's own defaults, set explicitly: what a multi-process job waits for (poolformer_jax.multihost).
+flags.DEFINE_integer("initialization_timeout_s", 300, "Multi-process: how long all processes "
+                     "may take to join at start before the job gives up (exit code 1).")
+flags.DEFINE_integer("heartbeat_timeout_s", 100, "Multi-process: a process silent this long is "
+                     "lost; the others stop, naming it and the step (exit code 75: rerun).")
+flags.DEFINE_integer("shutdown_timeout_s", 300, "Multi-process: how long a finished process "
+                     "waits for the others at exit.")
 
 FLAGS = flags.FLAGS
 
@@ -58,16 +66,19 @@ def default_workdir() -> str:
   return os.path.join("workdir", f"{stem}_{arg}" if arg else stem)
 
 
-def _init_distributed() -> None:
-  """Joins the other processes: explicit flags, or auto-detection on multi-host TPU VMs."""
-  import jax  # pylint: disable=g-import-not-at-top
+def _multi_process() -> bool:
+  """Explicit --coordinator_address / --num_processes / --process_id, or a multi-host TPU VM."""
   explicit = FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None
-  tpu_pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  if explicit:
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-  elif tpu_pod:
-    jax.distributed.initialize()
+  return bool(explicit) or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def _init_distributed() -> None:
+  """Joins the other processes (arguments left None are auto-detected, e.g. on a TPU pod)."""
+  if _multi_process():
+    multihost.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                         initialization_timeout_s=FLAGS.initialization_timeout_s,
+                         heartbeat_timeout_s=FLAGS.heartbeat_timeout_s,
+                         shutdown_timeout_s=FLAGS.shutdown_timeout_s)
 
 
 def predict(argv) -> int:
@@ -135,6 +146,11 @@ def main(argv) -> int:
   logging.get_absl_handler().python_handler.addFilter(_OwnInfoOnly())
   if FLAGS.mode != "predict" and len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]} (files are for --mode=predict)")
+  if FLAGS.mode != "predict" and _multi_process() and not multihost.supervised():
+    # This process becomes a small parent of the trainer (never returns): if JAX's runtime
+    # aborts the trainer (a peer was lost), the parent says so, with the step.
+    multihost.supervise(coordinator_address=FLAGS.coordinator_address,
+                        initialization_timeout_s=FLAGS.initialization_timeout_s)
   # Imported here: flag parsing and --help stay fast, and JAX starts after absl's logging.
   from poolformer_jax import errors  # pylint: disable=g-import-not-at-top
   try:

@@ -7,6 +7,11 @@ A step directory `WORKDIR/checkpoints/<step>/` holds the items
 Orbax writes a step to a temporary directory and renames it when complete, so a process killed
 mid-write leaves a `*.orbax-checkpoint-tmp*` directory that is never mistaken for a checkpoint.
 
+Disk space: before each save the free space is compared with the state's size (where the
+filesystem tells: not on gs://), and an out-of-space error from Orbax's asynchronous write is
+caught too; either way the run stops with DiskFullError naming the directory and the bytes,
+and the previous complete checkpoint stays as it was.
+
 Why fingerprints: Orbax stores zstd-compressed chunks without checksums, so a flipped byte in
 an array file can restore silently as wrong weights (measured: it does). Every array's bits are
 hashed on device before saving (a position-weighted sum mod 2^32: exact integer arithmetic, so
@@ -18,15 +23,17 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from typing import Any
 
 from absl import logging
 from etils import epath  # An Orbax dependency: local and gs:// paths alike.
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
-from poolformer_jax.errors import CheckpointError
+from poolformer_jax.errors import CheckpointError, DiskFullError
 
 
 @jax.jit
@@ -78,6 +85,8 @@ class Checkpointer:
         max_to_keep=max_to_keep, enable_async_checkpointing=async_save and not read_only,
         cleanup_tmp_directories=not read_only, create=not read_only)
     self._manager = ocp.CheckpointManager(directory, options=options)
+    self._saving = None  # (step, bytes) of the save in flight.
+    self._failed = None  # A save error already raised, which Orbax would raise at every wait.
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -92,10 +101,68 @@ class Checkpointer:
     """
     if self.read_only:
       raise ValueError(f"{self.directory} was opened read-only")
+    if self._failed is not None:
+      raise self._failed
+    self.wait_until_finished()  # The previous save must succeed, and free space be measured.
+    needed = state_bytes(items)
+    free = free_bytes(self.directory)
+    enough_here = free is None or free >= needed
+    if not _all_processes_agree(enough_here):
+      raise DiskFullError(
+          f"not enough disk space to save checkpoint step {step} in {self.directory}: it needs "
+          f"about {_size(needed)} (the state's size), "
+          + (f"{_size(free)} are free" if not enough_here else "another process has less free")
+          + self._resume_hint())
     meta = {**(meta or {}), "step": int(step), "fingerprints": _flat_fingerprints(items)}
     args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
-    self._manager.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args),
-                       force=True)
+    self._saving = (int(step), needed)
+    try:
+      self._manager.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args),
+                         force=True)
+    except Exception as e:  # Orbax/TensorStore raise many types.  pylint: disable=broad-except
+      raise self._save_error(e) from e
+
+  def _save_error(self, error: BaseException) -> CheckpointError:
+    """The failed save's error in one line, naming the step, directory and root cause.
+
+    A full disk (ENOSPC) becomes DiskFullError with the bytes needed; the step's partial
+    directory is removed so the space comes back (the next run would remove it anyway).
+    """
+    step, needed = self._saving or (None, None)
+    self._saving = None
+    root = _root_cause(error)
+    text = str(root)
+    if not ("No space left on device" in text or "os_error_code='28'" in text
+            or getattr(root, "errno", None) == 28):
+      self._failed = CheckpointError(f"checkpoint step {step} could not be written to "
+                                     f"{self.directory}: {_summarise(error)}")
+      return self._failed
+    self._remove_partial(step)
+    free = free_bytes(self.directory)
+    file = re.search(r'Failed writing: "([^"]+)"', text)  # TensorStore names the file.
+    self._failed = DiskFullError(
+        f"checkpoint step {step} could not be written to {self.directory}: no space left on "
+        f"device{f' (writing {file[1]})' if file else ''}. It needs about {_size(needed)} (the "
+        "state's size)" + (f", {_size(free)} are free now" if free is not None else "")
+        + self._resume_hint())
+    return self._failed
+
+  def _resume_hint(self) -> str:
+    last = self.latest_step()
+    if last is None:
+      return ". No checkpoint was saved yet: free space or choose another --workdir."
+    return (f". The last complete checkpoint, step {last}, is intact: free space (or move the "
+            f"workdir) and rerun the same command to resume from it.")
+
+  def _remove_partial(self, step) -> None:
+    if jax.process_index() != 0 or step is None:
+      return
+    for path in epath.Path(self.directory).glob(f"{step}.orbax-checkpoint-tmp*"):
+      try:
+        path.rmtree()
+        logging.warning("Removed the partial checkpoint %s", path)
+      except OSError as e:
+        logging.warning("Could not remove the partial checkpoint %s: %s", path, e)
 
   def restore(self, step: int, targets: dict[str, Any]) -> tuple[dict[str, Any], dict]:
     """Restores `targets`' items (abstract trees with shardings) at `step`, verified.
@@ -164,10 +231,55 @@ class Checkpointer:
     self._manager.reload()
 
   def wait_until_finished(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for the save in flight; raises its error (once) if it failed."""
+    if self._failed is not None:
+      return  # Already raised; Orbax would raise it again at every wait.
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(e) from e
+    self._saving = None
 
   def close(self) -> None:
-    self._manager.close()
+    self.wait_until_finished()
+    if self._failed is None:
+      self._manager.close()
+
+
+def state_bytes(items) -> int:
+  """Bytes of every array in `items` (global shapes): what a checkpoint of them takes, about."""
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(items))
+
+
+def free_bytes(directory: str) -> int | None:
+  """Free bytes on the filesystem holding `directory`, or None where it cannot tell (gs://)."""
+  if "://" in str(directory):
+    return None
+  path = str(directory)
+  while not os.path.exists(path) and os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+  try:
+    return shutil.disk_usage(path).free
+  except OSError:
+    return None
+
+
+def _all_processes_agree(ok: bool) -> bool:
+  """True only if `ok` on every process: each sees its own filesystem, all must decide alike."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def _size(n: int) -> str:
+  return f"{n / 2**20:.1f} MiB ({n:,} bytes)"
+
+
+def _root_cause(error: BaseException) -> BaseException:
+  while error.__cause__ is not None or error.__context__ is not None:
+    error = error.__cause__ or error.__context__
+  return error
 
 
 def _incomplete_steps(directory: str) -> list[str]:
@@ -185,9 +297,7 @@ def _summarise(error: BaseException) -> str:
   in OCDBT database at local file ".../params/": Requested byte range ... is not valid') in a
   generic one whose text is a page of spec; the root cause is what a user needs.
   """
-  root = error
-  while root.__cause__ is not None or root.__context__ is not None:
-    root = root.__cause__ or root.__context__
+  root = _root_cause(error)
   text = str(root).strip()
   line = text.splitlines()[0][:400] if text else type(root).__name__
   array = re.search(r'reading "([^"/]+)/', text) or re.search(r"'path': '([^'/][^']*)/'", str(error))

@@ -25,3 +25,12 @@ class ConversionError(Error, ValueError):
 
 class ImageError(Error, ValueError):
   """An input that is not a readable image; the message names it."""
+
+
+class BadImagesError(DatasetError):
+  """Too many files of an image-folder split cannot be decoded; the message names them."""
+
+
+class DiskFullError(CheckpointError):
+  """A checkpoint could not be written for lack of space; the message names the directory and
+  the bytes needed. The previous complete checkpoint is untouched."""

@@ -30,6 +30,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from poolformer_jax import augment
+from poolformer_jax import folder_scan
 from poolformer_jax.errors import ConfigError, DatasetError
 
 # TF only runs the input pipeline on the host; it must not grab accelerator memory.
@@ -213,9 +214,10 @@ def _in_memory_epoch_fn(items, labels, read):
 class _FolderSource:
   """root/<split>/<label>/<image>: labels are the sorted class folder names of the train split.
 
-  Unreadable files (not JPEG/PNG/GIF/BMP, e.g. empty or truncated downloads) stop the pipeline
-  with an error naming the file rather than being skipped: skipping would silently change the
-  epoch length and the step <-> data mapping that exact resume relies on.
+  With config.data.manifest_dir set, a split whose checked file list is there (see
+  `check_folder`) is read from that list, not from the folder. Otherwise an unreadable file
+  stops the pipeline with an error naming it rather than being skipped: skipping would
+  silently change the epoch length and the step <-> data mapping that exact resume relies on.
   """
 
   def __init__(self, cfg):
@@ -225,38 +227,57 @@ class _FolderSource:
           f"config.data.folder={self.root!r} is not a directory. With dataset='folder' it must hold "
           f"<split>/<label>/*.jpg, e.g. {self.root or 'ROOT'}/{cfg.train_split}/cat/001.jpg and "
           f"{self.root or 'ROOT'}/{cfg.eval_split}/cat/101.jpg.")
-    class_split = cfg.train_split if os.path.isdir(os.path.join(self.root, cfg.train_split)) else cfg.eval_split
-    self.label_names = tuple(sorted(
-        d for d in os.listdir(os.path.join(self.root, class_split))
-        if os.path.isdir(os.path.join(self.root, class_split, d)) and not d.startswith(".")))
-    if not self.label_names:
-      raise DatasetError(f"No class folders in {os.path.join(self.root, class_split)}; "
-                         "expected <split>/<label>/*.jpg.")
+    self.manifests = {}
+    if cfg.get("manifest_dir", None):
+      for split in (cfg.train_split, cfg.eval_split):
+        manifest = folder_scan.read(cfg.manifest_dir, split)
+        if manifest is not None:
+          self.manifests[split] = manifest
+    if self.manifests:  # Labels as when the list was made, even if class folders were added.
+      self.label_names = next(iter(self.manifests.values())).label_names
+    else:
+      self.label_names = self._class_names(cfg)
     self.num_classes = len(self.label_names)
     self._files: dict[str, tuple[list[str], list[int]]] = {}
 
+  def _class_names(self, cfg) -> tuple[str, ...]:
+    class_split = cfg.train_split if os.path.isdir(os.path.join(self.root, cfg.train_split)) else cfg.eval_split
+    names = tuple(sorted(
+        d for d in os.listdir(os.path.join(self.root, class_split))
+        if os.path.isdir(os.path.join(self.root, class_split, d)) and not d.startswith(".")))
+    if not names:
+      raise DatasetError(f"No class folders in {os.path.join(self.root, class_split)}; "
+                         "expected <split>/<label>/*.jpg.")
+    return names
+
+  def list_files(self, split: str) -> tuple[list[str], list[int]]:
+    """The split's image files (by extension; sorted) and labels, as found in the folder."""
+    split_dir = os.path.join(self.root, split)
+    if not os.path.isdir(split_dir):
+      raise DatasetError(f"Split folder {split_dir} does not exist; expected "
+                         f"{self.root}/<split>/<label>/*.jpg.")
+    index = {name: i for i, name in enumerate(self.label_names)}
+    paths, labels = [], []
+    for label in sorted(os.listdir(split_dir)):
+      label_dir = os.path.join(split_dir, label)
+      if not os.path.isdir(label_dir) or label.startswith("."):
+        continue
+      if label not in index:
+        raise DatasetError(f"Class folder {label_dir} has no counterpart in the training split's "
+                           f"classes {list(self.label_names)}.")
+      for fname in sorted(os.listdir(label_dir)):
+        if fname.lower().endswith(_IMAGE_EXTENSIONS) and not fname.startswith("."):
+          paths.append(os.path.join(label_dir, fname))
+          labels.append(index[label])
+    if not paths:
+      raise DatasetError(f"No images ({', '.join(_IMAGE_EXTENSIONS)}) under {split_dir}/<label>/.")
+    return paths, labels
+
   def files(self, split: str):
     if split not in self._files:
-      split_dir = os.path.join(self.root, split)
-      if not os.path.isdir(split_dir):
-        raise DatasetError(f"Split folder {split_dir} does not exist; expected "
-                           f"{self.root}/<split>/<label>/*.jpg.")
-      index = {name: i for i, name in enumerate(self.label_names)}
-      paths, labels = [], []
-      for label in sorted(os.listdir(split_dir)):
-        label_dir = os.path.join(split_dir, label)
-        if not os.path.isdir(label_dir) or label.startswith("."):
-          continue
-        if label not in index:
-          raise DatasetError(f"Class folder {label_dir} has no counterpart in the training split's "
-                             f"classes {list(self.label_names)}.")
-        for fname in sorted(os.listdir(label_dir)):
-          if fname.lower().endswith(_IMAGE_EXTENSIONS) and not fname.startswith("."):
-            paths.append(os.path.join(label_dir, fname))
-            labels.append(index[label])
-      if not paths:
-        raise DatasetError(f"No images ({', '.join(_IMAGE_EXTENSIONS)}) under {split_dir}/<label>/.")
-      self._files[split] = (paths, labels)
+      manifest = self.manifests.get(split)
+      self._files[split] = ((manifest.paths(), list(manifest.labels)) if manifest is not None
+                            else self.list_files(split))
     return self._files[split]
 
   def check_split(self, split: str) -> int:
@@ -302,6 +323,29 @@ def get_dataset_info(data_config) -> DatasetInfo:
       num_train_examples=src.check_split(data_config.train_split),
       num_eval_examples=src.check_split(data_config.eval_split),
       label_names=src.label_names)
+
+
+def check_folder(data_config, splits) -> None:
+  """Folder datasets: every file of `splits` decoded once, before training.
+
+  Writes each split's checked file list to config.data.manifest_dir, or reuses the one there
+  (see poolformer_jax.folder_scan); the sources built afterwards read those lists. Raises
+  BadImagesError naming the files when more than config.data.max_bad_{train,eval}_fraction of
+  a split cannot be decoded.
+  """
+  cfg = data_config
+  if not cfg.get("manifest_dir", None):
+    raise ConfigError("check_folder needs config.data.manifest_dir (where the lists are kept)")
+  for name in ("max_bad_train_fraction", "max_bad_eval_fraction"):
+    if not 0.0 <= cfg[name] <= 1.0:
+      raise ConfigError(f"config.data.{name}={cfg[name]} must be a fraction in [0, 1]")
+  src = _FolderSource(cfg)
+  for split in dict.fromkeys(splits):
+    name = "max_bad_train_fraction" if split == cfg.train_split else "max_bad_eval_fraction"
+    folder_scan.ensure(cfg.manifest_dir, folder=src.root, split=split,
+                       label_names=src.label_names,
+                       list_files=lambda split=split: src.list_files(split),
+                       max_bad_fraction=cfg[name], threshold_name=f"config.data.{name}")
 
 
 # ---------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from poolformer_jax import cpu_tuning
 from poolformer_jax import metrics as metrics_lib
 from poolformer_jax import mixup
 from poolformer_jax import model as model_lib
+from poolformer_jax import multihost
 from poolformer_jax import optimizer as optimizer_lib
 from poolformer_jax import pretrained
 from poolformer_jax import sharding as sharding_lib
@@ -99,6 +100,11 @@ def default_config() -> ml_collections.ConfigDict:
   d.manual_dir = placeholder(str)  # ILSVRC2012_img_{train,val}.tar (None: <data_dir>/downloads/manual).
   d.prepare = False  # Run download_and_prepare for a TFDS dataset that is not prepared yet.
   d.folder = placeholder(str)  # Root of <split>/<label>/*.jpg when dataset == 'folder'.
+  # Folder datasets: every file is decoded once before training (poolformer_jax.folder_scan)
+  # and the run reads the checked list from here (None: WORKDIR/data_manifest).
+  d.manifest_dir = placeholder(str)
+  d.max_bad_train_fraction = 0.001  # Undecodable train files left out; more is an error.
+  d.max_bad_eval_fraction = 0.0  # Eval: any undecodable file is an error (every image counts).
   d.image_key = placeholder(str)  # Feature names; None: the dataset's supervised_keys.
   d.label_key = placeholder(str)
   d.train_split = "train"
@@ -482,10 +488,14 @@ def _eval_record(trainer, eval_step, eval_batches, **param_sets) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def _setup(config, workdir: str | None):
-  """Validation, precision, mesh, dataset info: everything before compiling."""
+def _setup(config, workdir: str | None, splits: tuple[str, ...]):
+  """Validation, data checks, precision, mesh, dataset info: everything before compiling.
+
+  Returns the config the run uses: for a folder dataset, with data.manifest_dir set.
+  """
   validate_config(config, workdir=workdir, num_devices=jax.device_count(),
                   process_count=jax.process_count())
+  config = _with_checked_folder(config, workdir, splits)
   if config.matmul_precision != "default":
     jax.config.update("jax_default_matmul_precision", config.matmul_precision)
   mesh = sharding_lib.make_mesh(config.fsdp)
@@ -494,7 +504,19 @@ def _setup(config, workdir: str | None):
   if num_classes != info.num_classes:
     raise ConfigError(f"config.num_classes={num_classes} but dataset {config.data.dataset!r} "
                       f"has {info.num_classes} classes")
-  return mesh, info, num_classes
+  return config, mesh, info, num_classes
+
+
+def _with_checked_folder(config, workdir: str | None, splits: tuple[str, ...]):
+  """Folder datasets: every file of `splits` is decoded once, up front, and the run reads the
+  checked file lists kept in data.manifest_dir (default WORKDIR/data_manifest; see folder_scan)."""
+  if config.data.dataset != "folder" or not (workdir or config.data.manifest_dir):
+    return config
+  config = config.copy_and_resolve_references()
+  if not config.data.manifest_dir:
+    config.data.manifest_dir = os.path.join(workdir, "data_manifest")
+  input_pipeline.check_folder(config.data, splits)
+  return config
 
 
 def _write_run_files(workdir, config, trainer, info) -> None:
@@ -551,7 +573,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Preempted after saving on SIGTERM.
   """
   # --- Validate, mesh, data sizes -----------------------------------------
-  mesh, info, num_classes = _setup(config, workdir)
+  config, mesh, info, num_classes = _setup(
+      config, workdir, (config.data.train_split, config.data.eval_split))
   steps_per_epoch = input_pipeline.batches_per_epoch(config.data,
                                                      global_batch_size=config.batch_size)
   total = optimizer_lib.total_steps(config, steps_per_epoch)
@@ -641,6 +664,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     try:
       throughput.reset(start)
       for step in range(start + 1, total + 1):
+        multihost.report_step(step)  # Named if a peer is lost during this step.
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
           state, step_metrics = train_step(state, next(train_batches))
         drain()  # Step n-1's metrics, while step n runs.
@@ -669,9 +693,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           ckpt.wait_until_finished()
           raise Preempted(step)
     finally:
-      ckpt.wait_until_finished()
-      ckpt.close()
-      writer.close()
+      try:
+        ckpt.wait_until_finished()  # May raise a failed save's error (e.g. a full disk).
+      finally:
+        ckpt.close()
+        writer.close()
   return {"step": total, **final}
 
 
@@ -682,7 +708,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   This is how ImageNet accuracy parity of converted weights is checked: the release's eval
   transform on `imagenet2012`'s validation split, every image counted once.
   """
-  mesh, info, num_classes = _setup(config, workdir)
+  config, mesh, info, num_classes = _setup(config, workdir, (config.data.eval_split,))
   trainer = Trainer(config, mesh, num_classes, steps_per_epoch=1, total_steps=1)
   if config.init_from:
     params, source, step = trainer.load_params(config.init_from), config.init_from, 0

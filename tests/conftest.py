@@ -22,6 +22,25 @@ import pytest  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+  """Makes `--dist loadgroup` keep each `xdist_group` on one worker again.
+
+  pytest-xdist groups tests by suffixing their node id with '@<group>' (it sets
+  `item._nodeid`); pytest 9 keeps node ids in `item._id`, so the suffix is lost and every
+  group is spread over all workers (measured: shared session fixtures such as `reference_run`
+  were computed once per worker, and two multi-process tests ran at once). This redoes it.
+  """
+  if not getattr(config.option, "loadgroup", False):  # Set by xdist on its workers.
+    return
+  for item in items:
+    groups = sorted({m.args[0] if m.args else m.kwargs.get("name", "default")
+                     for m in item.iter_markers("xdist_group")})
+    if groups and "@" not in item.nodeid:  # Older pytest: xdist's own suffix is there.
+      from _pytest.nodeid import NodeId  # pylint: disable=g-import-not-at-top
+      item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(groups)}")  # pylint: disable=protected-access
+
+
 @pytest.fixture(scope="session")
 def digits_data_dir(tmp_path_factory):
   """A TFDS data_dir holding the prepared `digits` dataset (prepared offline, a few seconds)."""
@@ -70,3 +89,39 @@ def count_primitive(jaxpr, primitive) -> int:
   from jax.extend import core  # pylint: disable=g-import-not-at-top
   return (sum(eqn.primitive is primitive for eqn in jaxpr.eqns)
           + sum(count_primitive(sub, primitive) for sub in core.subjaxprs(jaxpr)))
+
+
+class SmallFilesystem:
+  """A directory on its own size-limited filesystem (tmpfs): a disk that can fill up."""
+
+  def __init__(self, path: pathlib.Path, size: int):
+    import subprocess  # pylint: disable=g-import-not-at-top
+    self.path = path
+    path.mkdir(parents=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if proc.returncode:  # Not root (CAP_SYS_ADMIN): CI's container is; say why we skip.
+      pytest.skip(f"mounting a small tmpfs needs root: {proc.stderr.strip()}")
+
+  def resize(self, size: int) -> None:
+    """Frees space the way an operator would: a bigger disk, same files."""
+    import subprocess  # pylint: disable=g-import-not-at-top
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(self.path)], check=True)
+
+  def unmount(self) -> None:
+    import subprocess  # pylint: disable=g-import-not-at-top
+    subprocess.run(["umount", "-l", str(self.path)], check=False)
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+  """small_filesystem(size) -> SmallFilesystem under tmp_path, unmounted after the test."""
+  mounted = []
+
+  def make(size: int, name: str = "small_fs") -> SmallFilesystem:
+    mounted.append(SmallFilesystem(tmp_path / name, size))
+    return mounted[-1]
+
+  yield make
+  for fs in mounted:
+    fs.unmount()

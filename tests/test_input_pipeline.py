@@ -21,6 +21,8 @@ from poolformer_jax import train
 
 sys.path.insert(0, os.path.dirname(__file__))
 import fake_imagenet  # pylint: disable=g-import-not-at-top,wrong-import-position
+import odd_images  # pylint: disable=g-import-not-at-top,wrong-import-position
+from poolformer_jax import folder_scan  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 # ---------------------------------------------------------------------------
@@ -294,6 +296,107 @@ def test_folder_mode_names_an_unreadable_file(tmp_path):
   it, _ = ip.create_eval_iterator(c, global_batch_size=4, process_index=0, process_count=1)
   with pytest.raises(ValueError, match="broken.jpg"):
     list(it)
+
+
+def _folder_config(root, manifest_dir, **overrides):
+  return _digits_config(None, augmented=False, dataset="folder", folder=str(root),
+                        eval_split="val", manifest_dir=str(manifest_dir), **overrides)
+
+
+def test_folder_scan_leaves_out_undecodable_files_and_keeps_odd_formats(tmp_path):
+  """Truncated and empty files are listed with TF's reason and left out; a CMYK JPEG, 16-bit
+  PNGs, a PNG named .jpg and a 1x1 image are kept. The report is written beside the list."""
+  odd = odd_images.make_folder(tmp_path / "data", np.random.default_rng(0),
+                               per_class={"train": 30, "val": 2}, odd_in=("train", "val"))
+  c = _folder_config(tmp_path / "data", tmp_path / "m", max_bad_train_fraction=0.05)
+  ip.check_folder(c, ["train", "val"])
+  manifest = folder_scan.read(str(tmp_path / "m"), "train")
+  bad = {rel for rel, expected in odd["train"] if expected is None}
+  good = {rel for rel, expected in odd["train"] if expected is not None}
+  assert len(bad) == 2 and len(good) == 5
+  assert {p for p, _ in manifest.excluded} == bad
+  assert good <= set(manifest.files) and not bad & set(manifest.files)
+  assert len(manifest.files) == 90 + len(good) == len(manifest.labels)
+  reasons = dict(manifest.excluded)
+  assert reasons[next(p for p in bad if "empty" in p)] == "empty file (0 bytes)"
+  assert "JPEG" in reasons[next(p for p in bad if "truncated" in p)]
+  report = (tmp_path / "m" / "train_bad_files.txt").read_text().splitlines()
+  assert sorted(line.split("\t")[0] for line in report) == sorted(bad)
+  assert not (tmp_path / "m" / "val_bad_files.txt").exists()
+  # The pipeline reads the list: every kept file, no broken one, each once per epoch.
+  info = ip.get_dataset_info(c)
+  assert (info.num_train_examples, info.num_eval_examples) == (95, 11)
+  it, _ = ip.create_eval_iterator(c, global_batch_size=4, process_index=0, process_count=1)
+  assert sum(b["mask"].sum() for b in it) == 11
+
+
+def test_folder_scan_stops_with_the_list_beyond_the_threshold(tmp_path):
+  """2 broken of 97 train files is over the default 0.1%; any broken eval file is an error."""
+  odd_images.make_folder(tmp_path / "data", np.random.default_rng(0),
+                         per_class={"train": 30, "val": 2}, bad_in=("train", "val"))
+  c = _folder_config(tmp_path / "data", tmp_path / "m")
+  with pytest.raises(errors.BadImagesError) as e:
+    ip.check_folder(c, ["train", "val"])
+  msg = str(e.value)
+  assert "2 of 97 files" in msg and "config.data.max_bad_train_fraction=0.001" in msg
+  assert "truncated.jpg" in msg and "empty.jpg: empty file (0 bytes)" in msg
+  assert str(tmp_path / "m" / "train_bad_files.txt") in msg
+  assert not (tmp_path / "m" / "train.json").exists()  # Nothing is reused after fixing.
+  c.max_bad_train_fraction = 0.03
+  with pytest.raises(errors.BadImagesError, match="max_bad_eval_fraction=0 allows"):
+    ip.check_folder(c, ["train", "val"])
+  assert (tmp_path / "m" / "train.json").exists() and not (tmp_path / "m" / "val.json").exists()
+
+
+def test_folder_manifest_fixes_the_epochs_when_the_folder_changes(tmp_path):
+  """A resumed run reads the list made at the start: files added (or classes) since do not
+  change its batches, so exact resume holds. Without the list, the same change would."""
+  root = tmp_path / "data"
+  odd_images.make_folder(root, np.random.default_rng(0), per_class={"train": 6, "val": 1},
+                         odd_in=(), bad_in=())
+  c = _folder_config(root, tmp_path / "m")
+  ip.check_folder(c, ["train", "val"])
+
+  def batches(cfg, start_step):
+    it = ip.create_train_iterator(cfg, global_batch_size=4, seed=0, start_step=start_step,
+                                  process_index=0, process_count=1)
+    return _take(it, 6)
+
+  before = batches(c, 0)
+  (root / "train" / "ant" / "new.jpg").write_bytes(open(root / "train" / "bee" / "000.jpg", "rb").read())
+  os.makedirs(root / "train" / "dog")
+  (root / "train" / "dog" / "0.jpg").write_bytes(open(root / "train" / "cat" / "000.jpg", "rb").read())
+  ip.check_folder(c, ["train", "val"])  # Reused, not rescanned.
+  assert ip.get_dataset_info(c).num_classes == 3
+  _assert_same_batches(batches(c, 0), before)
+  _assert_same_batches(batches(c, 2)[:4], before[2:])
+  listed = _folder_config(root, tmp_path / "none")  # No list there: reads the folder.
+  assert ip.get_dataset_info(listed).num_classes == 4
+  with pytest.raises(errors.BadImagesError, match="lists the files of"):
+    ip.check_folder(_folder_config(tmp_path, tmp_path / "m"), ["train"])
+
+
+def test_odd_formats_decode_to_the_right_rgb(tmp_path):
+  """CMYK JPEG -> RGB as PIL converts it; 16-bit PNG -> the high byte of each sample; a PNG
+  named .jpg decodes by content; a 1x1 image survives. Through the real eval pipeline."""
+  rng = np.random.default_rng(1)
+  for name, (data, expected) in odd_images.odd_files(rng, size=32).items():
+    if expected is None:
+      continue
+    path = tmp_path / name
+    path.write_bytes(data)
+    c = train.default_config().data
+    c.mean, c.std, c.crop_pct = (0.0, 0.0, 0.0), (1 / 255,) * 3, 1.0
+    c.image_size = min(expected.shape[:2])
+    decoded = ip.make_eval_preprocess(c)(ip._checked_read(str(path)), 0)["image"].numpy()  # pylint: disable=protected-access
+    assert decoded.shape == expected.shape, name  # No resize or crop: the pixels themselves.
+    if name == "cmyk.jpg":
+      # TF decodes JPEGs with libjpeg's fast integer IDCT, PIL with the accurate one: for any
+      # JPEG they differ by ~3 grey levels on average (measured: 2.8 for this image saved as
+      # RGB, 2.2 as CMYK). A wrong colour conversion (inverted, swapped) is off by ~100.
+      assert np.abs(decoded - expected).mean() < 4, name
+    else:
+      np.testing.assert_array_equal(decoded, expected, err_msg=name)
 
 
 # ---------------------------------------------------------------------------

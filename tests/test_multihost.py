@@ -17,7 +17,12 @@ from conftest import REPO
 from poolformer_jax import checkpointing
 from poolformer_jax import pretrained
 
+# One multi-process job at a time (each already keeps 2 cores busy), on one xdist worker, which
+# also computes the shared `two_process_reference` once.
+pytestmark = pytest.mark.xdist_group("multihost")
+
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
+PEER = os.path.join(os.path.dirname(__file__), "multihost_peer.py")
 
 
 def free_port() -> int:
@@ -74,41 +79,158 @@ def _params(directory):
   return jax.device_get(items["params"])
 
 
+# --------------------------------------------------------------------------- the real trainer
+
+STEPS = 30
+
+
+def main_commands(workdir, data_dir, port, *extra):
+  """The demo's smoke config on 2 processes x 4 devices, per-process data, exactly resumable."""
+  return [[sys.executable, "main.py", "--config=configs/demo.py:smoke", f"--workdir={workdir}",
+           f"--config.data.data_dir={data_dir}", f"--config.total_steps={STEPS}",
+           "--config.log_every_steps=1", f"--coordinator_address=127.0.0.1:{port}",
+           "--num_processes=2", f"--process_id={i}", *extra] for i in range(2)]
+
+
+def start(commands):
+  return [subprocess.Popen(cmd, cwd=REPO, env=dict(env(4), PYTHONUNBUFFERED="1"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          for cmd in commands]
+
+
+def wait_for_step(workdir, step, procs, timeout=600):
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + timeout
+  while not (metrics.exists() and logged_steps(workdir) and logged_steps(workdir)[-1] >= step):
+    assert time.time() < deadline, f"no step {step} within {timeout} s"
+    assert all(p.poll() is None for p in procs), [p.communicate()[1][-3000:] for p in procs]
+    time.sleep(0.05)
+
+
+def logged_steps(workdir):
+  path = workdir / "metrics.jsonl"
+  lines = path.read_text().splitlines() if path.exists() else []
+  return [json.loads(line)["step"] for line in lines if line.endswith("}") and '"loss"' in line]
+
+
+def final_params(workdir):
+  params, _, _ = pretrained.load_params(str(workdir))
+  return jax.device_get(params)
+
+
+def assert_same_params(a, b):
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope="session")
+def two_process_reference(digits_data_dir, tmp_path_factory):
+  """The uninterrupted 2-process run that every interrupted one must reproduce exactly."""
+  workdir = tmp_path_factory.mktemp("two_process_reference")
+  outs = run_processes(main_commands(workdir, digits_data_dir, free_port()), devices=4)
+  assert all("done:" in out for out, _ in outs)
+  return workdir
+
+
 @pytest.mark.slow
-def test_main_across_two_processes_survives_preemption_of_one(tmp_path, digits_data_dir):
+def test_main_across_two_processes_survives_preemption_of_one(
+    two_process_reference, digits_data_dir, tmp_path):
   """The real trainer, 2 processes x 4 devices, per-process data. SIGTERM reaches ONE process:
   JAX's preemption sync point makes both save the same step and exit 75; the same two commands
-  resume and finish, with one metrics writer and a checkpoint that loads."""
+  resume and finish exactly like an uninterrupted run, with one metrics writer."""
   workdir = tmp_path / "run"
-
-  def commands(port):
-    return [[sys.executable, "main.py", "--config=configs/demo.py:smoke", f"--workdir={workdir}",
-             f"--config.data.data_dir={digits_data_dir}", "--config.total_steps=30",
-             "--config.log_every_steps=1", f"--coordinator_address=127.0.0.1:{port}",
-             "--num_processes=2", f"--process_id={i}"] for i in range(2)]
-
-  procs = [subprocess.Popen(cmd, cwd=REPO, env=env(4), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for cmd in commands(free_port())]
-  metrics = workdir / "metrics.jsonl"
-  deadline = time.time() + 600
-  while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
-    assert time.time() < deadline and all(p.poll() is None for p in procs)
-    time.sleep(0.05)
+  procs = start(main_commands(workdir, digits_data_dir, free_port()))
+  wait_for_step(workdir, 3, procs)
   procs[1].send_signal(signal.SIGTERM)
   errs = [p.communicate(timeout=300)[1] for p in procs]
   assert [p.returncode for p in procs] == [75, 75], errs[0][-2000:] + errs[1][-2000:]
   steps = {int(re.search(r"preempted at step (\d+)", e)[1]) for e in errs}
   assert len(steps) == 1, steps  # Both agreed on the step.
   step = steps.pop()
-  assert os.path.isdir(workdir / "checkpoints" / str(step)) and step < 30
+  assert os.path.isdir(workdir / "checkpoints" / str(step)) and step < STEPS
 
-  outs = run_processes(commands(free_port()), devices=4)
+  outs = run_processes(main_commands(workdir, digits_data_dir, free_port()), devices=4)
   assert all("done:" in out for out, _ in outs)
   assert f"Resumed from checkpoint step {step}" in outs[0][1]  # Process 0 does the talking.
   assert "8 cpu device(s) in 2 process(es)" in outs[0][1]
-  records = [json.loads(line) for line in metrics.read_text().splitlines()]
-  assert [r["step"] for r in records if "loss" in r] == list(range(1, 31))  # One writer.
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records if "loss" in r] == list(range(1, STEPS + 1))  # One writer.
   evals = [r for r in records if "eval/top1" in r]
   assert [r["step"] for r in evals] == [20, 30] and evals[-1]["eval/examples"] == 360
-  params, info, _ = pretrained.load_params(str(workdir))
-  assert info.num_classes == 10 and np.all(np.isfinite(params["head"]["kernel"]))
+  assert_same_params(final_params(workdir), final_params(two_process_reference))
+
+
+@pytest.mark.slow
+def test_a_host_that_dies_stops_the_other_cleanly_and_the_rerun_resumes_exactly(
+    two_process_reference, digits_data_dir, tmp_path):
+  """The real trainer: SIGKILL process 1 mid-training. Process 0 exits by itself within the
+  heartbeat timeout, with code 75 and one line naming the lost process and the step (not by
+  SIGABRT). The same two commands resume from the last complete checkpoint and end exactly
+  like an uninterrupted run. (Losing the coordinator instead: the test below.)"""
+  workdir = tmp_path / "run"
+  extra = ["--heartbeat_timeout_s=10", "--config.checkpoint_every_steps=4"]
+  procs = start(main_commands(workdir, digits_data_dir, free_port(), *extra))
+  wait_for_step(workdir, 6, procs)
+  while not (workdir / "checkpoints" / "4").is_dir():  # Step 4's save is complete.
+    time.sleep(0.05)
+  procs[1].kill()
+  killed = time.time()
+  _, err = procs[0].communicate(timeout=120)
+  procs[1].communicate()
+  assert time.time() - killed < 60, "the survivor did not exit within a bounded time"
+  assert procs[0].returncode == 75, err[-3000:]
+  lost = re.match(r"error: lost process 1 at step (\d+) \(it stopped sending heartbeats",
+                  err.strip().splitlines()[-1])
+  assert lost and 6 <= int(lost[1]) < STEPS, err[-3000:]
+  complete = max(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
+  assert complete >= 4
+
+  outs = run_processes(main_commands(workdir, digits_data_dir, free_port(), *extra), devices=4)
+  assert f"Resumed from checkpoint step {complete}" in outs[0][1]
+  assert logged_steps(workdir) == list(range(1, STEPS + 1))
+  assert_same_params(final_params(workdir), final_params(two_process_reference))
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_losing_a_peer_ends_the_survivor_with_one_line_and_code_75(tmp_path, victim):
+  """Two processes of a job in a collective step loop; SIGKILL one. The survivor's trainer is
+  aborted by JAX's runtime (a worker: after the heartbeat timeout; the coordinator: at once);
+  its supervising parent ends with one line naming what was lost and the step, exit code 75."""
+  port = free_port()
+  step_files = [tmp_path / f"step{i}" for i in range(2)]
+  procs = [subprocess.Popen([sys.executable, PEER, str(port), str(i), "5", str(step_files[i])],
+                            cwd=REPO, env=env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for i in range(2)]
+  deadline = time.time() + 240
+  while not all(f.exists() and f.read_text() and int(f.read_text()) >= 3 for f in step_files):
+    assert time.time() < deadline and all(p.poll() is None for p in procs), \
+        [p.communicate()[1][-2000:] for p in procs if p.poll() is not None]
+    time.sleep(0.05)
+  procs[victim].kill()
+  killed = time.time()
+  _, err = procs[1 - victim].communicate(timeout=120)
+  procs[victim].communicate()
+  assert procs[1 - victim].returncode == 75, err[-3000:]
+  assert time.time() - killed < 30, "not within a bounded time (heartbeat timeout 5 s)"
+  last = err.strip().splitlines()[-1]
+  who = ("process 1 at step {} (it stopped sending heartbeats" if victim == 1 else
+         "the coordinator (process 0) at step {} (it stopped answering")
+  step = int(step_files[1 - victim].read_text())
+  assert last.startswith(f"error: lost {who.format(step + 1)}") or last.startswith(
+      f"error: lost {who.format(step)}"), last  # The step it was in, or had just finished.
+
+
+def test_a_process_that_cannot_reach_the_coordinator_fails_in_bounded_time(tmp_path):
+  """Process 1 started alone (nobody listens at the coordinator's address): one clear line
+  and exit code 1 after --initialization_timeout_s, not a hang and not SIGABRT."""
+  port = free_port()
+  command = main_commands(tmp_path / "run", tmp_path / "tfds", port,
+                          "--initialization_timeout_s=5")[1]
+  started = time.time()
+  proc = subprocess.run(command, cwd=REPO, env=env(4), capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+      f"error: the job did not assemble within 5 s (--initialization_timeout_s): the "
+      f"coordinator 127.0.0.1:{port} did not answer"), proc.stderr[-3000:]
+  assert time.time() - started < 240

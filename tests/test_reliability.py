@@ -19,6 +19,7 @@ import pytest
 
 from conftest import REPO, load_config
 from poolformer_jax import checkpointing
+from poolformer_jax import errors
 from poolformer_jax import pretrained
 from poolformer_jax import sharding
 from poolformer_jax import train
@@ -383,7 +384,135 @@ def test_converter_and_preprocess_survive_garbage(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: ")
 
 
-# --------------------------------------------------------------------------- 8. soak
+# --------------------------------------------------------------------------- 8. bad images
+
+
+@pytest.mark.slow
+def test_bad_images_are_found_before_training_and_odd_ones_train(tmp_path):
+  """An image folder with a truncated JPEG and an empty file among CMYK, 16-bit, 1x1 and
+  PNG-named-.jpg images. Default threshold: one clear error naming both, before any
+  compilation. Raised threshold: they are left out, every odd image trains and evaluates."""
+  sys.path.insert(0, os.path.dirname(__file__))
+  import odd_images  # pylint: disable=g-import-not-at-top
+  folder = tmp_path / "data"
+  odd = odd_images.make_folder(folder, np.random.default_rng(0),
+                               per_class={"train": 9, "val": 2}, odd_in=("train", "val"))
+  # 27 plain + 5 odd train images = 2 batches of 16 per epoch: every one is read each epoch.
+  args = ["main.py", "--config=configs/demo.py:smoke", f"--workdir={tmp_path / 'run'}",
+          "--config.data.dataset=folder", f"--config.data.folder={folder}",
+          "--config.data.eval_split=val", "--config.batch_size=16", "--config.eval_batch_size=8",
+          "--config.total_steps=6", "--config.log_every_steps=1"]
+  proc = run_main(args)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert len(error_lines) == 1 and "2 of 34 files" in error_lines[0], proc.stderr[-3000:]
+  assert "truncated.jpg" in proc.stderr and "empty.jpg: empty file" in proc.stderr
+  assert "Compiled the train step" not in proc.stderr and "Traceback" not in proc.stderr
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+  proc = run_main(args + ["--config.data.max_bad_train_fraction=0.1"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "2 of 34 files cannot be decoded and are left out" in proc.stderr
+  manifest = json.loads((tmp_path / "run" / "data_manifest" / "train.json").read_text())
+  kept = {f for f, _ in manifest["files"]}
+  assert len(kept) == 32 and {p for p, e in odd["train"] if e is not None} <= kept
+  assert {p for p, _ in manifest["excluded"]} == {p for p, e in odd["train"] if e is None}
+  records = read_metrics(tmp_path / "run")
+  assert [r["step"] for r in records if "loss" in r] == list(range(1, 7))
+  assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+  evals = [r for r in records if "eval/top1" in r]
+  assert evals[-1]["eval/examples"] == 6 + 5  # Every val image, the odd ones included.
+
+
+# --------------------------------------------------------------------------- 9. full disk
+
+
+def _state(megabytes: float, seed: int):
+  rng = np.random.default_rng(seed)  # Random bits: no compression makes them smaller.
+  n = int(megabytes * 2**20 / 4 / 2)
+  return {"params": {"w": jax.numpy.asarray(rng.normal(size=n).astype(np.float32))},
+          "train": {"step": jax.numpy.int32(seed), "mu": jax.numpy.asarray(
+              rng.normal(size=n).astype(np.float32))}}
+
+
+def test_disk_full_during_an_async_save_names_directory_and_bytes(small_filesystem, monkeypatch):
+  """The disk fills while Orbax writes in the background: the error (raised at the next wait)
+  names the step, the directory, the bytes needed and the root cause; the partial step is
+  removed; the previous checkpoint restores and verifies; after freeing space a save works."""
+  fs = small_filesystem(4 * 2**20)
+  ckpt = checkpointing.Checkpointer(str(fs.path / "checkpoints"), max_to_keep=5)
+  first = _state(1.5, seed=1)
+  ckpt.save(1, first)
+  ckpt.wait_until_finished()
+  (fs.path / "other_writer").write_bytes(b"\0" * (2 * 2**20))  # Someone else fills the disk.
+  # As on filesystems that report no free space (gs://): only Orbax's write can fail.
+  monkeypatch.setattr(checkpointing, "free_bytes", lambda directory: None)
+  ckpt.save(2, _state(1.5, seed=2))  # Returns while the write goes on in the background.
+  with pytest.raises(errors.DiskFullError) as e:
+    ckpt.wait_until_finished()
+  msg = str(e.value)
+  assert msg.startswith(f"checkpoint step 2 could not be written to {fs.path / 'checkpoints'}: "
+                        "no space left on device (writing "), msg  # TensorStore names the file.
+  assert "It needs about 1.5 MiB (1,572,868 bytes) (the state's size)" in msg, msg
+  assert "step 1, is intact" in msg and "rerun the same command" in msg
+  ckpt.wait_until_finished()  # Raised once; the trainer's cleanup goes on.
+  ckpt.close()
+  assert sorted(os.listdir(fs.path / "checkpoints")) == ["1"]  # Partial step 2 removed.
+  monkeypatch.undo()
+
+  restored = checkpointing.Checkpointer(str(fs.path / "checkpoints"), read_only=True)
+  items, _ = restored.restore(1, jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), first))
+  assert_same_params(jax.device_get(items), jax.device_get(first))
+  restored.close()
+  # With the free-space check: refused before writing a byte, same facts in the message.
+  ckpt = checkpointing.Checkpointer(str(fs.path / "checkpoints"), max_to_keep=5)
+  with pytest.raises(errors.DiskFullError,
+                     match=r"not enough disk space to save checkpoint step 2 in .*checkpoints: it "
+                           r"needs about 1\.5 MiB \(1,572,868 bytes\).* MiB .* are free\. The "
+                           r"last complete checkpoint, step 1, is intact"):
+    ckpt.save(2, _state(1.5, seed=2))
+  (fs.path / "other_writer").unlink()
+  ckpt.save(2, _state(1.5, seed=2))
+  ckpt.wait_until_finished()
+  assert ckpt.all_steps() == [1, 2]
+  ckpt.close()
+
+
+@pytest.mark.slow
+@SHARES_REFERENCE
+def test_disk_full_stops_cleanly_and_the_rerun_resumes_exactly(
+    reference_run, digits_data_dir, small_filesystem):
+  """The workdir on a 3.5 MiB filesystem, a checkpoint (1.3 MiB) every 5 steps: the third save
+  does not fit and stops the run with one error line naming the directory and the bytes;
+  earlier checkpoints and metrics.jsonl are intact; after the disk grows, the same command
+  resumes and ends exactly like an uninterrupted run."""
+  fs = small_filesystem(7 * 2**19)
+  workdir = fs.path / "run"
+  args = smoke_args(workdir, digits_data_dir, "--config.checkpoint_every_steps=5",
+                    "--config.keep_checkpoints=10")
+  proc = run_main(args)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert len(error_lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  saved = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
+  assert saved and saved == list(range(5, saved[-1] + 1, 5)), saved
+  failed = saved[-1] + 5
+  assert (f"not enough disk space to save checkpoint step {failed} in "
+          f"{workdir / 'checkpoints'}: it needs about 1.3 MiB") in error_lines[0], error_lines[0]
+  assert f"step {saved[-1]}, is intact" in error_lines[0]
+  records = read_metrics(workdir)  # Every line parses, in order, up to the failed step.
+  assert [r["step"] for r in records if "loss" in r] == list(range(1, failed + 1))
+
+  fs.resize(64 * 2**20)
+  proc = run_main(args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"Resumed from checkpoint step {saved[-1]}" in proc.stderr
+  assert_same_params(final_params(workdir), final_params(reference_run))
+  assert deterministic_records(workdir) == deterministic_records(reference_run)
+
+
+# --------------------------------------------------------------------------- 10. soak
 
 
 @pytest.mark.slow
