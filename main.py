@@ -146,7 +146,7 @@ def main(argv) -> int:
   logging.get_absl_handler().python_handler.addFilter(_OwnInfoOnly())
   if FLAGS.mode != "predict" and len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]} (files are for --mode=predict)")
-  if FLAGS.mode != "predict" and _multi_process() and not multihost.supervised():
+  if FLAGS.mode in ("train", "eval") and _multi_process() and not multihost.supervised():
     # This process becomes a small parent of the trainer (never returns): if JAX's runtime
     # aborts the trainer (a peer was lost), the parent says so, with the step.
     multihost.supervise(coordinator_address=FLAGS.coordinator_address,
