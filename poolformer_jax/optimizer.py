@@ -20,8 +20,6 @@ import optax
 from poolformer_jax import model as model_lib
 from poolformer_jax.errors import ConfigError
 
-OPTIMIZERS = ("adamw", "lamb")
-
 
 def decay_mask(params):
   """True where weight decay applies: conv kernels and dense weights (ndim > 1) only."""
@@ -70,6 +68,15 @@ def lamb(learning_rate: optax.ScalarOrSchedule, *, b1: float, b2: float, eps: fl
   )
 
 
+OPTIMIZERS = {"adamw": optax.adamw, "lamb": lamb}
+
+
+def check_optimizer(name: str) -> None:
+  """The one check of `config.optimizer`, at validation and when the optimizer is built."""
+  if name not in OPTIMIZERS:
+    raise ConfigError(f"config.optimizer={name!r}; use one of {list(OPTIMIZERS)}")
+
+
 def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
   """`config.optimizer` (AdamW or LAMB) with the decay mask, optionally after global-norm
   gradient clipping.
@@ -77,9 +84,8 @@ def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransforma
   For a model with frozen parameters (`config.model` with `config.model_overrides`) the whole
   chain sees only the trainable ones; the frozen ones get `set_to_zero` (no state).
   """
-  if config.optimizer not in OPTIMIZERS:
-    raise ConfigError(f"config.optimizer={config.optimizer!r}; use one of {list(OPTIMIZERS)}")
-  make = optax.adamw if config.optimizer == "adamw" else lamb
+  check_optimizer(config.optimizer)
+  make = OPTIMIZERS[config.optimizer]
   tx = make(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
             weight_decay=config.weight_decay, mask=decay_mask)
   if config.get("grad_clip_norm"):

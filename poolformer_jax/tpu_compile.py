@@ -148,7 +148,6 @@ def prepare_environment(topology: Topology) -> None:
 def topology_devices(topology: Topology, num_slices: int = 1) -> list:
   """The compile-only devices of `num_slices` slices of `topology`."""
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-  from poolformer_jax import train  # pylint: disable=g-import-not-at-top
   megacore = _GENERATIONS[topology.generation][1]
   try:
     desc = topologies.get_topology_desc(
@@ -207,6 +206,11 @@ def _timed(fn):
   return out, time.perf_counter() - t0
 
 
+def _hosts(devices) -> set[tuple[int, int]]:
+  """The hosts that `devices` live on: process indices restart at 0 in every slice."""
+  return {(getattr(d, "slice_index", 0), d.process_index) for d in devices}
+
+
 def _xla_out_of_memory(e: Exception) -> tuple[float, float] | None:
   """(GiB needed, GiB available) when `e` is XLA refusing a program larger than HBM."""
   m = re.search(r"HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", str(e))
@@ -239,7 +243,7 @@ def compile_report(config) -> dict:
     raise errors.ConfigError(f"config.num_slices={config.num_slices} must be >= 1")
   chip = topology.chip
   devices = topology_devices(topology, config.num_slices)
-  hosts = {(getattr(d, "slice_index", 0), d.process_index) for d in devices}
+  hosts = _hosts(devices)
   train.validate_config(config, workdir=None, num_devices=len(devices), process_count=len(hosts))
   if config.matmul_precision != "default":
     jax.config.update("jax_default_matmul_precision", config.matmul_precision)
@@ -248,7 +252,7 @@ def compile_report(config) -> dict:
   num_classes = config.num_classes or num_classes
   if not num_classes:
     raise errors.ConfigError(f"compile mode does not read the data: set --config.num_classes "
-                            f"for dataset {config.data.dataset!r}")
+                             f"for dataset {config.data.dataset!r}")
   steps_per_epoch = max(train_examples // config.batch_size, 1) if train_examples else 0
   total_steps = optimizer_lib.total_steps(config, steps_per_epoch)
   mesh = sharding_lib.make_mesh(config.fsdp, devices)
@@ -289,8 +293,7 @@ def compile_report(config) -> dict:
       "hosts": len(hosts),
       "mesh": dict(mesh.shape),
       "mesh_devices": int(mesh.devices.size),
-      "mesh_processes": len({(getattr(d, "slice_index", 0), d.process_index)
-                             for d in mesh.devices.flat}),
+      "mesh_processes": len(_hosts(mesh.devices.flat)),
       "model": config.model,
       "params": trainer.num_params,
       "num_classes": num_classes,
@@ -404,10 +407,9 @@ def report_path(workdir: str, r: dict) -> str:
 
 def run(config, workdir: str) -> dict:
   """Compile mode's entry point: compiles, prints the table, writes WORKDIR/compile_*.json."""
-  from poolformer_jax import train  # pylint: disable=g-import-not-at-top
   if not config.topology:
     raise errors.ConfigError("--mode=compile needs --config.topology, e.g. "
-                            f"--config.topology=v4-8 (known: {', '.join(known_topologies())})")
+                             f"--config.topology=v4-8 (known: {', '.join(known_topologies())})")
   try:
     prepare_environment(parse_topology(config.topology))
   except ValueError as e:

@@ -177,9 +177,7 @@ def validate_config(config, *, workdir: str | None, num_devices: int,
     model_config = model_lib.get_config(config.model, **config.model_overrides.to_dict())
   except ValueError as e:
     raise ConfigError(f"config.model_overrides: {e}") from None
-  if config.optimizer not in optimizer_lib.OPTIMIZERS:
-    raise ConfigError(f"config.optimizer={config.optimizer!r}; use one of "
-                      f"{list(optimizer_lib.OPTIMIZERS)}")
+  optimizer_lib.check_optimizer(config.optimizer)
   if config.dtype not in _DTYPES:
     raise ConfigError(f"config.dtype={config.dtype!r}; use one of {sorted(_DTYPES)}")
   size = config.data.image_size
