@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from poolformer_jax import multihost
 from poolformer_jax.errors import CheckpointError, DiskFullError
 
 
@@ -107,7 +108,7 @@ class Checkpointer:
     needed = state_bytes(items)
     free = free_bytes(self.directory)
     enough_here = free is None or free >= needed
-    if not _all_processes_agree(enough_here):
+    if not multihost.all_agree(enough_here):
       raise DiskFullError(
           f"not enough disk space to save checkpoint step {step} in {self.directory}: it needs "
           f"about {_size(needed)} (the state's size), "
@@ -225,9 +226,7 @@ class Checkpointer:
       target.parent.mkdir(parents=True, exist_ok=True)
       (epath.Path(self.directory) / str(step)).rename(target)
       logging.warning("Moved corrupt checkpoint step %d to %s", step, target)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      multihost_utils.sync_global_devices(f"quarantine checkpoint {step}")
+    multihost.sync(f"quarantine checkpoint {step}")
     self._manager.reload()
 
   def wait_until_finished(self) -> None:
@@ -262,14 +261,6 @@ def free_bytes(directory: str) -> int | None:
     return shutil.disk_usage(path).free
   except OSError:
     return None
-
-
-def _all_processes_agree(ok: bool) -> bool:
-  """True only if `ok` on every process: each sees its own filesystem, all must decide alike."""
-  if jax.process_count() == 1:
-    return ok
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 def _size(n: int) -> str:

@@ -18,6 +18,7 @@ gathered, and process 0 writes the manifest (the workdir is shared, as checkpoin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -28,6 +29,7 @@ from etils import epath
 import numpy as np
 import tensorflow as tf
 
+from poolformer_jax import multihost
 from poolformer_jax.errors import BadImagesError
 
 FORMAT = 1
@@ -62,8 +64,18 @@ def read(manifest_dir: str, split: str) -> Manifest | None:
   path = manifest_path(manifest_dir, split)
   if not path.exists():
     return None
+  stat = path.stat()
+  return _parse(os.fspath(path), stat.mtime, stat.length)
+
+
+# The run builds its folder source several times (dataset info, epoch size, each iterator): a
+# list of a million files is parsed once. Keyed by mtime and size, and cleared when this process
+# writes a list, so a rewritten list is read again.
+@functools.lru_cache(maxsize=4)
+def _parse(path: str, mtime: float, length: int) -> Manifest:
+  del mtime, length  # Cache key only.
   try:
-    raw = json.loads(path.read_text())
+    raw = json.loads(epath.Path(path).read_text())
     if raw.get("format") != FORMAT:
       raise ValueError(f"format {raw.get('format')!r}, expected {FORMAT}")
     return Manifest(folder=raw["folder"], split=raw["split"],
@@ -86,12 +98,11 @@ def _write(manifest_dir: str, manifest: Manifest) -> None:
   tmp = path.parent / f".{path.name}.tmp"
   tmp.write_text(json.dumps(raw, indent=0))
   tmp.rename(path)
+  _parse.cache_clear()
 
 
-def _write_report(manifest_dir: str, split: str, bad: list[tuple[str, str]]) -> epath.Path:
-  path = report_path(manifest_dir, split)
-  path.write_text("".join(f"{p}\t{why}\n" for p, why in bad))
-  return path
+def _write_report(manifest_dir: str, split: str, bad: list[tuple[str, str]]) -> None:
+  report_path(manifest_dir, split).write_text("".join(f"{p}\t{why}\n" for p, why in bad))
 
 
 # ---------------------------------------------------------------------------
@@ -191,7 +202,8 @@ def ensure(manifest_dir: str, *, folder: str, split: str, label_names: tuple[str
   writer = jax.process_index() == 0
   if writer:
     epath.Path(manifest_dir).mkdir(parents=True, exist_ok=True)
-  report = _write_report(manifest_dir, split, reasons) if writer and reasons else None
+  if writer and reasons:
+    _write_report(manifest_dir, split, reasons)
   shown = "\n".join(f"  {p}: {why}" for p, why in reasons[:_SHOWN])
   more = f"\n  ... and {len(reasons) - _SHOWN} more" if len(reasons) > _SHOWN else ""
   where = f"{os.path.join(folder, split)}"
@@ -206,10 +218,10 @@ def ensure(manifest_dir: str, *, folder: str, split: str, label_names: tuple[str
     logging.warning("Folder split %r: %d of %d files cannot be decoded and are left out "
                     "(%s=%g allows it):\n%s%s\nAll listed in %s", split, len(bad), len(paths),
                     threshold_name, max_bad_fraction, shown, more,
-                    report or report_path(manifest_dir, split))
+                    report_path(manifest_dir, split))
   if writer:
     _write(manifest_dir, manifest)
-  _sync(f"folder manifest {split}")
+  multihost.sync(f"folder manifest {split}")
   if not manifest_path(manifest_dir, split).exists():
     raise BadImagesError(f"{manifest_path(manifest_dir, split)} was written by process 0 but is "
                          "not visible here: the workdir must be shared by all processes")
@@ -227,10 +239,3 @@ def _read_agreed(manifest_dir: str, split: str) -> Manifest | None:
                            "not on this one, or the other way round: the workdir must be shared "
                            "by all processes")
   return read(manifest_dir, split) if found else None
-
-
-def _sync(name: str) -> None:
-  import jax  # pylint: disable=g-import-not-at-top
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)

@@ -80,6 +80,24 @@ def initialize(coordinator_address: str | None, num_processes: int | None,
   report_joined()
 
 
+def sync(name: str) -> None:
+  """Waits until every process of the job gets here (nothing to wait for in one process)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def all_agree(ok: bool) -> bool:
+  """True only if `ok` on every process: each sees its own filesystem, all must decide alike."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
 # ---------------------------------------------------------------------------
 # The parent.
 # ---------------------------------------------------------------------------
