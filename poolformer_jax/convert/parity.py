@@ -27,20 +27,30 @@ _TIMM_HINT = ("pip install timm (with torchvision; or, next to the CPU torch of 
               "torchvision build that matches your torch)")
 
 
+def _source_state(model, canonical: dict, layout: str) -> dict:
+  """`canonical` under `layout`'s names, shaped as `model` stores them, for load_state_dict.
+
+  A dense weight that one layout stores as a 1x1 conv ([O, I, 1, 1]) and the other as a
+  linear layer ([O, I]) is the same tensor with two unit dims.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  own = model.state_dict()
+  state = {}
+  for name, value in canonical.items():
+    key = keys.source_key(name, layout)
+    tensor = torch.from_numpy(np.array(value, np.float32))
+    state[key] = tensor.reshape(own[key].shape) if key in own else tensor
+  return state
+
+
 def hf_reference(converted: Converted):
   """HF's PyTorch model holding the SOURCE tensors (renamed only, never transformed)."""
-  import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   cfg = get_config(converted.info.variant, num_classes=converted.info.num_classes)
   fields = hf_export.hf_config_dict(cfg, converted.info.labels)
   fields.pop("architectures"), fields.pop("model_type")
   model = transformers.PoolFormerForImageClassification(transformers.PoolFormerConfig(**fields))
-  state = {keys.source_key(k, "hf"): torch.from_numpy(np.array(v, np.float32))
-           for k, v in converted.canonical.items()}
-  # A 1x1 conv stored as [O, I] (timm's linear Mlp) is the same tensor with two unit dims.
-  own = model.state_dict()
-  state = {k: v.reshape(own[k].shape) if k in own else v for k, v in state.items()}
-  model.load_state_dict(state, strict=True)
+  model.load_state_dict(_source_state(model, converted.canonical, "hf"), strict=True)
   return model.eval()
 
 
@@ -100,15 +110,8 @@ def timm_reference(converted: Converted):
     model = timm.create_model(converted.info.variant, **kw)
   if cfg.head == "mlp":
     model.head.fc.norm.eps = cfg.head_norm_eps
-  own = model.state_dict()
-  state = {}
-  for name, value in converted.canonical.items():
-    key = keys.source_key(name, "timm")
-    tensor = torch.from_numpy(np.array(value, np.float32))
-    # A dense weight stored by timm as a 1x1 conv is the same tensor with two unit dims.
-    state[key] = tensor.reshape(own[key].shape) if key in own else tensor
   try:
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(_source_state(model, converted.canonical, "timm"), strict=True)
   except RuntimeError as e:
     raise ConversionError(f"timm's model for {converted.info.variant} does not hold these "
                           f"tensors: {e}") from None

@@ -96,15 +96,13 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
     obj = inner
   if not isinstance(obj, Mapping):
     raise ConversionError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors")
-  tensors, skipped = {}, []
+  tensors = {}
   for k, v in obj.items():
-    if isinstance(v, torch.Tensor):
+    if isinstance(v, torch.Tensor):  # Anything else (e.g. a step count) is not a weight.
       v = v.detach().cpu()
       if v.dtype in (torch.bfloat16, torch.float16):
         v = v.float()
       tensors[str(k)] = v.numpy()
-    else:
-      skipped.append(str(k))
   if not tensors:
     raise ConversionError(f"{path} holds no tensors (keys: {sorted(map(str, obj))[:10]})")
   return tensors
