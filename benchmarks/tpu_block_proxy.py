@@ -31,6 +31,7 @@ def measure(stage: int, *, blocks: int, batch: int, train: bool, remat: str | No
             hlo_dir: str | None = None) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from poolformer_jax import model as model_lib  # pylint: disable=g-import-not-at-top
 
@@ -38,7 +39,7 @@ def measure(stage: int, *, blocks: int, batch: int, train: bool, remat: str | No
   sharding = jax.sharding.SingleDeviceSharding(device)
   width, res = STAGES[stage]
   cfg = model_lib.get_config("poolformer_s12")
-  layers = nnx.List([model_lib.MetaFormerBlock(width, cfg, 0.05, dtype=jnp.bfloat16,
+  layers = nnx.List([model_lib.MetaFormerBlock(width, cfg, stage - 1, 0.05, dtype=jnp.bfloat16,
                                                param_dtype=jnp.float32, rngs=nnx.Rngs(i))
                      for i in range(blocks)])
   graphdef, params = nnx.split(layers)
@@ -55,13 +56,17 @@ def measure(stage: int, *, blocks: int, batch: int, train: bool, remat: str | No
       x = run(block, x, None if key is None else jax.random.fold_in(key, i))
     return x
 
+  mesh = jax.sharding.Mesh(np.array([device]).reshape(1, 1), ("data", "fsdp"))
   if train:
     def step(params, x, cotangent, key):
       _, vjp = jax.vjp(lambda p, x: forward(p, x, key), params, x)
       return vjp(cotangent)
-    lowered = jax.jit(step).lower(params, x, x, spec((), jax.random.key(0).dtype))
+    key = spec((), jax.random.key(0).dtype)
+    with jax.set_mesh(mesh):
+      lowered = jax.jit(step).lower(params, x, x, key)
   else:
-    lowered = jax.jit(lambda p, x: forward(p, x, None)).lower(params, x)
+    with jax.set_mesh(mesh):
+      lowered = jax.jit(lambda p, x: forward(p, x, None)).lower(params, x)
   t0 = time.perf_counter()
   compiled = lowered.compile()
   cost = compiled.cost_analysis()

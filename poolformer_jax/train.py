@@ -373,7 +373,8 @@ class Trainer:
                      in_shardings=(self.state_sharding, self.batch_sharding),
                      out_shardings=(self.state_sharding, self.replicated),
                      donate_argnums=0)
-    return jitted.lower(self.abstract_state, batch).compile()
+    with jax.set_mesh(self.mesh):  # the model's TPU kernels read the mesh (mlp_kernel.fits)
+      return jitted.lower(self.abstract_state, batch).compile()
 
   def abstract_batch(self, batch_size: int, *, train: bool):
     size = self.config.data.image_size

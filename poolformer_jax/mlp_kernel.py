@@ -1,0 +1,355 @@
+"""The second half of a PoolFormer v1 block, `x + drop_path(ls * mlp(norm2(x)))`, for TPU
+training: two Pallas kernels.
+
+XLA compiles a training MLP into five kernels around its 4C-channel hidden map (fc1 writing
+gelu's input and output; fc2; in the backward pass the gelu derivative, two weight gradients
+and the input gradient), which read or write that map eight times, plus the norm's own
+passes: on TPU the largest share of a train step's HBM traffic. Here the forward kernel
+reads x once, normalises it, and writes the block's output and fc1's output (the only
+4C-channel map that reaches HBM, stored for the backward pass); the backward kernel reads x,
+fc1's output and the incoming gradient once and keeps gelu, its derivative and the hidden
+gradient on chip, accumulating every weight gradient as it goes. One elementwise pass outside
+finishes the norm's backward (it needs per-sample sums over the whole map).
+
+The kernels work on the map transposed to [H*W, C, N] (batch on the 128 lanes, channels on
+sublanes): the layout XLA:TPU picks for these activations anyway, so the transposes are free,
+and C=64 is not padded to 128 lanes. Per-sample statistics are then per-lane vectors.
+
+Numerics: the same function as the XLA path (`GroupNorm1`, `ops.mlp_apply`, drop path,
+residual add): bf16 (the compute dtype) operands, float32 accumulation and elementwise math,
+one rounding per stored value. Checked against the XLA path on CPU with Pallas'
+interpreter; on TPU it is compiled ahead of time (`main.py --mode=compile`), not yet run.
+Used only when the program is lowered for a TPU mesh (`jax.set_mesh`, as the trainer does),
+in training, and when the shapes fit on chip (`fits`); everything else takes the XLA path.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+_INV_SQRT2 = 1 / math.sqrt(2)
+_INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)
+_LANES = 128  # samples per kernel block: one vreg's lanes
+_VMEM_BUDGET = 14 * 2**20  # of the 16 MiB of a v4 core (the smallest of the TPUs targeted)
+BATCH_AXES = ("data", "fsdp")  # = sharding.BATCH_AXES (the mesh axes that split the batch)
+
+
+def _f32(x):
+  return x.astype(jnp.float32)
+
+
+def _dot(a, b, contract_b: int = 0):
+  """a @ b (contract_b=0) or a @ b.T (contract_b=1), float32 accumulation."""
+  return lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())),
+                         preferred_element_type=jnp.float32)
+
+
+def _gelu_parts(a, b1):
+  h = _f32(a) + b1
+  cdf = 0.5 * (1.0 + lax.erf(h * _INV_SQRT2))
+  return h, cdf
+
+
+# ---------------------------------------------------------------------------
+# Kernels. Blocks: x, out, dout [P, C, L]; a [P, 4C, L]; per-sample rows [1, L]; per-channel
+# columns [C, 1] float32; weights whole. L = _LANES samples, P pixels per grid step.
+# ---------------------------------------------------------------------------
+
+
+def _forward_kernel(x_ref, stats_ref, keep_ref, cols_ref, w1t_ref, b1_ref, w2t_ref,
+                    out_ref, a_ref, *, chunk: int):
+  mean, rstd = stats_ref[0:1], stats_ref[1:2]
+  gamma, beta, b2, ls = (cols_ref[:, k:k + 1] for k in range(4))
+  scale = ls * keep_ref[...]  # [C, L]
+  hid = a_ref.shape[1]
+
+  def pixel(p, carry):
+    x = _f32(x_ref[p])
+    xn = ((x - mean) * rstd * gamma + beta).astype(w1t_ref.dtype)
+    z = b2
+    for k in range(0, hid, chunk):  # the hidden map, a chunk of channels at a time
+      a = _dot(w1t_ref[k:k + chunk], xn).astype(a_ref.dtype)
+      a_ref[p, k:k + chunk] = a
+      h, cdf = _gelu_parts(a, b1_ref[k:k + chunk])
+      z = z + _dot(w2t_ref[:, k:k + chunk], (h * cdf).astype(w2t_ref.dtype))
+    out_ref[p] = (x + z * scale).astype(out_ref.dtype)
+    return carry
+
+  lax.fori_loop(0, x_ref.shape[0], pixel, 0)
+
+
+def _backward_kernel(x_ref, a_ref, dout_ref, stats_ref, keep_ref, cols_ref, w1_ref, b1_ref,
+                     w2_ref, t_ref, r_ref, dw1_ref, db1_ref, m_ref, cacc_ref, *, chunk: int):
+  @pl.when(pl.program_id(1) == 0)
+  def _():
+    for ref in (r_ref, dw1_ref, db1_ref, m_ref, cacc_ref):
+      ref[...] = jnp.zeros(ref.shape, ref.dtype)
+
+  mean, rstd = stats_ref[0:1], stats_ref[1:2]
+  keep = keep_ref[...]
+  gamma, beta, ls = cols_ref[:, 0:1], cols_ref[:, 1:2], cols_ref[:, 3:4]
+  dtype = w1_ref.dtype
+  hid = a_ref.shape[1]
+
+  def pixel(p, carry):
+    x, dout = _f32(x_ref[p]), _f32(dout_ref[p])
+    yhat = (x - mean) * rstd
+    xn = (yhat * gamma + beta).astype(dtype)
+    dk = dout * keep  # the gradient of the branch before the layer scale, [C, L]
+    dz, dk16 = (dk * ls).astype(dtype), dk.astype(dtype)
+    dxn = 0.0
+    for k in range(0, hid, chunk):
+      h, cdf = _gelu_parts(a_ref[p, k:k + chunk], b1_ref[k:k + chunk])
+      pdf = jnp.exp(-0.5 * h * h) * _INV_SQRT_2PI
+      dh = (_dot(w2_ref[k:k + chunk], dz) * (cdf + h * pdf)).astype(dtype)  # [chunk, L]
+      dxn = dxn + _dot(w1_ref[:, k:k + chunk], dh)  # [C, L]
+      dw1_ref[0, :, k:k + chunk] += _dot(xn, dh, 1)
+      m_ref[0, k:k + chunk] += _dot((h * cdf).astype(dtype), dk16, 1)
+      db1_ref[0, k:k + chunk] += jnp.sum(_f32(dh), axis=1, keepdims=True)
+    cacc_ref[0, :, 0:1] += jnp.sum(dk, axis=1, keepdims=True)
+    cacc_ref[0, :, 1:2] += jnp.sum(dxn * yhat, axis=1, keepdims=True)
+    cacc_ref[0, :, 2:3] += jnp.sum(dxn, axis=1, keepdims=True)
+    g = dxn * gamma
+    r_ref[0:1] += jnp.sum(g, axis=0, keepdims=True)
+    r_ref[1:2] += jnp.sum(g * yhat, axis=0, keepdims=True)
+    t_ref[p] = (dout + rstd * g).astype(t_ref.dtype)
+    return carry
+
+  lax.fori_loop(0, x_ref.shape[0], pixel, 0)
+
+
+# ---------------------------------------------------------------------------
+# Blocking and the calls.
+# ---------------------------------------------------------------------------
+
+
+def _chunk(hid: int) -> int:
+  """Hidden channels per step of a kernel's inner loop: float32 temporaries stay small."""
+  return max(d for d in range(8, min(hid, 512) + 1, 8) if hid % d == 0)
+
+
+def _vmem_bytes(pixels: int, c: int, hid: int) -> int:
+  """The backward kernel's VMEM (the larger of the two), as Mosaic allocates it: double-
+  buffered map blocks, single-buffered weights and accumulators, float32 temporaries of one
+  chunk of one pixel, columns padded to 128 lanes."""
+  lanes_pad = lambda n: -(-n // 128) * 128
+  maps = 2 * pixels * _LANES * 2 * (3 * c + hid)
+  weights = 2 * c * hid * 2 + 4 * (c * hid + hid * lanes_pad(c))
+  columns = 4 * 128 * (2 * c + 2 * hid)
+  temps = 4 * _LANES * (8 * _chunk(hid) + 8 * c)
+  return maps + weights + columns + temps
+
+
+def _pixels_per_step(hw: int, c: int, hid: int) -> int | None:
+  fitting = [p for p in range(1, 33) if hw % p == 0 and _vmem_bytes(p, c, hid) <= _VMEM_BUDGET]
+  return max(fitting) if fitting else None
+
+
+def _mesh():
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty else mesh
+
+
+def _batch_axes(mesh) -> tuple[str, ...]:
+  return tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+
+
+def fits(shape: tuple[int, ...], hidden: int) -> bool:
+  """Whether a [N, H, W, C] map with `hidden` MLP channels takes the kernels: the program is
+  lowered for a TPU mesh, each device's samples fill whole lane blocks, and a block fits in
+  VMEM."""
+  mesh = _mesh()
+  if mesh is None or mesh.abstract_device.platform != "tpu":
+    return False
+  n, h, w, c = shape
+  devices = math.prod(mesh.shape[a] for a in _batch_axes(mesh))
+  return (n % (devices * _LANES) == 0 and c % 8 == 0 and hidden % 8 == 0
+          and _pixels_per_step(h * w, c, hidden) is not None)
+
+
+def _compiler_params(*semantics):
+  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+  return pltpu.CompilerParams(dimension_semantics=semantics)
+
+
+def _map_spec(pixels: int, channels: int):  # [P, C, N] blocks, grid (lane block j, pixels i)
+  return pl.BlockSpec((pixels, channels, _LANES), lambda j, i: (i, 0, j))
+
+
+def _rows_spec(rows: int):  # per-sample rows [rows, N]
+  return pl.BlockSpec((rows, _LANES), lambda j, i: (0, j))
+
+
+def _whole_spec(*shape):  # the same block at every step: fetched once
+  return pl.BlockSpec(shape, lambda j, i: (0,) * len(shape), pipeline_mode=pl.Buffered(1))
+
+
+def _partial_spec(*shape):  # one accumulator per lane block, summed afterwards
+  return pl.BlockSpec((1,) + shape, lambda j, i: (j,) + (0,) * len(shape),
+                      pipeline_mode=pl.Buffered(1))
+
+
+def _forward_local(xt, stats, keep, cols, w1, b1, w2, *, interpret):
+  p, c, n = xt.shape
+  hid = w1.shape[1]
+  pixels = _pixels_per_step(p, c, hid)
+  isz = xt.dtype.itemsize
+  cost = pl.CostEstimate(  # matmuls, plus ~8 flops per hidden and per input element
+      flops=4 * p * n * c * hid + 8 * p * n * (c + hid), transcendentals=p * n * hid,
+      bytes_accessed=isz * (2 * p * c * n + p * hid * n + 2 * c * hid)
+      + 4 * (3 * n + 4 * c + hid))
+  return pl.pallas_call(
+      functools.partial(_forward_kernel, chunk=_chunk(hid)), grid=(n // _LANES, p // pixels),
+      in_specs=[_map_spec(pixels, c), _rows_spec(2), _rows_spec(1), _whole_spec(c, 4),
+                _whole_spec(hid, c), _whole_spec(hid, 1), _whole_spec(c, hid)],
+      out_specs=[_map_spec(pixels, c), _map_spec(pixels, hid)],
+      out_shape=[jax.ShapeDtypeStruct((p, c, n), xt.dtype),
+                 jax.ShapeDtypeStruct((p, hid, n), xt.dtype)],
+      compiler_params=None if interpret else _compiler_params("parallel", "parallel"),
+      cost_estimate=cost, interpret=interpret,
+  )(xt, stats, keep, cols, w1.T, b1.reshape(-1, 1), w2.T)
+
+
+def _backward_local(xt, at, dt, stats, keep, cols, w1, b1, w2, *, interpret):
+  p, c, n = xt.shape
+  hid = w1.shape[1]
+  pixels = _pixels_per_step(p, c, hid)
+  blocks = n // _LANES
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  isz = xt.dtype.itemsize
+  cost = pl.CostEstimate(  # matmuls, plus ~16 flops per hidden and per input element
+      flops=8 * p * n * c * hid + 16 * p * n * (c + hid), transcendentals=2 * p * n * hid,
+      bytes_accessed=isz * (3 * p * c * n + p * hid * n + 2 * c * hid)
+      + 4 * (5 * n + 4 * c + hid + blocks * (2 * c * hid + hid + 3 * c)))
+  t, r, dw1, db1, m, cacc = pl.pallas_call(
+      functools.partial(_backward_kernel, chunk=_chunk(hid)), grid=(blocks, p // pixels),
+      in_specs=[_map_spec(pixels, c), _map_spec(pixels, hid), _map_spec(pixels, c),
+                _rows_spec(2), _rows_spec(1), _whole_spec(c, 4), _whole_spec(c, hid),
+                _whole_spec(hid, 1), _whole_spec(hid, c)],
+      out_specs=[_map_spec(pixels, c), _rows_spec(2), _partial_spec(c, hid),
+                 _partial_spec(hid, 1), _partial_spec(hid, c), _partial_spec(c, 3)],
+      out_shape=[jax.ShapeDtypeStruct((p, c, n), xt.dtype), f32(2, n), f32(blocks, c, hid),
+                 f32(blocks, hid, 1), f32(blocks, hid, c), f32(blocks, c, 3)],
+      compiler_params=None if interpret else _compiler_params("parallel", "arbitrary"),
+      cost_estimate=cost, interpret=interpret,
+  )(xt, at, dt, stats, keep, cols, w1, b1.reshape(-1, 1), w2)
+  return t, r, dw1.sum(0), db1.sum(0)[:, 0], m.sum(0), cacc.sum(0)
+
+
+def _on_mesh(fn, n_split_in: int, n_split_out: int):
+  """fn on each device's samples (the last axis of the first `n_split_in` arguments and
+  `n_split_out` results); other arguments replicated, other results summed over devices."""
+  mesh = _mesh()
+  axes = () if mesh is None else _batch_axes(mesh)
+  if not axes:
+    return fn
+  split, whole = jax.sharding.PartitionSpec, jax.sharding.PartitionSpec()
+
+  def local(*args):
+    out = fn(*args)
+    return tuple(out[:n_split_out]) + tuple(lax.psum(o, axes) for o in out[n_split_out:])
+
+  def wrapped(*args):
+    in_specs = tuple(split(*([None] * (a.ndim - 1)), axes) if i < n_split_in else whole
+                     for i, a in enumerate(args))
+    outs = jax.eval_shape(fn, *args)
+    out_specs = tuple(split(*([None] * (o.ndim - 1)), axes) if i < n_split_out else whole
+                      for i, o in enumerate(outs))
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                         check_vma=False)(*args)
+
+  return wrapped
+
+
+# ---------------------------------------------------------------------------
+# The op.
+# ---------------------------------------------------------------------------
+
+
+def _to_kernel(x):  # [N, H, W, C] -> [H*W, C, N]
+  n, h, w, c = x.shape
+  return jnp.transpose(x, (1, 2, 3, 0)).reshape(h * w, c, n)
+
+
+def _from_kernel(xt, shape):  # [H*W, C', N] -> [N, H, W, C']
+  n, h, w, _ = shape
+  return jnp.transpose(xt.reshape(h, w, xt.shape[1], n), (3, 0, 1, 2))
+
+
+def _moments(x, eps):
+  """GroupNorm1's per-sample mean and 1/std (two-pass, float32), shaped [N]."""
+  xf = _f32(x)
+  mean = jnp.mean(xf, axis=(1, 2, 3))
+  var = jnp.mean(jnp.square(xf - mean[:, None, None, None]), axis=(1, 2, 3))
+  return mean, lax.rsqrt(var + eps)
+
+
+def reference(x, keep, gamma, beta, w1, b1, w2, b2, ls, eps):
+  """The plain definition (float32 math, one rounding): what both kernels compute."""
+  mean, rstd = _moments(x, eps)
+  xn = (_f32(x) - mean[:, None, None, None]) * rstd[:, None, None, None] * gamma + beta
+  dtype = w1.dtype
+  a = jnp.dot(xn.astype(dtype), w1, preferred_element_type=jnp.float32).astype(dtype)
+  h = _f32(a) + _f32(b1)
+  hidden = (0.5 * h * (1.0 + lax.erf(h * _INV_SQRT2))).astype(dtype)
+  z = jnp.dot(hidden, w2, preferred_element_type=jnp.float32) + _f32(b2)
+  return (_f32(x) + z * _f32(ls) * keep[:, None, None, None]).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10))
+def mlp_residual(x, keep, gamma, beta, w1, b1, w2, b2, ls, eps: float, interpret: bool = False):
+  """`x + keep * ls * mlp(GroupNorm1(x))` (mlp: fc1, exact gelu, fc2) for x [N, H, W, C].
+
+  keep: the per-sample drop-path factor [N] (0 or 1/(1-rate); ones without drop path).
+  Differentiated, it runs the two kernels (call only where `fits(x.shape)`, or with
+  `interpret=True` to check them on CPU); evaluated without a gradient, the plain definition.
+  """
+  return reference(x, keep, gamma, beta, w1, b1, w2, b2, ls, eps)
+
+
+def _per_sample(x, keep, gamma, beta, b2, ls, eps):
+  """The kernels' small operands: stats [2, N] (mean, 1/std), keep [1, N] and the
+  per-channel columns [C, 4] (gamma, beta, b2, ls), float32."""
+  mean, rstd = _moments(x, eps)
+  cols = jnp.stack([_f32(v) for v in (gamma, beta, b2, ls)], axis=1)
+  return jnp.stack([mean, rstd]), _f32(keep).reshape(1, -1), cols
+
+
+def _mlp_residual_fwd(x, keep, gamma, beta, w1, b1, w2, b2, ls, eps, interpret):
+  stats, keep_row, cols = _per_sample(x, keep, gamma, beta, b2, ls, eps)
+  fwd = _on_mesh(functools.partial(_forward_local, interpret=interpret), 3, 2)
+  out, a = fwd(_to_kernel(x), stats, keep_row, cols, w1, _f32(b1), w2)
+  return _from_kernel(out, x.shape), (x, a, stats, keep_row, cols, keep, gamma, beta, w1, b1,
+                                      w2, b2, ls)
+
+
+def _mlp_residual_bwd(eps, interpret, res, dout):
+  del eps
+  x, a, stats, keep_row, cols, keep, *params = res
+  _, _, w1, b1, w2, _, _ = params
+  bwd = _on_mesh(functools.partial(_backward_local, interpret=interpret), 5, 2)
+  t, r, dw1, db1, m, cacc = bwd(_to_kernel(x), a, _to_kernel(dout), stats, keep_row, cols,
+                                w1, _f32(b1), w2)
+  # The norm's backward: dx = dout + rstd * (g - mean(g) - yhat * mean(g * yhat)), g the
+  # gradient of the normalised map times gamma; t = dout + rstd * g, r = the two sums.
+  # Computed in the kernels' layout: one pass over t and x.
+  mean, rstd = stats[0:1], stats[1:2]
+  count = x.shape[1] * x.shape[2] * x.shape[3]
+  yhat = (_f32(_to_kernel(x)) - mean) * rstd
+  dx = _from_kernel((_f32(t) - rstd * (r[0:1] / count + yhat * (r[1:2] / count))).astype(x.dtype),
+                    x.shape)
+  _, _, b2, ls = (cols[:, k] for k in range(4))
+  sum_dk, dgamma, dbeta = cacc[:, 0], cacc[:, 1], cacc[:, 2]
+  dls = jnp.sum(_f32(w2) * m, axis=0) + b2 * sum_dk
+  grads = (dgamma, dbeta, dw1, db1, m * ls, sum_dk * ls, dls)
+  return ((dx, jnp.zeros_like(keep))
+          + tuple(g.astype(p.dtype) for g, p in zip(grads, params)))
+
+
+mlp_residual.defvjp(_mlp_residual_fwd, _mlp_residual_bwd)
