@@ -12,15 +12,18 @@ gradient on chip, accumulating every weight gradient as it goes. One elementwise
 finishes the norm's backward (it needs per-sample sums over the whole map).
 
 The kernels work on the map transposed to [H*W, C, N] (batch on the 128 lanes, channels on
-sublanes): the layout XLA:TPU picks for these activations anyway, so the transposes are free,
-and C=64 is not padded to 128 lanes. Per-sample statistics are then per-lane vectors.
+sublanes): the layout XLA:TPU picks for most of these activations anyway, so most transposes
+cost nothing, and C=64 is not padded to 128 lanes. Per-sample statistics are per-lane vectors.
 
 Numerics: the same function as the XLA path (`GroupNorm1`, `ops.mlp_apply`, drop path,
-residual add): bf16 (the compute dtype) operands, float32 accumulation and elementwise math,
-one rounding per stored value. Checked against the XLA path on CPU with Pallas'
-interpreter; on TPU it is compiled ahead of time (`main.py --mode=compile`), not yet run.
-Used only when the program is lowered for a TPU mesh (`jax.set_mesh`, as the trainer does),
-in training, and when the shapes fit on chip (`fits`); everything else takes the XLA path.
+residual add): compute-dtype (bf16) matmul operands, float32 accumulation and elementwise
+math, one rounding per stored value. Tested against the model's XLA path on CPU through
+Pallas' interpreter (values and every gradient), and compiled for TPU ahead of time
+(`main.py --mode=compile`); not yet run on a TPU. Chosen only when the program is lowered
+for a TPU mesh (`jax.set_mesh`, as the trainer does), in training, for shapes that fit on
+chip (`fits`): 128 or more samples per chip, S12's first three stages (the fourth's weight
+gradients do not fit a v4 core's 16 MiB with double-buffered blocks). Everything else
+takes the XLA path.
 """
 
 from __future__ import annotations
@@ -33,11 +36,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from poolformer_jax.sharding import BATCH_AXES
+
 _INV_SQRT2 = 1 / math.sqrt(2)
 _INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)
 _LANES = 128  # samples per kernel block: one vreg's lanes
 _VMEM_BUDGET = 14 * 2**20  # of the 16 MiB of a v4 core (the smallest of the TPUs targeted)
-BATCH_AXES = ("data", "fsdp")  # = sharding.BATCH_AXES (the mesh axes that split the batch)
 
 
 def _f32(x):
@@ -290,7 +294,7 @@ def _moments(x, eps):
   return mean, lax.rsqrt(var + eps)
 
 
-def reference(x, keep, gamma, beta, w1, b1, w2, b2, ls, eps):
+def _plain(x, keep, gamma, beta, w1, b1, w2, b2, ls, eps):
   """The plain definition (float32 math, one rounding): what both kernels compute."""
   mean, rstd = _moments(x, eps)
   xn = (_f32(x) - mean[:, None, None, None]) * rstd[:, None, None, None] * gamma + beta
@@ -310,7 +314,7 @@ def mlp_residual(x, keep, gamma, beta, w1, b1, w2, b2, ls, eps: float, interpret
   Differentiated, it runs the two kernels (call only where `fits(x.shape)`, or with
   `interpret=True` to check them on CPU); evaluated without a gradient, the plain definition.
   """
-  return reference(x, keep, gamma, beta, w1, b1, w2, b2, ls, eps)
+  return _plain(x, keep, gamma, beta, w1, b1, w2, b2, ls, eps)
 
 
 def _per_sample(x, keep, gamma, beta, b2, ls, eps):

@@ -578,7 +578,8 @@ class MetaFormerBlock(nnx.Module):
             and mlp_kernel.fits(x.shape, self.mlp.fc1.out_features))
 
   def _mlp_kernel(self, x, key):
-    """The MLP half of a v1 block in training on TPU: `mlp_kernel.mlp_residual`."""
+    """The MLP half of a v1 block, training on TPU: `mlp_kernel.mlp_residual`, the same
+    function as the code below it in `__call__` as two Pallas kernels."""
     keep = drop_path_factor(x.shape, self.drop_rate, key)
     keep = jnp.ones(x.shape[:1], jnp.float32) if keep is None else keep.reshape(-1)
     dtype = self.mlp.dtype or x.dtype

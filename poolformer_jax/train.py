@@ -373,7 +373,7 @@ class Trainer:
                      in_shardings=(self.state_sharding, self.batch_sharding),
                      out_shardings=(self.state_sharding, self.replicated),
                      donate_argnums=0)
-    with jax.set_mesh(self.mesh):  # the model's TPU kernels read the mesh (mlp_kernel.fits)
+    with jax.set_mesh(self.mesh):  # The model picks its TPU kernels by the mesh (mlp_kernel).
       return jitted.lower(self.abstract_state, batch).compile()
 
   def abstract_batch(self, batch_size: int, *, train: bool):

@@ -191,3 +191,40 @@ def test_compile_mode_needs_a_topology(tmp_path):
                 f"--workdir={tmp_path}")
   assert out.returncode == 1
   assert "error: config.topology: unknown TPU topology 'v4-6'" in out.stderr
+
+
+# --------------------------------------------------------------------------- MLP kernels
+
+
+@needs_libtpu
+def test_mlp_kernels_are_chosen_where_they_fit_on_a_tpu_mesh():
+  import jax  # pylint: disable=g-import-not-at-top
+  from poolformer_jax import mlp_kernel, sharding  # pylint: disable=g-import-not-at-top
+  topology = tpu_compile.parse_topology("v4-8")
+  tpu_compile.prepare_environment(topology)
+  with jax.set_mesh(sharding.make_mesh(1, tpu_compile.topology_devices(topology))):
+    assert mlp_kernel.fits((4 * 128, 56, 56, 64), 256)  # S12's stage 1, 128 per chip
+    assert mlp_kernel.fits((4 * 1024, 14, 14, 320), 1280)  # stage 3 at the recipe's batch
+    assert not mlp_kernel.fits((4 * 64, 56, 56, 64), 256)  # fewer samples than lanes
+    assert not mlp_kernel.fits((4 * 128, 7, 7, 512), 2048)  # stage 4: over VMEM
+
+
+@needs_libtpu
+@pytest.mark.parametrize("topology,batch,fsdp,accum", [
+    ("v4-8", 512, 1, 1), ("v4-8", 1024, 2, 2), ("v4-16", 1024, 1, 1)])
+def test_tpu_train_step_runs_the_mlp_kernels(topology, batch, fsdp, accum):
+  """At 128 samples per chip and more, every block's MLP half is the two Pallas kernels in the
+  compiled train step (data parallel, FSDP with gradient accumulation, two hosts); the eval
+  step keeps XLA's fused forward, and a smaller batch falls back to XLA."""
+  from poolformer_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  t = tpu_compile.parse_topology(topology)
+  tpu_compile.prepare_environment(t)
+  devices = tpu_compile.topology_devices(t)
+  blocks = 4  # the smoke model: one block per stage
+  for per_chip, kernels in ((batch // t.num_chips, 2 * blocks), (8, 0)):
+    config = smoke(topology, batch_size=per_chip * t.num_chips, eval_batch_size=64,
+                   fsdp=fsdp if per_chip > 8 else 1, grad_accum_steps=accum if per_chip > 8 else 1)
+    trainer = train.Trainer(config, sharding.make_mesh(config.fsdp, devices), 10, 10, 40)
+    text = trainer.compile_train_step().as_text()
+    assert len(re.findall(r"custom_call_target=\"tpu_custom_call\"", text)) == kernels
+  assert "tpu_custom_call" not in trainer.compile_eval_step().as_text()
