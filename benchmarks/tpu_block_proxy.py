@@ -5,9 +5,10 @@
 Builds `--blocks` real `MetaFormerBlock`s at one S12 stage's shapes (stage 1: 56x56x64 ...
 stage 4: 7x7x512), bfloat16 compute, and compiles their forward and backward (or forward only
 with --eval) for one TPU v4 chip at `--batch` images, in seconds instead of the minutes of the
-whole step. Prints XLA's bytes accessed per image and block, also in units of one bfloat16
-copy of the block's input map (u): a block that reads and writes only what it must moves
-about 50 u in training. This is how each change to `poolformer_jax/ops.py` was tried
+whole step. It lowers them under a one-chip TPU mesh, as the trainer does, so the blocks take
+their TPU training kernels (`poolformer_jax/mlp_kernel.py`) where those fit. Prints XLA's
+bytes accessed per image and block, also in units of one bfloat16 copy of the block's input
+map (u). This is how each change to `poolformer_jax/ops.py` and `mlp_kernel.py` was tried
 (benchmarks/results/tpu_ablations.md). Needs libtpu, no TPU.
 """
 

@@ -11,6 +11,9 @@ it is computed fast, with the same numbers:
 * `mlp_apply`: the channel MLP and its layer scale, with the backward pass written out.
 * `materialize_grad`, `run_after`, `run_after_on_cpu`: barriers for the compilers' schedulers.
 
+Training on TPU, a v1 block's whole MLP half (norm2 to residual add) is two Pallas kernels
+instead: `mlp_kernel.py`.
+
 What is fastest differs between XLA:CPU and the accelerators' compilers, so some choices are
 made by the platform a program is LOWERED for (`lax.platform_dependent`), never by the
 default backend of the process: a TPU program compiled ahead of time on a CPU host gets the
