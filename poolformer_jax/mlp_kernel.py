@@ -21,9 +21,9 @@ math, one rounding per stored value. Tested against the model's XLA path on CPU 
 Pallas' interpreter (values and every gradient), and compiled for TPU ahead of time
 (`main.py --mode=compile`); not yet run on a TPU. Chosen only when the program is lowered
 for a TPU mesh (`jax.set_mesh`, as the trainer does), in training, for shapes that fit on
-chip (`fits`): 128 or more samples per chip, S12's first three stages (the fourth's weight
-gradients do not fit a v4 core's 16 MiB with double-buffered blocks). Everything else
-takes the XLA path.
+chip (`fits`): per chip, a multiple of 128 samples and at least 128 per TensorCore (256 on
+v4 and v5p); S12's first three stages (the fourth's weight gradients do not fit a v4 core's
+16 MiB of VMEM next to its blocks). Everything else takes the XLA path.
 """
 
 from __future__ import annotations
@@ -166,14 +166,17 @@ def _batch_axes(mesh) -> tuple[str, ...]:
 
 def fits(shape: tuple[int, ...], hidden: int) -> bool:
   """Whether a [N, H, W, C] map with `hidden` MLP channels takes the kernels: the program is
-  lowered for a TPU mesh, each device's samples fill whole lane blocks, and a block fits in
-  VMEM."""
+  lowered for a TPU mesh, each device's samples fill whole lane blocks, at least one per
+  TensorCore (a megacore chip, v4 or v5p, splits the lane blocks between its two), and a
+  block fits in VMEM."""
   mesh = _mesh()
   if mesh is None or mesh.abstract_device.platform != "tpu":
     return False
   n, h, w, c = shape
   devices = math.prod(mesh.shape[a] for a in _batch_axes(mesh))
-  return (n % (devices * _LANES) == 0 and c % 8 == 0 and hidden % 8 == 0
+  cores = mesh.abstract_device.num_cores or 1
+  return (n % (devices * _LANES) == 0 and n // (devices * _LANES) >= cores
+          and c % 8 == 0 and hidden % 8 == 0
           and _pixels_per_step(h * w, c, hidden) is not None)
 
 

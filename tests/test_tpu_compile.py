@@ -203,19 +203,21 @@ def test_mlp_kernels_are_chosen_where_they_fit_on_a_tpu_mesh():
   topology = tpu_compile.parse_topology("v4-8")
   tpu_compile.prepare_environment(topology)
   with jax.set_mesh(sharding.make_mesh(1, tpu_compile.topology_devices(topology))):
-    assert mlp_kernel.fits((4 * 128, 56, 56, 64), 256)  # S12's stage 1, 128 per chip
+    assert mlp_kernel.fits((4 * 256, 56, 56, 64), 256)  # S12's stage 1, 256 per chip
     assert mlp_kernel.fits((4 * 1024, 14, 14, 320), 1280)  # stage 3 at the recipe's batch
-    assert not mlp_kernel.fits((4 * 64, 56, 56, 64), 256)  # fewer samples than lanes
-    assert not mlp_kernel.fits((4 * 128, 7, 7, 512), 2048)  # stage 4: over VMEM
+    assert not mlp_kernel.fits((4 * 128, 56, 56, 64), 256)  # one lane block: a core idle
+    assert not mlp_kernel.fits((4 * 192, 56, 56, 64), 256)  # not whole lane blocks
+    assert not mlp_kernel.fits((4 * 256, 7, 7, 512), 2048)  # stage 4: over VMEM
 
 
 @needs_libtpu
 @pytest.mark.parametrize("topology,batch,fsdp,accum", [
-    ("v4-8", 512, 1, 1), ("v4-8", 1024, 2, 2), ("v4-16", 1024, 1, 1)])
+    ("v4-8", 1024, 1, 1), ("v4-8", 2048, 2, 2), ("v4-16", 2048, 1, 1), ("v5e-8", 1024, 1, 1)])
 def test_tpu_train_step_runs_the_mlp_kernels(topology, batch, fsdp, accum):
-  """At 128 samples per chip and more, every block's MLP half is the two Pallas kernels in the
-  compiled train step (data parallel, FSDP with gradient accumulation, two hosts); the eval
-  step keeps XLA's fused forward, and a smaller batch falls back to XLA."""
+  """With whole lane blocks of samples for every TensorCore (256 per v4 chip, 128 per v5e
+  chip), every block's MLP half is the two Pallas kernels in the compiled train step (data
+  parallel, FSDP with gradient accumulation, two hosts, a single-core chip); the eval step
+  keeps XLA's fused forward, and a small batch falls back to XLA."""
   from poolformer_jax import sharding, train  # pylint: disable=g-import-not-at-top
   t = tpu_compile.parse_topology(topology)
   tpu_compile.prepare_environment(t)
