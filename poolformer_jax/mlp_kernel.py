@@ -61,8 +61,9 @@ def _gelu_parts(a, b1):
 
 
 # ---------------------------------------------------------------------------
-# Kernels. Blocks: x, out, dout [P, C, L]; a [P, 4C, L]; per-sample rows [1, L]; per-channel
-# columns [C, 1] float32; weights whole. L = _LANES samples, P pixels per grid step.
+# Kernels. Blocks: x, out, dout [P, C, L] and a [P, 4C, L] (P pixels of L = _LANES samples
+# per grid step); per-sample rows [k, L] and per-channel columns [C, k], float32; weights
+# whole. Grid (lane block j, pixel block i); the backward accumulates over i per j.
 # ---------------------------------------------------------------------------
 
 
