@@ -32,9 +32,9 @@ def measure(stage: int, *, blocks: int, batch: int, train: bool, remat: str | No
             hlo_dir: str | None = None) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from poolformer_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from poolformer_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
 
   device = tpu_compile.topology_devices(tpu_compile.parse_topology("v4-8"))[0]
   sharding = jax.sharding.SingleDeviceSharding(device)
@@ -57,7 +57,7 @@ def measure(stage: int, *, blocks: int, batch: int, train: bool, remat: str | No
       x = run(block, x, None if key is None else jax.random.fold_in(key, i))
     return x
 
-  mesh = jax.sharding.Mesh(np.array([device]).reshape(1, 1), ("data", "fsdp"))
+  mesh = sharding_lib.make_mesh(1, [device])
   if train:
     def step(params, x, cotangent, key):
       _, vjp = jax.vjp(lambda p, x: forward(p, x, key), params, x)

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from poolformer_jax import ops
 from poolformer_jax.sharding import BATCH_AXES
 
 _INV_SQRT2 = 1 / math.sqrt(2)
@@ -291,23 +292,9 @@ def _from_kernel(xt, shape):  # [H*W, C', N] -> [N, H, W, C']
 
 
 def _moments(x, eps):
-  """GroupNorm1's per-sample mean and 1/std (two-pass, float32), shaped [N]."""
-  xf = _f32(x)
-  mean = jnp.mean(xf, axis=(1, 2, 3))
-  var = jnp.mean(jnp.square(xf - mean[:, None, None, None]), axis=(1, 2, 3))
-  return mean, lax.rsqrt(var + eps)
-
-
-def _plain(x, keep, gamma, beta, w1, b1, w2, b2, ls, eps):
-  """The plain definition (float32 math, one rounding): what both kernels compute."""
-  mean, rstd = _moments(x, eps)
-  xn = (_f32(x) - mean[:, None, None, None]) * rstd[:, None, None, None] * gamma + beta
-  dtype = w1.dtype
-  a = jnp.dot(xn.astype(dtype), w1, preferred_element_type=jnp.float32).astype(dtype)
-  h = _f32(a) + _f32(b1)
-  hidden = (0.5 * h * (1.0 + lax.erf(h * _INV_SQRT2))).astype(dtype)
-  z = jnp.dot(hidden, w2, preferred_element_type=jnp.float32) + _f32(b2)
-  return (_f32(x) + z * _f32(ls) * keep[:, None, None, None]).astype(x.dtype)
+  """GroupNorm1's per-sample mean and 1/std, shaped [N]."""
+  mean, rstd = ops.moments(x, (1, 2, 3), eps)
+  return mean.reshape(-1), rstd.reshape(-1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10))
@@ -315,10 +302,10 @@ def mlp_residual(x, keep, gamma, beta, w1, b1, w2, b2, ls, eps: float, interpret
   """`x + keep * ls * mlp(GroupNorm1(x))` (mlp: fc1, exact gelu, fc2) for x [N, H, W, C].
 
   keep: the per-sample drop-path factor [N] (0 or 1/(1-rate); ones without drop path).
-  Differentiated, it runs the two kernels (call only where `fits(x.shape)`, or with
-  `interpret=True` to check them on CPU); evaluated without a gradient, the plain definition.
+  Runs the kernels: call only where `fits(x.shape, hidden)`, or with `interpret=True` to
+  check them on CPU.
   """
-  return _plain(x, keep, gamma, beta, w1, b1, w2, b2, ls, eps)
+  return _mlp_residual_fwd(x, keep, gamma, beta, w1, b1, w2, b2, ls, eps, interpret)[0]
 
 
 def _per_sample(x, keep, gamma, beta, b2, ls, eps):

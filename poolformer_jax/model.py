@@ -174,11 +174,7 @@ class GroupNorm1(nnx.Module):
 
   def moments(self, x):
     """Mean and 1/std over `reduction_axes`, float32, with those axes kept (size 1)."""
-    x = x.astype(jnp.float32)
-    axes = self.reduction_axes(x)
-    mean = jnp.mean(x, axes, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axes, keepdims=True)
-    return mean, lax.rsqrt(var + self.eps)
+    return ops.moments(x, self.reduction_axes(x), self.eps)
 
   def __call__(self, x):
     mean, rstd = self.moments(x)
@@ -444,9 +440,12 @@ class Mlp(nnx.Module):
     dtype = self.dtype or x.dtype
     if layer_scale is None:
       layer_scale = jnp.ones((self.fc2.out_features,), dtype)
-    params = [p[...].astype(dtype) for p in (self.fc1.kernel, self.fc1.bias, self.fc2.kernel,
-                                             self.fc2.bias)]
-    return ops.mlp_apply(x.astype(dtype), *params, layer_scale.astype(dtype))
+    return ops.mlp_apply(x.astype(dtype), *self.weights(dtype), layer_scale.astype(dtype))
+
+  def weights(self, dtype) -> list[jax.Array]:
+    """fc1's kernel and bias, fc2's kernel and bias, in the compute dtype."""
+    return [p[...].astype(dtype) for p in (self.fc1.kernel, self.fc1.bias, self.fc2.kernel,
+                                           self.fc2.bias)]
 
 
 class StarReLUMlp(nnx.Module):
@@ -571,7 +570,6 @@ class MetaFormerBlock(nnx.Module):
     x = self._residual(x, branch, scale, self.res_scale2, self.drop_rate, k2)
     return ops.materialize_grad(x)
 
-
   def _mlp_kernel_fits(self, x) -> bool:
     return (isinstance(self.mlp, Mlp) and type(self.norm2) is GroupNorm1
             and self.norm2.bias is not None and self.res_scale2 is None
@@ -582,14 +580,11 @@ class MetaFormerBlock(nnx.Module):
     function as the code below it in `__call__` as two Pallas kernels."""
     keep = drop_path_factor(x.shape, self.drop_rate, key)
     keep = jnp.ones(x.shape[:1], jnp.float32) if keep is None else keep.reshape(-1)
-    dtype = self.mlp.dtype or x.dtype
-    fc1, fc2 = self.mlp.fc1, self.mlp.fc2
     ls = (jnp.ones((x.shape[-1],), jnp.float32) if self.layer_scale2 is None
           else self.layer_scale2.scale[...])
     return mlp_kernel.mlp_residual(
-        x, keep, self.norm2.scale[...], self.norm2.bias[...], fc1.kernel[...].astype(dtype),
-        fc1.bias[...].astype(dtype), fc2.kernel[...].astype(dtype),
-        fc2.bias[...].astype(dtype), ls, self.norm2.eps, False)
+        x, keep, self.norm2.scale[...], self.norm2.bias[...],
+        *self.mlp.weights(self.mlp.dtype or x.dtype), ls, self.norm2.eps, False)
 
 
 class Stage(nnx.Module):

@@ -176,11 +176,15 @@ def _window_sum_f32(x: jax.Array, size: int, weights: np.ndarray | None = None) 
       default=lambda x: window_sum_taps(x, size, weights))
 
 
-def _moments(xf: jax.Array, eps: float):
-  """Per-sample mean and 1/std over (H, W, C), two-pass as PyTorch's GroupNorm."""
-  axes = tuple(range(1, xf.ndim))
-  mean = jnp.mean(xf, axes, keepdims=True)
-  var = jnp.mean(jnp.square(xf - mean), axes, keepdims=True)
+def moments(x: jax.Array, axes: tuple[int, ...], eps: float):
+  """Mean and 1/std of x over `axes` (kept, size 1), float32, two-pass as PyTorch's norms.
+
+  Every norm of the model (`model.GroupNorm1`, `model.LayerNorm`) and every op with a norm
+  folded in (`pooling_residual`, `mlp_kernel`) takes its statistics from here.
+  """
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axes, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axes, keepdims=True)
   return mean, lax.rsqrt(var + eps)
 
 
@@ -204,7 +208,7 @@ def pooling_residual(x: jax.Array, scale: jax.Array, eps: float, size: int = 3) 
 
 def _pooling_residual_fwd(x, scale, eps, size):
   xf = x.astype(jnp.float32)
-  mean, rstd = _moments(xf, eps)
+  mean, rstd = moments(xf, tuple(range(1, x.ndim)), eps)
   inv = _inverse_counts(x.shape[1], x.shape[2], size)
   mixed = _window_sum_f32(x, size) * inv - xf
   return (xf + mixed * (rstd * scale)).astype(x.dtype), (x, scale, mean, rstd)

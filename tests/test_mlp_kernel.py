@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from poolformer_jax import mlp_kernel
+from poolformer_jax import mlp_kernel, sharding
 from poolformer_jax import model as model_lib
 
 N = mlp_kernel._LANES  # one lane block of samples  # pylint: disable=protected-access
@@ -36,11 +36,8 @@ def xla_path(block, x, keep):
 
 
 def kernel_path(block, x, keep):
-  dtype = block.mlp.dtype
-  fc1, fc2 = block.mlp.fc1, block.mlp.fc2
   return mlp_kernel.mlp_residual(
-      x, keep, block.norm2.scale[...], block.norm2.bias[...], fc1.kernel[...].astype(dtype),
-      fc1.bias[...].astype(dtype), fc2.kernel[...].astype(dtype), fc2.bias[...].astype(dtype),
+      x, keep, block.norm2.scale[...], block.norm2.bias[...], *block.mlp.weights(block.mlp.dtype),
       block.layer_scale2.scale[...], block.norm2.eps, True)
 
 
@@ -86,9 +83,7 @@ def test_on_a_mesh_each_device_runs_its_samples_and_weight_gradients_are_summed(
   block, x, cotangent, keep = block_and_inputs()
   x, cotangent, keep = (jnp.concatenate([v, v[::-1]]) for v in (x, cotangent, keep))
   single = value_and_grads(kernel_path, block, x, cotangent, keep)
-  mesh = jax.make_mesh((2, 1), mlp_kernel.BATCH_AXES, devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(sharding.make_mesh(1, devices)):
     sharded = value_and_grads(kernel_path, block, x, cotangent, keep)
     text = jax.jit(jax.grad(lambda x: jnp.sum(kernel_path(block, x, keep)))).lower(x).as_text()
   assert "shard_map" in text or "sdy.manual_computation" in text
@@ -98,5 +93,5 @@ def test_on_a_mesh_each_device_runs_its_samples_and_weight_gradients_are_summed(
 
 def test_kernels_are_only_chosen_for_tpu_meshes_and_shapes_that_fit():
   assert not mlp_kernel.fits((N, 56, 56, 64), 256)  # no mesh
-  with jax.set_mesh(jax.make_mesh((1, 1), mlp_kernel.BATCH_AXES, devices=jax.devices()[:1])):
+  with jax.set_mesh(sharding.make_mesh(1, jax.devices()[:1])):
     assert not mlp_kernel.fits((N, 56, 56, 64), 256)  # a CPU mesh
