@@ -53,11 +53,18 @@ def fingerprints(tree):
   return jax.tree.map(one, tree)
 
 
-def _flat_fingerprints(items: dict[str, Any]) -> dict[str, int]:
+def flat_fingerprints(items: dict[str, Any]) -> dict[str, int]:
   """{'params/stages.2.blocks.0.mlp.fc1.kernel': fingerprint, ...} for every array of `items`."""
   prints = jax.device_get(fingerprints(items))
   return {f"{path[0].key}/{jax.tree_util.keystr(path[1:], simple=True, separator='.')}": int(v)
           for path, v in jax.tree_util.tree_leaves_with_path(prints)}
+
+
+def first_mismatch(expected: dict[str, int], items: dict[str, Any]) -> str | None:
+  """The first 'item/array' of `items` whose bits differ from `expected` (flat_fingerprints
+  saved with it), or None when every array verifies."""
+  return next((key for key, value in flat_fingerprints(items).items()
+               if expected.get(key) != value), None)
 
 
 def orbax_path(directory) -> str:
@@ -114,7 +121,7 @@ class Checkpointer:
           f"about {_size(needed)} (the state's size), "
           + (f"{_size(free)} are free" if not enough_here else "another process has less free")
           + self._resume_hint())
-    meta = {**(meta or {}), "step": int(step), "fingerprints": _flat_fingerprints(items)}
+    meta = {**(meta or {}), "step": int(step), "fingerprints": flat_fingerprints(items)}
     args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
     self._saving = (int(step), needed)
     try:
@@ -136,7 +143,7 @@ class Checkpointer:
     if not ("No space left on device" in text or "os_error_code='28'" in text
             or getattr(root, "errno", None) == 28):
       self._failed = CheckpointError(f"checkpoint step {step} could not be written to "
-                                     f"{self.directory}: {_summarise(error)}")
+                                     f"{self.directory}: {summarise(error)}")
       return self._failed
     self._remove_partial(step)
     free = free_bytes(self.directory)
@@ -178,19 +185,18 @@ class Checkpointer:
           step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **args))
     except Exception as e:  # Orbax/TensorStore raise many types; all mean "unreadable".
       raise CheckpointError(f"checkpoint step {step} cannot be read ({where}): "
-                            f"{_summarise(e)}") from e
+                            f"{summarise(e)}") from e
     meta = restored["meta"]
     expected = (meta or {}).get("fingerprints")
     if not expected:
       raise CheckpointError(f"checkpoint step {step} has no fingerprints in {where}/meta; "
                             "it was not written by this trainer or its meta file is damaged")
-    got = _flat_fingerprints({name: restored[name] for name in targets})
-    for key, value in got.items():
-      if expected.get(key) != value:
-        item, array = key.split("/", 1)
-        raise CheckpointError(
-            f"checkpoint step {step} is corrupt: array '{array}' in {where}/{item} does not "
-            "match the fingerprint saved with it (the file was altered or damaged after saving)")
+    bad = first_mismatch(expected, {name: restored[name] for name in targets})
+    if bad is not None:
+      item, array = bad.split("/", 1)
+      raise CheckpointError(
+          f"checkpoint step {step} is corrupt: array '{array}' in {where}/{item} does not "
+          "match the fingerprint saved with it (the file was altered or damaged after saving)")
     return {name: restored[name] for name in targets}, meta
 
   def restore_latest(self, targets: dict[str, Any], *, fallback: bool = False):
@@ -281,7 +287,7 @@ def _incomplete_steps(directory: str) -> list[str]:
   return sorted(p.name for p in path.iterdir() if ".orbax-checkpoint-tmp" in p.name)
 
 
-def _summarise(error: BaseException) -> str:
+def summarise(error: BaseException) -> str:
   """The root cause of an Orbax/TensorStore error in one line, plus the array it names.
 
   Orbax wraps TensorStore's error (e.g. 'OUT_OF_RANGE: Error reading "stem.conv.kernel/0.0.0.0"

@@ -157,12 +157,11 @@ def predict(model, images: Sequence[Any], *, preprocessing: Mapping[str, Any] | 
   Every batch is padded to `batch_size` (the padding's outputs are dropped), so the forward
   compiles once per model and batch size, however many images each call has: for a few images,
   a smaller `batch_size` wastes less work. `labels` default to the ImageNet names when the model
-  has 1000 classes.
+  has 1000 (ImageNet-1k) or 21841 (ImageNet-21k) classes.
   """
   num_classes = model.cfg.num_classes
   if labels is None:
-    labels = (pretrained.imagenet_labels() if num_classes == 1000 else
-              [str(i) for i in range(num_classes)])
+    labels = pretrained.imagenet_labels(num_classes) or [str(i) for i in range(num_classes)]
   top_k = min(top_k, num_classes)
   graphdef, state = nnx.split(model)
   probabilities = _probabilities_fn(graphdef)

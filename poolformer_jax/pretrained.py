@@ -1,14 +1,18 @@
 """Saving and loading ready-to-use models: `config.json` + an Orbax checkpoint of the params.
 
 Layout of a pretrained directory:
-  config.json   {"format", "variant", "num_classes", "labels", "preprocessing", "model"}
+  config.json   {"format", "variant", "num_classes", "labels", "preprocessing", "model",
+                 "fingerprints"}
   params/       Orbax StandardCheckpointer checkpoint of nnx.state(model, nnx.Param) as a
                 plain nested dict.
 A training workdir (WORKDIR/config.json + WORKDIR/checkpoints/, see poolformer_jax.train) loads
-the same way: `load_pretrained(WORKDIR)` takes its newest verified checkpoint.
+the same way: `load_params(WORKDIR)` takes its newest verified checkpoint.
 Writes are atomic: everything goes to a temporary sibling directory that is renamed into
 place at the end, so a crash never leaves a half-written directory under the final name.
-No torch, no TensorFlow.
+Reads are verified: every array's fingerprint is saved in config.json and checked when it is
+restored (as for training checkpoints: Orbax restores an altered byte silently), so a damaged
+directory is an error naming the array, never wrong weights. Released checkpoints by name
+(download, convert, cache) are `poolformer_jax.hub`'s. No torch, no TensorFlow.
 """
 
 from __future__ import annotations
@@ -43,13 +47,31 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+# Class-name files shipped in the package (WordNet id, tab, names), by head size.
+_LABEL_FILES = {1000: "imagenet_classes.txt", 21841: "imagenet21k_classes.txt"}
+
+
 @functools.cache
-def imagenet_labels() -> tuple[str, ...]:
-  """The 1000 ImageNet-1k class names in index order ('tench', 'goldfish', ...), read from
-  imagenet_classes.txt (shipped in the package: WordNet id, tab, names)."""
-  text = importlib.resources.files("poolformer_jax").joinpath("imagenet_classes.txt").read_text()
-  return tuple(line.split("\t")[1].split(",")[0] for line in text.splitlines()
+def _label_rows(num_classes: int) -> tuple[tuple[str, str], ...] | None:
+  if num_classes not in _LABEL_FILES:
+    return None
+  text = importlib.resources.files("poolformer_jax").joinpath(_LABEL_FILES[num_classes]).read_text()
+  return tuple(tuple(line.split("\t", 1)) for line in text.splitlines()
                if line and not line.startswith("#"))
+
+
+def imagenet_labels(num_classes: int = 1000) -> tuple[str, ...] | None:
+  """The class names of an ImageNet-1k (1000) or ImageNet-21k (21841) head in index order
+  ('tench', 'goldfish', ...: each class's first name); None for any other number of classes."""
+  rows = _label_rows(num_classes)
+  return None if rows is None else tuple(names.split(",")[0] for _, names in rows)
+
+
+def imagenet_wnids(num_classes: int = 1000) -> tuple[str, ...] | None:
+  """The WordNet ids of the same classes ('n01440764', ...): the folder names of ImageNet's
+  class-per-folder validation layout."""
+  rows = _label_rows(num_classes)
+  return None if rows is None else tuple(wnid for wnid, _ in rows)
 
 
 def default_preprocessing(crop_pct: float = 0.9, input_size: int = 224) -> dict:
@@ -117,10 +139,12 @@ def _config_from_json(d: Mapping) -> MetaFormerConfig:
 
 def write_config(directory: str, cfg: MetaFormerConfig, *, variant: str,
                  labels: list[str] | tuple[str, ...] | None = None,
-                 preprocessing: Mapping[str, Any] | None = None) -> None:
-  """Writes DIRECTORY/config.json: the architecture, classes and eval preprocessing.
+                 preprocessing: Mapping[str, Any] | None = None,
+                 fingerprints: Mapping[str, int] | None = None) -> None:
+  """Writes DIRECTORY/config.json: the architecture, classes, eval preprocessing and (for a
+  `params/` directory) the fingerprint of every array.
 
-  Also written into a training workdir, which `load_pretrained` then reads like a converted model.
+  Also written into a training workdir, which `load_params` then reads like a converted model.
   """
   pre = default_preprocessing(cfg.crop_pct)
   pre.update(preprocessing or {})
@@ -132,6 +156,8 @@ def write_config(directory: str, cfg: MetaFormerConfig, *, variant: str,
       "preprocessing": {k: list(v) if isinstance(v, tuple) else v for k, v in pre.items()},
       "model": _config_to_json(cfg),
   }
+  if fingerprints is not None:
+    config["fingerprints"] = dict(fingerprints)
   (epath.Path(directory) / CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
 
@@ -153,13 +179,14 @@ def save_pretrained(directory: str, model: MetaFormer, *, variant: str,
       ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
       ckptr.wait_until_finished()
     # config.json last: a directory with it is complete (the rename makes that moot anyway).
-    write_config(tmp, cfg, variant=variant, labels=labels, preprocessing=preprocessing)
+    write_config(tmp, cfg, variant=variant, labels=labels, preprocessing=preprocessing,
+                 fingerprints=checkpointing.flat_fingerprints({PARAMS_DIR: params}))
 
   return atomic_directory(directory, write, overwrite=overwrite)
 
 
-def read_info(directory: str) -> tuple[PretrainedInfo, MetaFormerConfig]:
-  """Reads config.json only (no weights)."""
+def read_config(directory: str) -> dict:
+  """DIRECTORY/config.json, checked to be ours."""
   path = epath.Path(directory) / CONFIG_FILE
   if not epath.Path(directory).is_dir():
     raise CheckpointError(f"{directory} is not a directory; pass a directory written by "
@@ -174,6 +201,15 @@ def read_info(directory: str) -> tuple[PretrainedInfo, MetaFormerConfig]:
   if not isinstance(config, dict) or config.get("format") != FORMAT:
     got = config.get("format") if isinstance(config, dict) else type(config).__name__
     raise CheckpointError(f"{path} has format {got!r}, expected {FORMAT!r}")
+  return config
+
+
+def read_info(directory: str) -> tuple[PretrainedInfo, MetaFormerConfig]:
+  """Reads config.json only (no weights)."""
+  return _parse_info(read_config(directory))
+
+
+def _parse_info(config: dict) -> tuple[PretrainedInfo, MetaFormerConfig]:
   cfg = (_config_from_json(config["model"]) if "model" in config else
          get_config(config["variant"], num_classes=config["num_classes"]))
   labels = config.get("labels")
@@ -197,12 +233,12 @@ def load_params(directory: str) -> tuple[dict, PretrainedInfo, MetaFormerConfig]
   * a pretrained directory (`params/`, written by the converter or `save_pretrained`), or
   * a training workdir (`checkpoints/`): its newest checkpoint that passes verification.
   """
-  info, cfg = read_info(directory)
+  config = read_config(directory)
+  info, cfg = _parse_info(config)
   target = abstract_params(cfg)
   root = epath.Path(checkpointing.orbax_path(directory))
   if (root / PARAMS_DIR).is_dir():
-    with ocp.StandardCheckpointer() as ckptr:
-      params = ckptr.restore(root / PARAMS_DIR, target)
+    params = _restore_verified(root, target, config.get("fingerprints"))
   elif (root / CHECKPOINTS_DIR).is_dir():
     ckpt = checkpointing.Checkpointer(str(root / CHECKPOINTS_DIR), async_save=False,
                                       read_only=True)
@@ -217,17 +253,33 @@ def load_params(directory: str) -> tuple[dict, PretrainedInfo, MetaFormerConfig]
   return jax.tree.map(np.asarray, params), info, cfg
 
 
-def load_pretrained(directory: str, *, dtype=jnp.float32,
-                    rngs: nnx.Rngs | None = None) -> tuple[MetaFormer, PretrainedInfo]:
-  """A ready model (float32 params, `dtype` compute) and its info.
+def _restore_verified(root: epath.Path, target: dict, expected: dict | None) -> dict:
+  """DIRECTORY/params restored into `target` and checked against the `expected` fingerprints
+  of config.json (directories written before fingerprints were saved are restored unchecked)."""
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      params = ckptr.restore(root / PARAMS_DIR, target)
+  except Exception as e:  # Orbax/TensorStore raise many types; all mean "unreadable".
+    raise CheckpointError(f"{root / PARAMS_DIR} cannot be read: {checkpointing.summarise(e)}; "
+                          "the directory is damaged: convert or save it again") from e
+  bad = expected and checkpointing.first_mismatch(expected, {PARAMS_DIR: params})
+  if bad:
+    raise CheckpointError(f"{root} is corrupt: array '{bad.split('/', 1)[1]}' in {PARAMS_DIR}/ "
+                          "does not match the fingerprint saved with it (a file was altered or "
+                          "damaged after saving): convert or save it again")
+  return params
 
-  `directory` is a converted model / `save_pretrained` output, or a training workdir (its
-  latest verified checkpoint). `rngs` only seeds variables that are not in the checkpoint
-  (none for PoolFormer).
-  """
-  params, info, cfg = load_params(os.fspath(directory))
-  abstract = nnx.eval_shape(lambda r: MetaFormer(cfg, dtype=dtype, rngs=r),
-                            rngs if rngs is not None else nnx.Rngs(0))
+
+def build_model(params: dict, cfg: MetaFormerConfig, *, rngs: nnx.Rngs | None = None,
+                features_only: bool = False, **module_kwargs) -> MetaFormer:
+  """The model of `cfg` holding `params` (a plain nested dict as `load_params` returns it),
+  built without initialising anything; `module_kwargs` are MetaFormer's (dtype, remat). `rngs`
+  only seeds variables that are not in `params` (none of the released models have any)."""
+  abstract = nnx.eval_shape(
+      lambda r: MetaFormer(cfg, features_only=features_only, rngs=r, **module_kwargs),
+      rngs if rngs is not None else nnx.Rngs(0))
   graphdef, state = nnx.split(abstract)
+  if features_only:  # The classifier's tensors have no place in a feature extractor.
+    params = {k: v for k, v in params.items() if k in nnx.to_pure_dict(state)}
   nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-  return nnx.merge(graphdef, state), info
+  return nnx.merge(graphdef, state)

@@ -207,7 +207,8 @@ def test_converted_logits_match_timm(family, tmp_path_factory):
   assert model.cfg == model_lib.get_config(name, num_classes=num_classes)  # head eps 1e-5
   size = 384 if tag.endswith("384") else 224
   assert info.preprocessing["input_size"] == size and info.preprocessing["crop_pct"] == 1.0
-  assert info.labels == (pretrained.imagenet_labels() if num_classes == 1000 else None)
+  assert info.labels == pretrained.imagenet_labels(num_classes)  # 1k or 21k names
+  assert len(info.labels) == num_classes
   err = max_logit_diff(model, info, reference(name, num_classes, tag))
   print(f"{name} ({fmt}, {num_classes} classes, {size}px): max |logit - timm| = {err:.2e}")
   assert err <= TOL, err

@@ -214,8 +214,8 @@ def convert(source: readers.Source | str, *, model: str | None = None) -> Conver
                    or (source.timm_config or {}).get("num_classes") or 1000)
   labels = (_hf_labels(source.hf_config, num_classes)
             or _timm_labels(source.timm_config, num_classes))
-  if labels is None and num_classes == 1000:  # release / timm files carry no names: ImageNet's
-    labels = pretrained.imagenet_labels()
+  if labels is None:  # release / timm files carry no names: ImageNet-1k's or -21k's
+    labels = pretrained.imagenet_labels(num_classes)
   cfg = get_config(variant, num_classes=num_classes)
 
   abstract = nnx.eval_shape(lambda: MetaFormer(cfg, rngs=nnx.Rngs(0)))

@@ -172,7 +172,7 @@ def timm_config_dict(cfg: MetaFormerConfig, info: PretrainedInfo) -> dict:
           "classifier": "head.fc.fc2" if cfg.head == "mlp" else "head.fc",
       },
   }
-  default = pretrained.imagenet_labels() if cfg.num_classes == 1000 else None
+  default = pretrained.imagenet_labels(cfg.num_classes)
   if info.labels is not None and tuple(info.labels) != default:
     config["label_names"] = list(info.labels)
   return config
