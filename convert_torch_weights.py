@@ -56,7 +56,7 @@ def main(argv=None) -> int:
   # Imported after parsing so --help is instant.
   # pylint: disable=g-import-not-at-top
   from poolformer_jax import convert as cv
-  from poolformer_jax import errors, pretrained
+  from poolformer_jax import errors, hub, pretrained
   from poolformer_jax.convert import hf_export, parity
 
   reverse = args.to_hf or args.to_timm
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
       if args.model:
         raise errors.ConfigError("--model applies to PyTorch sources; --to-hf and --to-timm "
                                  "read the variant from the JAX directory")
-      model, info = pretrained.load_pretrained(args.source)
+      model, info = hub.load_pretrained(args.source)
       # Refuse what the target cannot hold before any check runs.
       if args.to_timm:
         hf_export.timm_architecture(model.cfg, info.variant)

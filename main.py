@@ -4,7 +4,7 @@
   python main.py --config=configs/imagenet.py:s12 --workdir=gs://BUCKET/runs/s12
   python main.py --mode=eval --config=configs/imagenet.py:s12 \\
       --config.init_from=checkpoints/poolformer_s12 --workdir=/tmp/eval_s12
-  python main.py --mode=predict --checkpoint=checkpoints/poolformer_s12 photos/ cat.jpg
+  python main.py --mode=predict --checkpoint=caformer_s18.sail_in1k_384 photos/ cat.jpg
   python main.py --mode=compile --config=configs/imagenet.py:s12 --config.topology=v4-8
 
 Any config field can be overridden: --config.batch_size=1024 --config.data.data_dir=gs://...
@@ -39,8 +39,9 @@ flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard
 flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "compile"],
                   "What to do. compile: AOT-compile for --config.topology (a TPU slice such as "
                   "v4-8) and report memory and speed bounds.")
-flags.DEFINE_string("checkpoint", None, "predict: a converted model directory or a training "
-                    "workdir.")
+flags.DEFINE_string("checkpoint", None, "predict: a converted model directory, a training "
+                    "workdir, or released weights by name (caformer_s18.sail_in1k_384, "
+                    "hf-hub:sail/poolformer_s12; downloaded and converted once, then cached).")
 flags.DEFINE_enum("format", "table", ["table", "jsonl"], "predict: output format.")
 flags.DEFINE_integer("top_k", 5, "predict: classes per image.")
 flags.DEFINE_integer("batch_size", 32, "predict: images per forward pass.")
@@ -83,15 +84,15 @@ def _init_distributed() -> None:
 
 def predict(argv) -> int:
   """Classifies image files and folders; never imports TensorFlow."""
-  from poolformer_jax import errors, inference, pretrained  # pylint: disable=g-import-not-at-top
+  from poolformer_jax import errors, hub, inference  # pylint: disable=g-import-not-at-top
   paths = argv[1:]
   if not FLAGS.checkpoint or not paths:
-    raise errors.ConfigError("--mode=predict needs --checkpoint=DIR and image files or folders, "
-                             "e.g. python main.py --mode=predict "
-                             "--checkpoint=checkpoints/poolformer_s12 photos/")
+    raise errors.ConfigError("--mode=predict needs --checkpoint=DIR_OR_NAME and image files or "
+                             "folders, e.g. python main.py --mode=predict "
+                             "--checkpoint=caformer_s18.sail_in1k photos/")
   if FLAGS.batch_size < 1 or FLAGS.top_k < 1:
     raise errors.ConfigError("--batch_size and --top_k must be >= 1")
-  model, info = pretrained.load_pretrained(FLAGS.checkpoint)
+  model, info = hub.load_pretrained(FLAGS.checkpoint)
   files = inference.list_image_files(paths)
   results, failed = inference.classify_files(
       model, files, preprocessing=info.preprocessing, labels=info.labels, top_k=FLAGS.top_k,

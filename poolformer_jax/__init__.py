@@ -1,16 +1,15 @@
 """PoolFormer (MetaFormer) in JAX / Flax NNX."""
 
+from poolformer_jax.hub import create_model, list_pretrained, load_pretrained
 from poolformer_jax.inference import predict, preprocess
 from poolformer_jax.model import (
     VARIANTS,
     MetaFormer,
     MetaFormerConfig,
     count_params,
-    create_model,
     get_config,
     list_models,
 )
-from poolformer_jax.pretrained import load_pretrained
 
 __all__ = [
     "VARIANTS",
@@ -20,6 +19,7 @@ __all__ = [
     "create_model",
     "get_config",
     "list_models",
+    "list_pretrained",
     "load_pretrained",
     "predict",
     "preprocess",

@@ -34,3 +34,8 @@ class BadImagesError(DatasetError):
 class DiskFullError(CheckpointError):
   """A checkpoint could not be written for lack of space; the message names the directory and
   the bytes needed. The previous complete checkpoint is untouched."""
+
+
+class DownloadError(Error):
+  """A released checkpoint that cannot be fetched (offline and not cached, the hub unreachable,
+  a file missing there); the message says what to download and where to put it."""

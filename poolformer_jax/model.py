@@ -777,6 +777,12 @@ for _size, (_conv, _ca, _ca_head) in {"s18": (.2, .15, 0.), "s36": (.3, .3, .4),
                                       _ca, head_dropout=_ca_head, **_fields)
 
 
+# The fields that decide the parameter tensors (the head's size aside): weights saved from one
+# config load into another only where these agree.
+ARCHITECTURE_FIELDS = ("depths", "widths", "token_mixer", "mixer_size", "mlp_ratio",
+                       "in_channels", "version", "norm", "head", "head_dim")
+
+
 def list_models() -> list[str]:
   """Names accepted by `create_model`."""
   return sorted(VARIANTS)

@@ -44,6 +44,7 @@ import optax
 
 from poolformer_jax import checkpointing
 from poolformer_jax import cpu_tuning
+from poolformer_jax import hub
 from poolformer_jax import metrics as metrics_lib
 from poolformer_jax import mixup
 from poolformer_jax import model as model_lib
@@ -161,7 +162,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.async_checkpoints = True
   c.checkpoint_fallback = False  # Restore the newest step that verifies if the latest is corrupt.
-  c.init_from = ""  # A converted model / pretrained dir or a training workdir: start from it.
+  # Start from: a converted model / pretrained dir, a training workdir, or released weights by
+  # name ('caformer_s18.sail_in1k', 'hf-hub:sail/poolformer_s12'; downloaded once, cached).
+  c.init_from = ""
   return c
 
 
@@ -231,19 +234,16 @@ def _check_writable(workdir: str) -> None:
                       "another --workdir") from None
 
 
-_ARCHITECTURE_FIELDS = ("depths", "widths", "token_mixer", "mixer_size", "mlp_ratio",
-                        "in_channels", "version", "norm", "head", "head_dim")
-
-
 def _check_init_from(config) -> None:
-  """init_from must exist and hold the same architecture (the head may differ)."""
+  """init_from must exist (a released name is downloaded and converted now, once) and hold the
+  same architecture (the head may differ)."""
   try:
-    _, source_cfg = pretrained.read_info(config.init_from)
+    _, source_cfg = hub.read_info(config.init_from)
   except CheckpointError as e:
     raise ConfigError(f"config.init_from: {e}") from None
   ours = model_lib.get_config(config.model, **config.model_overrides.to_dict())
   diff = [f"{f}: {getattr(source_cfg, f)} there, {getattr(ours, f)} here"
-          for f in _ARCHITECTURE_FIELDS if getattr(source_cfg, f) != getattr(ours, f)]
+          for f in model_lib.ARCHITECTURE_FIELDS if getattr(source_cfg, f) != getattr(ours, f)]
   if diff:
     raise ConfigError(f"config.init_from={config.init_from} is another architecture than "
                       f"config.model={config.model} ({'; '.join(diff)})")
@@ -414,12 +414,12 @@ class Trainer:
   # -- checkpoints ---------------------------------------------------------
 
   def load_params(self, directory: str, fresh=None):
-    """The parameters of a pretrained dir or workdir, laid out on the mesh.
+    """The parameters of a pretrained dir, workdir or released name, laid out on the mesh.
 
     A head for another number of classes is taken from `fresh` (newly initialised parameters:
     fine-tuning); without `fresh`, every tensor must fit.
     """
-    loaded, info, _ = pretrained.load_params(directory)
+    loaded, info, _ = hub.load_params(directory)
     same_head = info.num_classes == self.num_classes
     if not same_head and fresh is None:
       raise ConfigError(f"{directory} has {info.num_classes} classes, the dataset "
@@ -711,6 +711,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   trainer = Trainer(config, mesh, num_classes, steps_per_epoch=1, total_steps=1)
   if config.init_from:
     params, source, step = trainer.load_params(config.init_from), config.init_from, 0
+    pre = hub.read_info(config.init_from)[0].preprocessing
+    if (pre["input_size"], pre["crop_pct"]) != (config.data.image_size, config.data.crop_pct):
+      logging.warning("%s was evaluated by its release at %dx%d, crop_pct %s; this eval runs at "
+                      "%dx%d, crop_pct %s: for the release's figure pass "
+                      "--config.data.image_size=%d --config.data.crop_pct=%s", source,
+                      pre["input_size"], pre["input_size"], pre["crop_pct"],
+                      config.data.image_size, config.data.image_size, config.data.crop_pct,
+                      pre["input_size"], pre["crop_pct"])
   else:
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
     restored = ckpt.restore_latest({"params": trainer.abstract_state.params},

@@ -121,7 +121,7 @@ def converted_random_model(tmp_path_factory):
   """A random-init HF S12 with 1000 classes saved to disk, converted, loaded back."""
   torch = pytest.importorskip("torch")
   import helpers_torch  # tests/ is on sys.path (pytest rootdir-relative import)
-  from poolformer_jax import convert, pretrained
+  from poolformer_jax import convert, hub, pretrained
   hf = helpers_torch.random_hf_model("poolformer_s12", num_labels=1000, seed=3)
   hf_dir = tmp_path_factory.mktemp("hf")
   hf.save_pretrained(hf_dir)
@@ -130,7 +130,7 @@ def converted_random_model(tmp_path_factory):
   pretrained.save_pretrained(str(out), converted.model, variant=converted.info.variant,
                              labels=converted.info.labels,
                              preprocessing=converted.info.preprocessing)
-  model, info = pretrained.load_pretrained(str(out))
+  model, info = hub.load_pretrained(str(out))
   return hf, model, info, torch, out
 
 
@@ -169,7 +169,7 @@ def test_classify_files_skips_and_reports_broken_files(converted_random_model, t
 def test_release_checkpoints_get_imagenet_names(converted_random_model, tmp_path):
   """Release/timm files hold no class names; a 1000-class one is labelled with ImageNet's."""
   import helpers_torch
-  from poolformer_jax import convert, pretrained
+  from poolformer_jax import convert, hub, pretrained
   hf, _, _, torch, _ = converted_random_model
   torch.save(helpers_torch.to_release_keys(helpers_torch.hf_state(hf)), tmp_path / "s12.pth.tar")
   info = convert.convert(str(tmp_path / "s12.pth.tar")).info

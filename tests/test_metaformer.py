@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from poolformer_jax import model as pf
-from poolformer_jax import pretrained
+from poolformer_jax import hub, pretrained
 
 # Small members of each family for tests about behaviour, not size (head_dim 16: 2-4 heads).
 TINY = dict(depths=(1, 1, 2, 1), widths=(16, 32, 48, 64), head_dim=16)
@@ -113,7 +113,7 @@ def test_randformer_matrices_are_row_stochastic_per_block_and_get_no_gradient():
 def test_randformer_matrices_are_saved_and_loaded_with_the_parameters(tmp_path):
   m = tiny("randformer_s12")
   path = pretrained.save_pretrained(str(tmp_path / "rand"), m, variant="randformer_s12")
-  loaded, _ = pretrained.load_pretrained(path, rngs=nnx.Rngs(123))  # other seed: other draws
+  loaded, _ = hub.load_pretrained(path, rngs=nnx.Rngs(123))  # other seed: other draws
   assert loaded.cfg == m.cfg
   for s in (2, 3):
     np.testing.assert_array_equal(loaded.stages[s].blocks[0].token_mixer.random_matrix[...],

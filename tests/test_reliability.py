@@ -326,7 +326,7 @@ def test_only_our_own_errors_become_one_line(tmp_path, monkeypatch, capsys):
   """main.py prints the project's errors as one `error:` line; any other exception is a bug
   and keeps its traceback."""
   import main
-  from poolformer_jax import pretrained
+  from poolformer_jax import hub
   image = tmp_path / "x.png"
   try:
     main.FLAGS(["main.py", "--mode=predict", f"--checkpoint={tmp_path / 'missing'}"])
@@ -337,7 +337,7 @@ def test_only_our_own_errors_become_one_line(tmp_path, monkeypatch, capsys):
     def bug(*args, **kwargs):
       raise ValueError("an internal bug")
 
-    monkeypatch.setattr(pretrained, "load_pretrained", bug)
+    monkeypatch.setattr(hub, "load_pretrained", bug)
     with pytest.raises(ValueError, match="an internal bug"):
       main.main(["main.py", str(image)])
   finally:

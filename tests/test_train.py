@@ -393,14 +393,14 @@ def test_smoke_run_logs_evaluates_and_checkpoints(smoke_run):
 @SHARES_SMOKE_RUN
 def test_eval_mode_and_load_pretrained_read_the_run(smoke_run, tmp_path):
   import shutil
-  from poolformer_jax import pretrained
+  from poolformer_jax import hub, pretrained
   config, workdir, result = smoke_run
   # Evaluation reads the parameters only: it works without the optimizer state on disk.
   shutil.copytree(workdir, tmp_path / "run")
   shutil.rmtree(tmp_path / "run" / "checkpoints" / "40" / "train")
   record = train.evaluate(config, str(tmp_path / "run"))
   assert record["eval/top1"] == pytest.approx(result["eval/top1"])
-  model, info = pretrained.load_pretrained(workdir)
+  model, info = hub.load_pretrained(workdir)
   assert info.num_classes == 10 and info.labels == tuple(str(i) for i in range(10))
   assert info.preprocessing["input_size"] == 32 and info.preprocessing["crop_pct"] == 1.0
   assert model.cfg.widths == tuple(config.model_overrides.widths)
@@ -420,7 +420,7 @@ def test_rerun_of_a_finished_run_trains_nothing(smoke_run):
 @SHARES_SMOKE_RUN
 def test_init_from_a_run_with_another_head(smoke_run, tmp_path, caplog):
   """Fine-tuning: a 3-class model starts from the 10-class run; only the head is new."""
-  from poolformer_jax import pretrained
+  from poolformer_jax import hub, pretrained
   _, workdir, _ = smoke_run
   config = tiny_config(init_from=workdir)
   config.model_overrides.widths = (16, 32, 48, 64)  # The smoke run's.
