@@ -372,6 +372,10 @@ def test_converter_and_preprocess_survive_garbage(tmp_path, capsys):
       assert not out.exists()
       err = capsys.readouterr().err
       assert err.startswith("error: ") and "Traceback" not in err
+      # Never the advice to unpickle with weights_only=False, which runs the file's code.
+      assert "weights_only" not in err and "trusted" not in err, err
+      if ext != ".safetensors" and len(data) >= 8 and not data.startswith((b"PK", b"\x80")):
+        assert "is not a PyTorch checkpoint" in err, err
     with pytest.raises(inference.ImageError):
       inference.preprocess([data])
   hf = tmp_path / "hf"
@@ -542,20 +546,17 @@ def test_soak_hundreds_of_steps_memory_flat_no_retrace(digits_data_dir, tmp_path
 
 
 @pytest.mark.slow
-def test_finetune_config_from_a_converted_model_on_an_image_folder(tmp_path):
-  """configs/finetune.py: a converted (random-init) HF S12 with 1000 classes, fine-tuned on a
-  3-class folder of real photos: a new head, the rest loaded, training and eval run."""
+def test_finetune_config_from_a_released_name_on_an_image_folder(tmp_path):
+  """configs/finetune.py from `hf-hub:sail/poolformer_s12` (a random-init HF S12 with 1000
+  classes, served by a local stand-in of the hub), fine-tuned on a 3-class folder of real
+  photos: downloaded and converted once, a new head, the rest loaded, training and eval run."""
   pytest.importorskip("torch")
   import helpers_torch
+  from local_hub import LocalHub
   from PIL import Image
-  from poolformer_jax import convert
   skimage_data = pytest.importorskip("skimage.data")
-  hf_dir = tmp_path / "hf"
-  helpers_torch.random_hf_model("poolformer_s12", num_labels=1000, seed=0).save_pretrained(hf_dir)
-  converted = convert.convert(str(hf_dir))
-  jax_dir = tmp_path / "s12"
-  pretrained.save_pretrained(str(jax_dir), converted.model, variant="poolformer_s12",
-                             labels=converted.info.labels)
+  helpers_torch.random_hf_model("poolformer_s12", num_labels=1000, seed=0).save_pretrained(
+      tmp_path / "hub" / "sail" / "poolformer_s12")
   photos = {"astronaut": skimage_data.astronaut(), "coffee": skimage_data.coffee(),
             "chelsea": skimage_data.chelsea()}
   for split, count in (("train", 8), ("val", 2)):
@@ -564,12 +565,17 @@ def test_finetune_config_from_a_converted_model_on_an_image_folder(tmp_path):
       for i in range(count):
         crop = photo[i * 10:, i * 12:]
         Image.fromarray(crop).save(tmp_path / "folder" / split / label / f"{i}.jpg")
-  proc = run_main(["main.py", "--config=configs/finetune.py", f"--workdir={tmp_path / 'ft'}",
-                   f"--config.init_from={jax_dir}", f"--config.data.folder={tmp_path / 'folder'}",
-                   "--config.batch_size=8", "--config.eval_batch_size=8",
-                   "--config.total_steps=4", "--config.data.image_size=64",
-                   "--config.dtype=float32"])
+  with LocalHub(tmp_path / "hub") as hub:
+    proc = run_main(["main.py", "--config=configs/finetune.py", f"--workdir={tmp_path / 'ft'}",
+                     "--config.init_from=hf-hub:sail/poolformer_s12",
+                     f"--config.data.folder={tmp_path / 'folder'}",
+                     "--config.batch_size=8", "--config.eval_batch_size=8",
+                     "--config.total_steps=4", "--config.data.image_size=64",
+                     "--config.dtype=float32"], HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0",
+                    HF_HUB_CACHE=str(tmp_path / "hf"),
+                    POOLFORMER_JAX_CACHE=str(tmp_path / "cache"))
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert hub.requests[("GET", "sail/poolformer_s12/model.safetensors")] == 1  # once, not per use
   assert "it has 1000 classes, this run 3; the head is newly initialised" in proc.stderr
   evals = [r for r in read_metrics(tmp_path / "ft") if "eval/top1" in r]
   assert evals and evals[-1]["eval/examples"] == 6

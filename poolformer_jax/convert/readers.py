@@ -65,8 +65,21 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
         "safetensors file: download it again") from None
 
 
+# What torch.save writes: a zip archive (PyTorch >= 1.6), or before that a pickle (protocol 2:
+# PROTO opcode 0x80). Anything else is not a PyTorch checkpoint at all.
+_TORCH_HEADS = {b"PK\x03\x04": "a zip archive", b"\x80": "a pickle"}
+
+
 def _read_torch(path: str) -> dict[str, np.ndarray]:
   """Torch's weights-only unpickler: plain tensors and containers, never arbitrary code."""
+  with open(path, "rb") as f:
+    head = f.read(8)
+  kind = next((k for magic, k in _TORCH_HEADS.items() if head.startswith(magic)), None)
+  if kind is None:
+    raise ConversionError(
+        f"{path} is not a PyTorch checkpoint: torch.save writes a zip archive (before PyTorch "
+        f"1.6, a pickle), and this file is neither (it starts with {head!r}). Pass a "
+        ".pth/.pth.tar/.bin state dict, a .safetensors file or a model directory")
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -74,7 +87,7 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
-    # torch raises RuntimeError (bad zip), UnpicklingError (not a pickle, or a global the
+    # torch raises RuntimeError (bad zip), UnpicklingError (a damaged pickle, or a global the
     # weights-only unpickler refuses), EOFError (truncated legacy pickle), KeyError (garbage).
     text = str(e)
     refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
@@ -84,11 +97,13 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
           "on this machine. Only plain state dicts of tensors are loaded (torch weights-only "
           "unpickler); re-save the checkpoint as a state dict or as .safetensors from a "
           "trusted environment") from None
-    msg = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    # torch's own text for a damaged file advises loading it with weights_only=False, which
+    # runs whatever code the file holds: it is not passed on.
+    msg = (text.strip().splitlines()[0] if text.strip() and "weights_only" not in text else
+           "torch's weights-only reader cannot parse it")
     raise ConversionError(
-        f"could not load {path} as a PyTorch checkpoint ({type(e).__name__}: {msg}). Is it a "
-        "complete (not truncated) .pth/.pth.tar/.bin state dict saved with torch.save? If it "
-        "is truncated, download it again.") from None
+        f"{path} starts like a PyTorch checkpoint ({kind}) but cannot be read ({type(e).__name__}:"
+        f" {msg}): it is truncated or damaged. Download it again") from None
   while isinstance(obj, Mapping):
     inner = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), Mapping)), None)
     if inner is None:
