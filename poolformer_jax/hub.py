@@ -162,7 +162,8 @@ def find_tag(name: str) -> PretrainedTag:
     return PRETRAINED[name]
   if f"{name}.{DEFAULT_TAG}" in PRETRAINED:
     return PRETRAINED[f"{name}.{DEFAULT_TAG}"]
-  raise ConfigError(f"no released checkpoint is named {name!r}; {_closest(name)}")
+  raise ConfigError(f"no released checkpoint (nor a directory) is named {name!r}; "
+                    f"{_closest(name)}")
 
 
 def _source(name: str) -> _Source:
@@ -247,7 +248,9 @@ def create_model(name: str, pretrained: bool = False, *, num_classes: int | None
     if rngs is None:
       raise ValueError("create_model needs rngs=nnx.Rngs(seed) to initialise a model (or "
                        "pretrained=True for released weights)")
-    arch = name if name in model_lib.VARIANTS else find_tag(name).model
+    if name.startswith(HUB_PREFIX):
+      raise ValueError(f"{name} names weights: pass pretrained=True")
+    arch = find_tag(name).model if "." in name else name  # A tag names its architecture too.
     return model_lib.create_model(arch, num_classes=num_classes or 1000, rngs=rngs, **build,
                                   **overrides)
   params, info, cfg = load_params(name)

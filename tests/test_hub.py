@@ -151,6 +151,15 @@ def test_21k_class_names_are_timms():
     assert names[i] == info.index_to_description(i).split(",")[0]
 
 
+def test_a_name_without_pretrained_is_its_architecture_randomly_initialised():
+  model = pj.create_model("poolformerv2_s12.sail_in1k", rngs=nnx.Rngs(0))
+  assert model.cfg == pj.get_config("poolformerv2_s12")
+  with pytest.raises(ValueError, match="pretrained=True"):
+    pj.create_model("hf-hub:sail/poolformer_s12", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="rngs"):
+    pj.create_model("poolformerv2_s12")
+
+
 def test_a_wrong_name_lists_the_closest(capsys):
   with pytest.raises(errors.ConfigError, match="closest: caformer_s18.sail_in1k_384"):
     pj.load_pretrained("caformer_s18.sail_in1k_385")
@@ -317,28 +326,37 @@ def test_release_pth_names_need_torch_and_say_so(local_hub, monkeypatch):
 # The cross-check at scale, one name per family: benchmarks/pretrained_parity.py.
 # ---------------------------------------------------------------------------
 
+# A 384 name among them: the eval transform follows the name. (21841-class heads get
+# ImageNet-21k's names from the converter: test_convert_metaformer.py.)
 ONE_PER_FAMILY = ("poolformer_s12.sail_in1k", "poolformerv2_s12.sail_in1k",
                   "identityformer_s12.sail_in1k", "randformer_s12.sail_in1k",
-                  "convformer_s18.sail_in1k", "caformer_s18.sail_in1k")
+                  "convformer_s18.sail_in1k", "caformer_s18.sail_in1k_384")
 
 
 @pytest.mark.slow
 def test_pretrained_parity_of_one_name_per_family(hub_files, tmp_path):
-  """Download, convert, cache and compare with the PyTorch model, as a user runs it."""
-  root, _ = hub_files
+  """Download, convert, cache and compare with the PyTorch model, as a user runs it; then
+  `main.py --mode=predict` by name, offline, from the cache."""
+  root, refs = hub_files
   for name in ONE_PER_FAMILY:
     tag = hub.PRETRAINED[name]
     if not os.path.exists(os.path.join(root, tag.repo, tag.filename or "")):
-      write_repo(root, name, seed=3)
+      refs[name] = write_repo(root, name, seed=3)
   out = tmp_path / "parity.json"
+  from PIL import Image
+  photos = [tmp_path / f"{p}.png" for p in PHOTOS]
+  for p, path in zip(PHOTOS, photos):
+    Image.fromarray(getattr(skimage_data, p)()).save(path)
   env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
   with LocalHub(root) as server:
     env.update(HF_ENDPOINT=server.url, HF_HUB_CACHE=str(tmp_path / "hf"), JAX_PLATFORMS="cpu",
                POOLFORMER_JAX_CACHE=str(tmp_path / "cache"))
     proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "pretrained_parity.py"),
-                           *ONE_PER_FAMILY, "--out", str(out)], env=env, capture_output=True,
+                           *ONE_PER_FAMILY, "--out", str(out), "--images", *map(str, photos)],
+                          env=env, capture_output=True,
                           text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  print(proc.stdout)  # per name: logits vs the reference, first and cached load times (-s)
   rows = json.loads(out.read_text())["rows"]
   assert sorted(r["name"] for r in rows) == sorted(ONE_PER_FAMILY)
   for row in rows:
@@ -346,4 +364,43 @@ def test_pretrained_parity_of_one_name_per_family(hub_files, tmp_path):
     assert not row["first_load_was_cached"] and row["cached_load_s"] < row["first_load_s"], row
   reference = {r["name"]: r["reference"] for r in rows}
   assert reference["poolformer_s12.sail_in1k"].startswith("transformers'")  # timm's v1 differs
-  assert reference["caformer_s18.sail_in1k"] == "timm (its own hf-hub loader)"
+  assert reference["caformer_s18.sail_in1k_384"] == "timm (its own hf-hub loader)"
+  # The cache entry carries what the name says: 384 crops.
+  info_384, _ = pretrained.read_info(str(tmp_path / "cache" / "caformer_s18.sail_in1k_384"))
+  assert (info_384.preprocessing["input_size"], info_384.preprocessing["crop_pct"]) == (384, 1.0)
+  # predict by name, with no hub at all: the cache is enough.
+  photo = photos[0]
+  env["HF_HUB_OFFLINE"] = "1"
+  proc = subprocess.run([sys.executable, "main.py", "--mode=predict", "--format=jsonl",
+                         "--checkpoint=caformer_s18.sail_in1k_384", str(photo)], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  predicted = json.loads(proc.stdout.strip().splitlines()[-1])
+  pixels = inference.preprocess([getattr(skimage_data, PHOTOS[0])()], info_384.preprocessing)
+  assert pixels.shape == (1, 384, 384, 3)
+  ref = refs["caformer_s18.sail_in1k_384"]
+  ref.head.fc.norm.eps = 1e-5  # the release's MLP-head eps, which ours keeps
+  with torch.no_grad():
+    logits = ref(torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))).numpy()
+  assert [p["index"] for p in predicted["top_k"]] == list(np.argsort(-logits[0])[:5]), predicted
+
+
+@pytest.mark.slow
+def test_eval_mode_scores_a_released_name(local_hub, tmp_path):
+  """`main.py --mode=eval --config.init_from=NAME` on the real imagenet2012 builder (tiny fake
+  tars): the name is downloaded, converted and scored on every validation image."""
+  import fake_imagenet
+  fake_imagenet.prepare_fake_imagenet(tmp_path / "data", tmp_path / "manual")
+  env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path / "hf"),
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  proc = subprocess.run([sys.executable, "main.py", "--mode=eval",
+                         "--config=configs/imagenet.py:poolformerv2_s12",
+                         f"--workdir={tmp_path / 'eval'}", f"--config.init_from={NAME}",
+                         f"--config.data.data_dir={tmp_path / 'data'}",
+                         "--config.eval_batch_size=8", "--config.dtype=float32"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "was evaluated by its release at" not in proc.stderr  # the recipe's 224, crop 1.0
+  records = [json.loads(line) for line in (tmp_path / "eval" / "metrics.jsonl").open()]
+  assert records[-1]["source"] == NAME and records[-1]["eval/examples"] == 13
+  assert (tmp_path / "cache" / NAME / "config.json").is_file()
