@@ -404,3 +404,25 @@ def test_eval_mode_scores_a_released_name(local_hub, tmp_path):
   records = [json.loads(line) for line in (tmp_path / "eval" / "metrics.jsonl").open()]
   assert records[-1]["source"] == NAME and records[-1]["eval/examples"] == 13
   assert (tmp_path / "cache" / NAME / "config.json").is_file()
+
+
+def test_parity_script_scores_an_imagenet_validation_folder(local_hub, hub_files, tmp_path):
+  """benchmarks/pretrained_parity.py's top-1 over `val/<WordNet id>/*`: two photos filed under
+  the class timm's model ranks first, one under another class, so top-1 must be 2/3."""
+  from PIL import Image
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import pretrained_parity
+  _, refs = hub_files
+  model, info = pj.load_pretrained(NAME)
+  photos = [getattr(skimage_data, p)() for p in ("chelsea", "coffee", "astronaut")]
+  pixels = inference.preprocess(photos, info.preprocessing)
+  with torch.no_grad():
+    ranked = refs[NAME](torch.from_numpy(np.ascontiguousarray(
+        pixels.transpose(0, 3, 1, 2)))).numpy().argsort(-1)[:, ::-1]
+  wnids = pretrained.imagenet_wnids(1000)
+  classes = [ranked[0, 0], ranked[1, 0], ranked[2, 1]]  # the last one: timm's second choice
+  for i, (photo, c) in enumerate(zip(photos, classes)):
+    os.makedirs(tmp_path / "val" / wnids[c], exist_ok=True)
+    Image.fromarray(photo).save(tmp_path / "val" / wnids[c] / f"{i}.png")
+  top1, n = pretrained_parity.imagenet_top1(model, info, str(tmp_path / "val"), batch_size=4)
+  assert n == 3 and top1 == pytest.approx(2 / 3)
