@@ -255,6 +255,23 @@ def test_a_damaged_cache_entry_is_rebuilt_not_loaded(local_hub, tmp_path, caplog
   assert json.loads((entry / "config.json").read_text())["variant"] == "poolformerv2_s12"
 
 
+def test_a_downloaded_file_that_fails_its_checksum_is_fetched_again(local_hub, tmp_path,
+                                                                    caplog):
+  import shutil
+  pj.load_pretrained(NAME)
+  blobs = [p for p in (tmp_path / "hf").rglob("blobs/*") if len(p.name) == 64]
+  assert len(blobs) == 1  # model.safetensors, stored under its SHA-256 (the hub's ETag)
+  data = bytearray(blobs[0].read_bytes())
+  data[-1] ^= 0xFF  # the last weight's last byte: a file that still parses
+  blobs[0].chmod(0o644)
+  blobs[0].write_bytes(bytes(data))
+  shutil.rmtree(tmp_path / "cache" / NAME)
+  model, info = pj.load_pretrained(NAME)
+  assert "does not hash to its hub checksum" in caplog.text
+  assert local_hub.requests[("GET", WEIGHTS)] == 2
+  assert blobs[0].read_bytes() != bytes(data)
+
+
 def test_a_dropped_connection_resumes_and_a_dead_one_fails_cleanly(local_hub, tmp_path):
   local_hub.cut[WEIGHTS] = (25 << 20, 1)  # the first GET drops after 25 of 48 MB
   model, info = pj.load_pretrained(NAME)
