@@ -3,7 +3,7 @@
   python benchmarks/tpu_block_proxy.py --stages 1 3 [--eval] [--remat full|dots_saveable]
 
 Builds `--blocks` real `MetaFormerBlock`s at one S12 stage's shapes (stage 1: 56x56x64 ...
-stage 4: 7x7x512), bfloat16 compute, and compiles their forward and backward (or forward only
+stage 4: 7x7x512), bfloat16 compute (`--dtype`), and compiles their forward and backward (or forward only
 with --eval) for one TPU v4 chip at `--batch` images, in seconds instead of the minutes of the
 whole step. It lowers them under a one-chip TPU mesh, as the trainer does, so the blocks take
 their TPU training kernels (`poolformer_jax/mlp_kernel.py`) where those fit. Prints XLA's
@@ -29,7 +29,7 @@ STAGES = {1: (64, 56), 2: (128, 28), 3: (320, 14), 4: (512, 7)}  # width, resolu
 
 
 def measure(stage: int, *, blocks: int, batch: int, train: bool, remat: str | None,
-            hlo_dir: str | None = None) -> dict:
+            hlo_dir: str | None = None, dtype: str = "bfloat16") -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -40,13 +40,14 @@ def measure(stage: int, *, blocks: int, batch: int, train: bool, remat: str | No
   sharding = jax.sharding.SingleDeviceSharding(device)
   width, res = STAGES[stage]
   cfg = model_lib.get_config("poolformer_s12")
-  layers = nnx.List([model_lib.MetaFormerBlock(width, cfg, stage - 1, 0.05, dtype=jnp.bfloat16,
+  compute = jnp.dtype(dtype)
+  layers = nnx.List([model_lib.MetaFormerBlock(width, cfg, stage - 1, 0.05, dtype=compute,
                                                param_dtype=jnp.float32, rngs=nnx.Rngs(i))
                      for i in range(blocks)])
   graphdef, params = nnx.split(layers)
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
   params = jax.tree.map(lambda p: spec(p.shape, p.dtype), params)
-  x = spec((batch, res, res, width), jnp.bfloat16)
+  x = spec((batch, res, res, width), compute)
 
   def forward(params, x, key):
     run = lambda block, x, k: block(x, k)
@@ -74,6 +75,7 @@ def measure(stage: int, *, blocks: int, batch: int, train: bool, remat: str | No
   per_block_image = cost["bytes accessed"] / batch / blocks
   result = {
       "stage": stage, "blocks": blocks, "batch": batch, "train": train, "remat": remat,
+      "dtype": dtype, "kernels": compiled.as_text().count('custom_call_target="tpu_custom_call"'),
       "compile_s": round(time.perf_counter() - t0, 1),
       "MB_per_image_block": round(per_block_image / 1e6, 3),
       "u_per_block": round(per_block_image / (res * res * width * 2), 1),
@@ -93,12 +95,14 @@ def main():
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--eval", action="store_true", help="forward only")
   parser.add_argument("--remat", help="'full' or a jax.checkpoint_policies name")
+  parser.add_argument("--dtype", default="bfloat16", help="compute dtype (bfloat16, float32)")
   parser.add_argument("--hlo-dir", help="also write the optimized HLO of each program here")
   args = parser.parse_args()
   tpu_compile.prepare_environment(tpu_compile.parse_topology("v4-8"))
   for stage in args.stages:
     print(json.dumps(measure(stage, blocks=args.blocks, batch=args.batch, train=not args.eval,
-                             remat=args.remat, hlo_dir=args.hlo_dir)), flush=True)
+                             remat=args.remat, hlo_dir=args.hlo_dir, dtype=args.dtype)),
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ from poolformer_jax.sharding import BATCH_AXES
 _INV_SQRT2 = 1 / math.sqrt(2)
 _INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)
 _LANES = 128  # samples per kernel block: one vreg's lanes
-_VMEM_BUDGET = 14 * 2**20  # of the 16 MiB of a v4 core (the smallest of the TPUs targeted)
+_VMEM_LIMIT = 16 * 2**20  # a v4 core's VMEM, the smallest of the TPUs targeted
+_VMEM_BUDGET = 14 * 2**20  # what the blocks are sized for: the rest is Mosaic's own scratch
 
 
 def _f32(x):
@@ -140,20 +141,22 @@ def _chunk(hid: int) -> int:
   return max(d for d in range(8, min(hid, 512) + 1, 8) if hid % d == 0)
 
 
-def _vmem_bytes(pixels: int, c: int, hid: int) -> int:
+def _vmem_bytes(pixels: int, c: int, hid: int, itemsize: int) -> int:
   """The backward kernel's VMEM (the larger of the two), as Mosaic allocates it: double-
-  buffered map blocks, single-buffered weights and accumulators, float32 temporaries of one
-  chunk of one pixel, columns padded to 128 lanes."""
+  buffered map blocks and single-buffered weights of `itemsize` bytes (the compute dtype),
+  float32 accumulators, float32 temporaries of one chunk of one pixel, columns padded to 128
+  lanes."""
   lanes_pad = lambda n: -(-n // 128) * 128
-  maps = 2 * pixels * _LANES * 2 * (3 * c + hid)
-  weights = 2 * c * hid * 2 + 4 * (c * hid + hid * lanes_pad(c))
+  maps = 2 * pixels * _LANES * itemsize * (3 * c + hid)
+  weights = 2 * c * hid * itemsize + 4 * (c * hid + hid * lanes_pad(c))
   columns = 4 * 128 * (2 * c + 2 * hid)
   temps = 4 * _LANES * (8 * _chunk(hid) + 8 * c)
   return maps + weights + columns + temps
 
 
-def _pixels_per_step(hw: int, c: int, hid: int) -> int | None:
-  fitting = [p for p in range(1, 33) if hw % p == 0 and _vmem_bytes(p, c, hid) <= _VMEM_BUDGET]
+def _pixels_per_step(hw: int, c: int, hid: int, itemsize: int) -> int | None:
+  fitting = [p for p in range(1, 33)
+             if hw % p == 0 and _vmem_bytes(p, c, hid, itemsize) <= _VMEM_BUDGET]
   return max(fitting) if fitting else None
 
 
@@ -166,11 +169,11 @@ def _batch_axes(mesh) -> tuple[str, ...]:
   return tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
 
 
-def fits(shape: tuple[int, ...], hidden: int) -> bool:
-  """Whether a [N, H, W, C] map with `hidden` MLP channels takes the kernels: the program is
-  lowered for a TPU mesh, each device's samples fill whole lane blocks, at least one per
-  TensorCore (a megacore chip, v4 or v5p, splits the lane blocks between its two), and a
-  block fits in VMEM."""
+def fits(shape: tuple[int, ...], hidden: int, dtype) -> bool:
+  """Whether a [N, H, W, C] map of `dtype` with `hidden` MLP channels takes the kernels: the
+  program is lowered for a TPU mesh, each device's samples fill whole lane blocks, at least one
+  per TensorCore (a megacore chip, v4 or v5p, splits the lane blocks between its two), and a
+  block fits in VMEM (float32 maps take twice bfloat16's)."""
   mesh = _mesh()
   if mesh is None or mesh.abstract_device.platform != "tpu":
     return False
@@ -179,12 +182,13 @@ def fits(shape: tuple[int, ...], hidden: int) -> bool:
   cores = mesh.abstract_device.num_cores or 1
   return (n % (devices * _LANES) == 0 and n // (devices * _LANES) >= cores
           and c % 8 == 0 and hidden % 8 == 0
-          and _pixels_per_step(h * w, c, hidden) is not None)
+          and _pixels_per_step(h * w, c, hidden, jnp.dtype(dtype).itemsize) is not None)
 
 
 def _compiler_params(*semantics):
+  """Mosaic's scoped VMEM limit set to what the blocks are sized for, not left to its default."""
   from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
-  return pltpu.CompilerParams(dimension_semantics=semantics)
+  return pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=_VMEM_LIMIT)
 
 
 def _map_spec(pixels: int, channels: int):  # [P, C, N] blocks, grid (lane block j, pixels i)
@@ -207,7 +211,7 @@ def _partial_spec(*shape):  # one accumulator per lane block, summed afterwards
 def _forward_local(xt, stats, keep, cols, w1, b1, w2, *, interpret):
   p, c, n = xt.shape
   hid = w1.shape[1]
-  pixels = _pixels_per_step(p, c, hid)
+  pixels = _pixels_per_step(p, c, hid, xt.dtype.itemsize)
   isz = xt.dtype.itemsize
   cost = pl.CostEstimate(  # matmuls, plus ~8 flops per hidden and per input element
       flops=4 * p * n * c * hid + 8 * p * n * (c + hid), transcendentals=p * n * hid,
@@ -228,7 +232,7 @@ def _forward_local(xt, stats, keep, cols, w1, b1, w2, *, interpret):
 def _backward_local(xt, at, dt, stats, keep, cols, w1, b1, w2, *, interpret):
   p, c, n = xt.shape
   hid = w1.shape[1]
-  pixels = _pixels_per_step(p, c, hid)
+  pixels = _pixels_per_step(p, c, hid, xt.dtype.itemsize)
   blocks = n // _LANES
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   isz = xt.dtype.itemsize
@@ -302,7 +306,7 @@ def mlp_residual(x, keep, gamma, beta, w1, b1, w2, b2, ls, eps: float, interpret
   """`x + keep * ls * mlp(GroupNorm1(x))` (mlp: fc1, exact gelu, fc2) for x [N, H, W, C].
 
   keep: the per-sample drop-path factor [N] (0 or 1/(1-rate); ones without drop path).
-  Runs the kernels: call only where `fits(x.shape, hidden)`, or with `interpret=True` to
+  Runs the kernels: call only where `fits(x.shape, hidden, x.dtype)`, or with `interpret=True` to
   check them on CPU.
   """
   return _mlp_residual_fwd(x, keep, gamma, beta, w1, b1, w2, b2, ls, eps, interpret)[0]

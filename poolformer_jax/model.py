@@ -573,7 +573,7 @@ class MetaFormerBlock(nnx.Module):
   def _mlp_kernel_fits(self, x) -> bool:
     return (isinstance(self.mlp, Mlp) and type(self.norm2) is GroupNorm1
             and self.norm2.bias is not None and self.res_scale2 is None
-            and mlp_kernel.fits(x.shape, self.mlp.fc1.out_features))
+            and mlp_kernel.fits(x.shape, self.mlp.fc1.out_features, x.dtype))
 
   def _mlp_kernel(self, x, key):
     """The MLP half of a v1 block, training on TPU: `mlp_kernel.mlp_residual`, the same

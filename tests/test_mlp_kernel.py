@@ -92,6 +92,6 @@ def test_on_a_mesh_each_device_runs_its_samples_and_weight_gradients_are_summed(
 
 
 def test_kernels_are_only_chosen_for_tpu_meshes_and_shapes_that_fit():
-  assert not mlp_kernel.fits((N, 56, 56, 64), 256)  # no mesh
+  assert not mlp_kernel.fits((N, 56, 56, 64), 256, jnp.bfloat16)  # no mesh
   with jax.set_mesh(sharding.make_mesh(1, jax.devices()[:1])):
-    assert not mlp_kernel.fits((N, 56, 56, 64), 256)  # a CPU mesh
+    assert not mlp_kernel.fits((N, 56, 56, 64), 256, jnp.bfloat16)  # a CPU mesh

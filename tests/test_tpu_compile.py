@@ -203,11 +203,24 @@ def test_mlp_kernels_are_chosen_where_they_fit_on_a_tpu_mesh():
   topology = tpu_compile.parse_topology("v4-8")
   tpu_compile.prepare_environment(topology)
   with jax.set_mesh(sharding.make_mesh(1, tpu_compile.topology_devices(topology))):
-    assert mlp_kernel.fits((4 * 256, 56, 56, 64), 256)  # S12's stage 1, 256 per chip
-    assert mlp_kernel.fits((4 * 1024, 14, 14, 320), 1280)  # stage 3 at the recipe's batch
-    assert not mlp_kernel.fits((4 * 128, 56, 56, 64), 256)  # one lane block: a core idle
-    assert not mlp_kernel.fits((4 * 192, 56, 56, 64), 256)  # not whole lane blocks
-    assert not mlp_kernel.fits((4 * 256, 7, 7, 512), 2048)  # stage 4: over VMEM
+    bf16 = jax.numpy.bfloat16
+    assert mlp_kernel.fits((4 * 256, 56, 56, 64), 256, bf16)  # S12's stage 1, 256 per chip
+    assert mlp_kernel.fits((4 * 1024, 14, 14, 320), 1280, bf16)  # stage 3, the recipe's batch
+    assert not mlp_kernel.fits((4 * 128, 56, 56, 64), 256, bf16)  # one lane block: a core idle
+    assert not mlp_kernel.fits((4 * 192, 56, 56, 64), 256, bf16)  # not whole lane blocks
+    assert not mlp_kernel.fits((4 * 256, 7, 7, 512), 2048, bf16)  # stage 4: over VMEM
+
+
+@needs_libtpu
+def test_float32_training_sizes_the_kernel_blocks_for_float32():
+  """float32 maps take twice bfloat16's VMEM: S12's stage-3 blocks at 256 per v4 chip compile
+  with both kernels (sized for bfloat16, Mosaic ran out of VMEM: 'Used 19.21M of 16.00M')."""
+  sys.path.insert(0, str(REPO / "benchmarks"))
+  import tpu_block_proxy  # pylint: disable=g-import-not-at-top
+  tpu_compile.prepare_environment(tpu_compile.parse_topology("v4-8"))
+  result = tpu_block_proxy.measure(3, blocks=1, batch=256, train=True, remat=None,
+                                   dtype="float32")
+  assert result["kernels"] == 2, result
 
 
 @needs_libtpu
