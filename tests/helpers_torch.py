@@ -11,6 +11,8 @@ logit and gradient parity with timm then tests.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import re
 
@@ -338,3 +340,44 @@ def timm_to_release(state: dict) -> dict:
       value = value[:, :, 0, 0]
     out[new] = value.clone().contiguous()
   return out
+
+
+# --------------------------------------------------------------------------- logits vs ours
+
+
+@contextlib.contextmanager
+def head_norm_eps(model, eps):
+  """A timm reference's MLP-head LayerNorm eps set to ours for a comparison, then restored
+  (ours keeps the release's 1e-5, timm uses 1e-6); other models pass through."""
+  norm = getattr(getattr(getattr(model, "head", None), "fc", None), "norm", None)
+  old = getattr(norm, "eps", None)
+  if norm is not None:
+    norm.eps = eps
+  try:
+    yield model
+  finally:
+    if norm is not None:
+      norm.eps = old
+
+
+@functools.cache
+def _jax_forward():
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  return nnx.jit(lambda model, x: model(x))
+
+
+def max_logit_diff(model, preprocessing, ref, images, *, min_std: float = 0.5) -> float:
+  """Max |logit difference| of our `model` and the PyTorch `ref` (timm's or transformers') on
+  `images`, both given the same pixels (our `preprocess` with `preprocessing`), float32 at the
+  highest matmul precision. The reference's logits must not be degenerate (std > min_std)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from poolformer_jax import inference  # pylint: disable=g-import-not-at-top
+  pixels = inference.preprocess(images, preprocessing)
+  with jax.default_matmul_precision("highest"):
+    ours = np.asarray(_jax_forward()(model, jnp.asarray(pixels)))
+  with torch.no_grad(), head_norm_eps(ref, model.cfg.head_norm_eps):
+    out = ref(torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))))
+  want = (out.logits if hasattr(out, "logits") else out).numpy()
+  assert want.std() > min_std  # non-degenerate logits
+  return float(np.abs(ours - want).max())

@@ -58,20 +58,6 @@ def family_marks(name):
   return [same_worker(name)] + ([pytest.mark.slow] if name == "convformer_s18" else [])
 
 
-@contextlib.contextmanager
-def head_norm_eps(model, eps):
-  """The reference's MLP-head LayerNorm eps set to ours for the comparison, then restored."""
-  norm = getattr(getattr(model.head, "fc", None), "norm", None)
-  old = getattr(norm, "eps", None)
-  if norm is not None:
-    norm.eps = eps
-  try:
-    yield model
-  finally:
-    if norm is not None:
-      norm.eps = old
-
-
 def run_cli(*argv) -> int:
   return convert_torch_weights.main([str(a) for a in argv])
 
@@ -98,20 +84,10 @@ def assert_same_params(a, b):
     assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
 
 
-@nnx.jit
-def _forward(model, x):
-  return model(x)
-
-
 def max_logit_diff(model, info, ref) -> float:
   """Max |logit| difference on real photos, preprocessed as the converted directory says."""
-  pixels = inference.preprocess([getattr(skimage_data, p)() for p in PHOTOS], info.preprocessing)
-  with jax.default_matmul_precision("highest"):
-    ours = np.asarray(_forward(model, jnp.asarray(pixels)))
-  with torch.no_grad(), head_norm_eps(ref, model.cfg.head_norm_eps):
-    want = ref(torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy())).numpy()
-  assert want.std() > 0.5  # non-degenerate logits
-  return float(np.abs(ours - want).max())
+  return H.max_logit_diff(model, info.preprocessing, ref,
+                          [getattr(skimage_data, p)() for p in PHOTOS])
 
 
 # ---------------------------------------------------------------------------
@@ -238,7 +214,7 @@ def test_predict_uses_the_converted_preprocessing(tmp_path_factory):
   pixels = inference.preprocess(images, info.preprocessing)
   assert pixels.shape == (2, 384, 384, 3)
   ref = reference("caformer_s18", 1000, "sail_in1k_384")
-  with torch.no_grad(), head_norm_eps(ref, model.cfg.head_norm_eps):
+  with torch.no_grad(), H.head_norm_eps(ref, model.cfg.head_norm_eps):
     probs = torch.softmax(ref(torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy())), -1)
   for pred, row in zip(preds, probs.numpy()):
     assert list(pred.indices) == list(np.argsort(-row)[:5])

@@ -15,7 +15,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -85,21 +84,9 @@ def local_hub(hub_files, tmp_path, monkeypatch):
     yield server
 
 
-@nnx.jit
-def _forward(model, x):
-  return model(x)
-
-
 def max_logit_diff(model, info, ref) -> float:
-  pixels = inference.preprocess([getattr(skimage_data, p)() for p in PHOTOS], info.preprocessing)
-  with jax.default_matmul_precision("highest"):
-    ours = np.asarray(_forward(model, jnp.asarray(pixels)))
-  nchw = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
-  with torch.no_grad():
-    out = ref(nchw)
-  want = (out.logits if hasattr(out, "logits") else out).numpy()
-  assert want.std() > 0.1  # non-degenerate logits
-  return float(np.abs(ours - want).max())
+  return H.max_logit_diff(model, info.preprocessing, ref,
+                          [getattr(skimage_data, p)() for p in PHOTOS], min_std=0.1)
 
 
 def params_of(model) -> dict:
@@ -396,8 +383,7 @@ def test_pretrained_parity_of_one_name_per_family(hub_files, tmp_path):
   pixels = inference.preprocess([getattr(skimage_data, PHOTOS[0])()], info_384.preprocessing)
   assert pixels.shape == (1, 384, 384, 3)
   ref = refs["caformer_s18.sail_in1k_384"]
-  ref.head.fc.norm.eps = 1e-5  # the release's MLP-head eps, which ours keeps
-  with torch.no_grad():
+  with torch.no_grad(), H.head_norm_eps(ref, 1e-5):  # the release's eps, which ours keeps
     logits = ref(torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))).numpy()
   assert [p["index"] for p in predicted["top_k"]] == list(np.argsort(-logits[0])[:5]), predicted
 
