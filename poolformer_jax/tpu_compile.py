@@ -19,6 +19,7 @@ is then counted K times, about 1% too much for PoolFormer).
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -143,6 +144,12 @@ def prepare_environment(topology: Topology) -> None:
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", topology.name)
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   jax.config.update("jax_platforms", "cpu")
+
+
+def machine_has_tpu() -> bool:
+  """Whether this machine may have TPU chips: their device files (/dev/accel* up to v5e,
+  VFIO groups /dev/vfio/<n> on v5p, v6e and later). Without them libtpu cannot open a TPU."""
+  return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
 def topology_devices(topology: Topology, num_slices: int = 1) -> list:

@@ -131,6 +131,30 @@ def test_sigterm_saves_exits_and_resumes_exactly(reference_run, digits_data_dir,
   assert deterministic_records(workdir) == deterministic_records(reference_run)
 
 
+@pytest.mark.parametrize("when", ["importing", "compiling"])
+def test_sigterm_during_start_up_exits_75_with_one_line(digits_data_dir, tmp_path, when):
+  """A preemption notice before the first step (while Python imports, or once the run is set
+  up and compiles): exit 75, one line saying so, no traceback or C++ dump, nothing written
+  half (no checkpoint, no metrics; what was written is complete)."""
+  workdir = tmp_path / "run"
+  proc = start_main(smoke_args(workdir, digits_data_dir))
+  if when == "importing":
+    time.sleep(1.0)
+  else:  # config.json is written after the setup, before the state and the compiled steps.
+    wait_for(lambda: (workdir / "config.json").exists(), proc, what="the set-up")
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == train.PREEMPTED_EXIT_CODE, err[-3000:]
+  said = [line for line in err.splitlines() if "preempted" in line.lower()]
+  assert len(said) == 1 and "before the first training step" in said[0], err[-3000:]
+  assert "Traceback" not in err and "Stack trace" not in err and "*** " not in err, err[-3000:]
+  assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
+  assert read_metrics(workdir) == []
+  for name in ("config.json", "train_config.json"):
+    if (workdir / name).exists():
+      json.loads((workdir / name).read_text())
+
+
 # --------------------------------------------------------------------------- 2. hard kills
 
 

@@ -183,6 +183,20 @@ def test_without_libtpu_compile_mode_says_what_to_install(tmp_path):
   assert "pip install -r requirements-tpu.txt" in out.stderr
 
 
+@needs_libtpu
+def test_other_modes_leave_libtpu_alone_on_a_machine_without_a_tpu(digits_data_dir, tmp_path):
+  """With libtpu installed (for compile mode), eval on a machine without a TPU must not start
+  the TPU backend: libtpu would print its initialisation error dump first."""
+  if tpu_compile.machine_has_tpu():
+    pytest.skip("this machine has a TPU")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  out = main_py("--mode=eval", "--config=configs/demo.py:smoke", f"--workdir={tmp_path}",
+                f"--config.data.data_dir={digits_data_dir}", env=env)
+  assert out.returncode == 1 and "error: nothing to evaluate" in out.stderr, out.stderr[-3000:]
+  for libtpu_says in ("TPU_WORKER_HOSTNAMES", "TPU accelerator type", "libtpu_init"):
+    assert libtpu_says not in out.stderr, out.stderr[-3000:]
+
+
 def test_compile_mode_needs_a_topology(tmp_path):
   out = main_py("--mode=compile", "--config=configs/demo.py:smoke", f"--workdir={tmp_path}")
   assert out.returncode == 1
