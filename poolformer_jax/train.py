@@ -42,6 +42,7 @@ from ml_collections.config_dict import placeholder
 import numpy as np
 import optax
 
+from poolformer_jax import augment
 from poolformer_jax import checkpointing
 from poolformer_jax import cpu_tuning
 from poolformer_jax import metrics as metrics_lib
@@ -125,6 +126,7 @@ def default_config() -> ml_collections.ConfigDict:
   d.rrc_scale = (0.08, 1.0)
   d.rrc_ratio = (3.0 / 4.0, 4.0 / 3.0)
   d.hflip = True
+  # On the device, in the train step (poolformer_jax.augment):
   d.randaugment = "rand-m9-mstd0.5-inc1"  # timm policy string; None or '' disables.
   d.random_erasing = 0.25  # Probability (pixel mode, after normalisation); 0 disables.
   d.shuffle_buffer = 16_384  # Encoded images; ImageNet JPEGs average ~110 KB.
@@ -183,6 +185,8 @@ def validate_config(config, *, workdir: str | None, num_devices: int,
   except ValueError as e:
     raise ConfigError(f"config.model_overrides: {e}") from None
   optimizer_lib.check_optimizer(config.optimizer)
+  if config.data.randaugment:
+    augment.parse_randaugment(config.data.randaugment, mean=config.data.mean)
   if config.dtype not in _DTYPES:
     raise ConfigError(f"config.dtype={config.dtype!r}; use one of {sorted(_DTYPES)}")
   size = config.data.image_size
@@ -354,8 +358,10 @@ class Trainer:
     c = self.config
     key = jax.random.fold_in(jax.random.key(c.seed), state.step)
     mix_key, depth_key = jax.random.split(key)
+    # uint8 from the host -> RandAugment, normalisation, random erasing: per sample, here.
+    images = augment.augment_batch(jax.random.fold_in(key, 2), batch["image"], c.data)
     images, targets = mixup.mix(
-        mix_key, batch["image"], batch["label"], num_classes=self.num_classes,
+        mix_key, images, batch["label"], num_classes=self.num_classes,
         mixup_alpha=c.mixup_alpha, cutmix_alpha=c.cutmix_alpha, prob=c.mixup_prob,
         switch_prob=c.mixup_switch_prob, label_smoothing=c.label_smoothing)
     loss, grads = self._gradients(state.params, images, targets, depth_key)
@@ -384,7 +390,7 @@ class Trainer:
   def abstract_batch(self, batch_size: int, *, train: bool):
     size = self.config.data.image_size
     batch = {
-        "image": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32,
+        "image": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8,
                                       sharding=self.batch_sharding),
         "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=self.batch_sharding),
     }
@@ -398,7 +404,8 @@ class Trainer:
   def eval_step(self, params, batch) -> dict:
     """Masked sums over the batch: loss, top-1 and top-5 hits, example count."""
     model = nnx.merge(self.graphdef, params)
-    logits = model(batch["image"].astype(self.dtype)).astype(jnp.float32)
+    images = augment.normalize(batch["image"], self.config.data.mean, self.config.data.std)
+    logits = model(images.astype(self.dtype)).astype(jnp.float32)
     labels, mask = batch["label"], batch["mask"]
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     k = min(5, self.num_classes)

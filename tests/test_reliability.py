@@ -279,18 +279,28 @@ def test_checkpoint_restores_across_device_counts(tmp_path):
 
 def test_nan_stops_naming_the_step_and_never_saves_a_poisoned_checkpoint(
     digits_data_dir, tmp_path, monkeypatch):
-  """A NaN image at step 15 (a checkpoint step): stop, say where, keep step 10 as the last."""
-  from poolformer_jax import input_pipeline
+  """A NaN in step 15's input (a checkpoint step): stop, say where, keep step 10 as the last.
+
+  The host hands over uint8, which holds no NaN: the batch of step 15 carries a marker (a white
+  first image) that the device-side preprocessing turns into NaN."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from poolformer_jax import augment, input_pipeline  # pylint: disable=g-import-not-at-top
   real = input_pipeline.create_train_iterator
+  real_augment = augment.augment_batch
 
   def poisoned(*args, **kwargs):
     for i, batch in enumerate(real(*args, **kwargs), start=kwargs.get("start_step", 0) + 1):
       if i == 15:
         batch = {**batch, "image": batch["image"].copy()}
-        batch["image"][0, 0, 0, 0] = np.nan
+        batch["image"][0] = 255
       yield batch
 
+  def augment_with_nan(key, images, data_config):
+    out = real_augment(key, images, data_config)
+    return jnp.where(jnp.all(images[0] == 255), jnp.nan, out)
+
   monkeypatch.setattr(input_pipeline, "create_train_iterator", poisoned)
+  monkeypatch.setattr(augment, "augment_batch", augment_with_nan)
   config = load_config("demo.py:smoke")
   config.data.data_dir = digits_data_dir
   config.checkpoint_every_steps = 5
