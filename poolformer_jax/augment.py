@@ -2,21 +2,27 @@
 
 The host hands over uint8 crops (poolformer_jax.input_pipeline); `augment_batch` turns them into
 the normalised float32 batch timm's transform would give: RandAugment on uint8 values (PIL's
-semantics: each op rounds and clips), normalisation, random erasing. Mixup/CutMix (mixup.py)
-follow in the step. Every random draw comes from the step's key, one key per sample, so a
-resumed run reproduces an uninterrupted one and a sharded step computes what one device does.
+semantics: each op rounds and clips) when `config.data.randaugment_on='device'`, normalisation,
+random erasing. Mixup/CutMix (mixup.py) follow in the step. Every random draw comes from the
+step's key, one key per sample, so a resumed run reproduces an uninterrupted one and a sharded
+step computes what one device does.
+
+RandAugment stays on the host by default (poolformer_jax.tf_augment): measured with compile mode
+(S12, v4-8, 1024 images per chip), XLA counts each layer here at ~0.5 GB per image, nearly all
+of it the warp (Rotate, Shear, Translate: bilinear sampling at per-sample coordinates, a gather
+with per-sample indices), against 77 MB for S12's whole train step; Equalize's one-hot
+histogram and lookup add ~0.3 GFLOP per image and layer. Normalisation and random erasing cost
+~1 MB and ~25 MFLOP per image and stay here.
 
 The policy is timm's `rand-m9-mstd0.5-inc1` (or any `rand-...` string): `num_layers` ops drawn
 uniformly with replacement from the 15, each applied with probability 0.5 at a magnitude drawn
 from N(m, mstd) clipped to [0, 10], geometric ops filling with the dataset mean colour. The
-formulas are those of the TensorFlow implementation this replaces (tests/tf_augment.py, itself
+formulas are those of the host's TensorFlow implementation (poolformer_jax.tf_augment, itself
 tested against PIL), which the tests hold these to within one grey level.
 
-One pass per layer, whatever op each sample drew: every layer is an affine warp (the identity
-unless the op is Rotate, Shear or Translate), a per-channel lookup table (the identity unless the
-op is one of the eight point ops, whose tables need only per-sample statistics) and two blends
-(the identity unless the op is Color or Sharpness). So no op runs on the samples that did not
-draw it, and an image crosses memory as uint8 a few times, not once per op.
+Every layer is the same program for every sample, whatever op it drew: an affine warp (the
+identity unless the op is Rotate, Shear or Translate), the point ops as elementwise selects
+(fused into one pass), and two blends (the identity unless the op is Color or Sharpness).
 
 Not augmax or dm-pix: neither has timm's ops (no Equalize, AutoContrast, Posterize,
 SolarizeAdd or PIL's Sharpness; additive brightness and per-channel contrast where PIL blends
@@ -142,21 +148,40 @@ def _warp(image, matrix, fill):
   src_y = d * x + e * y + (f + 0.5 * (d + e) - 0.5)
   sample = lambda channel: ndimage.map_coordinates(channel, [src_y, src_x], order=1,
                                                    mode="constant", cval=0.0)
-  # The fill colour is traced (cval must be static): sample a ones channel too, and blend.
-  planes = jnp.concatenate([image, jnp.ones_like(image[..., :1])], -1)
-  out = jax.vmap(sample, in_axes=2, out_axes=2)(planes)
-  return _q(out[..., :3] + (1.0 - out[..., 3:]) * fill)
+  out = jax.vmap(sample, in_axes=2, out_axes=2)(image)
+
+  def inside(src, size):  # The weight of the taps that fall inside, along one axis.
+    low = jnp.floor(src)
+    frac = src - low
+    return (jnp.where((low >= 0) & (low < size), 1.0 - frac, 0.0)
+            + jnp.where((low + 1 >= 0) & (low + 1 < size), frac, 0.0))
+
+  weight = (inside(src_y, height) * inside(src_x, width))[..., None]
+  return _q(out + (1.0 - weight) * fill)
 
 
-def _histogram(image):
-  """[3, 256] pixel counts per channel."""
-  values = image.astype(jnp.int32).reshape(-1, 3)
-  return jax.vmap(lambda v: jnp.zeros(256, jnp.int32).at[v].add(1), in_axes=1)(values)
+def _equalize(image):
+  """PIL ImageOps.equalize per channel: lut[i] = (step // 2 + cumsum_excl[i]) // step.
+
+  The histogram and the table lookup as sums over a one-hot encoding (the lookup a matmul):
+  XLA counts a per-pixel gather from a 256-entry table as hundreds of MB per image on TPU.
+  """
+  values = image.reshape(-1, 3)
+  onehot = (values[..., None] == jnp.arange(256, dtype=jnp.float32)).astype(jnp.bfloat16)
+  hist = jnp.sum(onehot, axis=0, dtype=jnp.float32)  # [3, 256], exact counts.
+  last = jnp.take_along_axis(hist, (255 - jnp.argmax(hist[:, ::-1] > 0, axis=1))[:, None], 1)
+  step = jnp.floor((jnp.sum(hist, axis=1, keepdims=True) - last) / 255.0)
+  cumsum = jnp.cumsum(hist, axis=1) - hist
+  lut = jnp.clip(jnp.floor((jnp.floor(step / 2.0) + cumsum) / jnp.maximum(step, 1.0)), 0, 255)
+  lut = jnp.where(step > 0, lut, jnp.arange(256, dtype=jnp.float32))  # Integers: exact in bf16.
+  out = jnp.einsum("nck,ck->nc", onehot, lut.astype(jnp.bfloat16),
+                   preferred_element_type=jnp.float32)
+  return out.reshape(image.shape)
 
 
-def _lut(name, m, s, image, hist):
-  """[3, 256] lookup table of a point op (the identity for any other op), from the layer's input."""
-  v = jnp.broadcast_to(jnp.arange(256, dtype=jnp.float32), (3, 256))
+def _point(name, m, s, v):
+  """The point op `name` on image v (each pixel a function of its value and of per-image
+  statistics), or None for the other ops."""
   level = m / _LEVEL_DENOM
 
   def posterize(bits):
@@ -169,21 +194,14 @@ def _lut(name, m, s, image, hist):
   def blend(degenerate, factor):
     return _q(degenerate + factor * (v - degenerate))
 
-  increasing = name.endswith("Increasing")
-  factor = 1.0 + s * level * _ENHANCE if increasing else level * 1.8 + 0.1
-  if name == "AutoContrast":
-    present = hist > 0
-    lo = jnp.argmax(present, axis=1).astype(jnp.float32)[:, None]
-    hi = (255 - jnp.argmax(present[:, ::-1], axis=1)).astype(jnp.float32)[:, None]
+  if name == "AutoContrast":  # PIL ImageOps.autocontrast (cutoff 0), per channel.
+    lo = jnp.min(v, axis=(0, 1))
+    hi = jnp.max(v, axis=(0, 1))
     scale = jnp.where(hi > lo, 255.0 / jnp.maximum(hi - lo, 1.0), 1.0)
     offset = jnp.where(hi > lo, -lo * scale, 0.0)
     return jnp.clip(jnp.floor(v * scale + offset), 0.0, 255.0)
-  if name == "Equalize":  # PIL ImageOps.equalize: lut[i] = (step // 2 + cumsum_excl[i]) // step.
-    last = jnp.take_along_axis(hist, (255 - jnp.argmax(hist[:, ::-1] > 0, axis=1))[:, None], 1)
-    step = (jnp.sum(hist, axis=1, keepdims=True) - last) // 255
-    cumsum = jnp.cumsum(hist, axis=1) - hist
-    lut = jnp.clip((step // 2 + cumsum) // jnp.maximum(step, 1), 0, 255).astype(jnp.float32)
-    return jnp.where(step > 0, lut, v)
+  if name == "Equalize":
+    return _equalize(v)
   if name == "Invert":
     return 255.0 - v
   if name == "Posterize":
@@ -197,10 +215,10 @@ def _lut(name, m, s, image, hist):
   if name == "SolarizeAdd":
     return jnp.where(v < 128.0, jnp.minimum(v + jnp.floor(level * 110.0), 255.0), v)
   if name in ("Brightness", "BrightnessIncreasing"):
-    return blend(0.0, factor)
+    return blend(0.0, _enhance_factor(name, m, s))
   if name in ("Contrast", "ContrastIncreasing"):
-    return blend(jnp.floor(jnp.mean(_grey(image)) + 0.5), factor)
-  return v
+    return blend(jnp.floor(jnp.mean(_grey(v)) + 0.5), _enhance_factor(name, m, s))
+  return None
 
 
 def _smooth(image):
@@ -225,16 +243,19 @@ def _layer(image, op, m, s, policy: RandAugmentPolicy):
   into policy.ops (len(policy.ops): no op) at magnitude m, sign s."""
   height, width = image.shape[:2]
   names = policy.ops
+
   def pick(value, applies):
     """The value of the op drawn (`value(name)` where `applies(name)`), else `value('')`."""
     return jnp.stack([value(n if applies(n) else "") for n in names] + [value("")])[op]
 
   matrix = pick(lambda n: _affine_matrix(n, m, s, height, width), lambda n: n in _GEOMETRIC)
   image = _warp(image, matrix, jnp.asarray(policy.fill, jnp.float32))
-  hist = _histogram(image) if {"AutoContrast", "Equalize"} & set(names) else None
-  lut = pick(lambda n: _lut(n, m, s, image, hist), lambda n: True)
-  image = jax.vmap(lambda table, channel: table[channel.astype(jnp.int32)], in_axes=(0, 2),
-                   out_axes=2)(lut, image)
+  point = image  # Elementwise selects: XLA fuses them into one pass over the image.
+  for i, name in enumerate(names):
+    out = _point(name, m, s, image)
+    if out is not None:
+      point = jnp.where(op == i, out, point)
+  image = point
   color = pick(lambda n: _enhance_factor(n, m, s), lambda n: n.startswith("Color"))
   image = _q(_grey(image) + color * (image - _grey(image)))
   sharp = pick(lambda n: _enhance_factor(n, m, s), lambda n: n.startswith("Sharpness"))
@@ -301,10 +322,11 @@ def normalize(images, mean, std):
 
 
 def augment_batch(key, images, data_config):
-  """uint8 [B, H, W, 3] -> float32 normalised, with the config's RandAugment and random erasing,
-  each sample drawing from its own key."""
+  """uint8 [B, H, W, 3] -> float32 normalised, with random erasing and (with
+  randaugment_on='device') RandAugment, each sample drawing from its own key."""
   cfg = data_config
-  policy = parse_randaugment(cfg.randaugment, mean=cfg.mean) if cfg.randaugment else None
+  on_device = cfg.randaugment and cfg.get("randaugment_on", "host") == "device"
+  policy = parse_randaugment(cfg.randaugment, mean=cfg.mean) if on_device else None
   erasing = float(cfg.random_erasing)
 
   def one(k, image):

@@ -5,10 +5,10 @@ dataset (scikit-learn's handwritten digits, prepared automatically, offline), or
 image folder `root/<split>/<label>/*.jpg`. All go through the same decode / crop / resize
 code, so the demo exercises exactly the ImageNet pipeline.
 
-The host does only what must be done on the host: read, decode (for training only the crop
-window), resize, flip. It hands over uint8 images (a quarter of float32's bytes); RandAugment,
-normalisation and random erasing run on the device in the train step (poolformer_jax.augment),
-normalisation in the eval step.
+The host does read, decode (for training only the crop window), resize, flip and, by default,
+RandAugment (config.data.randaugment_on). It hands over uint8 images (a quarter of float32's
+bytes); normalisation and random erasing run on the device in the train step
+(poolformer_jax.augment), normalisation in the eval step.
 
 Determinism (what makes exact resume possible): the training stream is a pure function of
 (seed, start_step, process). Each epoch's order comes from seeds derived from
@@ -36,6 +36,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from poolformer_jax import folder_scan
+from poolformer_jax import tf_augment
 from poolformer_jax.errors import ConfigError, DatasetError
 
 # TF only runs the input pipeline on the host; it must not grab accelerator memory.
@@ -427,10 +428,14 @@ def make_train_preprocess(cfg):
   """(encoded bytes, label, per-example seed [2]) -> {'image': uint8, 'label'}.
 
   The host's part of timm's train transform: random-resized crop (only the window decoded),
-  resize (random bilinear / bicubic, antialiased like PIL), flip. RandAugment, normalisation
-  and random erasing run on the device, in the train step (poolformer_jax.augment).
+  resize (random bilinear / bicubic, antialiased like PIL), flip, and RandAugment unless
+  config.data.randaugment_on='device'. Normalisation and random erasing run on the device, in
+  the train step (poolformer_jax.augment).
   """
   size = int(cfg.image_size)
+  policy = None
+  if cfg.randaugment and cfg.get("randaugment_on", "host") == "host":
+    policy = tf_augment.parse_randaugment(cfg.randaugment, mean=cfg.mean)
   scale = cfg.rrc_scale
   interp = cfg.get("train_interpolation", "random")
   if interp not in ("random", "bilinear", "bicubic"):
@@ -439,7 +444,7 @@ def make_train_preprocess(cfg):
   # Plain TF code (explicit tf.cond / switch_case): autograph would only slow down tracing.
   @tf.autograph.experimental.do_not_convert
   def preprocess(data, label, seed):
-    seeds = [tf.random.experimental.stateless_fold_in(seed, i) for i in range(3)]
+    seeds = [tf.random.experimental.stateless_fold_in(seed, i) for i in range(4)]
     if scale:
       image = _decode_and_random_crop(data, seeds[0], tuple(scale), tuple(cfg.rrc_ratio))
     else:
@@ -454,6 +459,9 @@ def make_train_preprocess(cfg):
     if cfg.hflip:
       flip = tf.random.stateless_uniform([], seeds[2]) < 0.5
       image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
+    if policy is not None:  # Its ops round to uint8 values: nothing is lost in the cast.
+      image = tf.cast(tf_augment.randaugment(tf.cast(image, tf.float32), policy, seeds[3]),
+                      tf.uint8)
     return {"image": image, "label": label}
 
   return preprocess

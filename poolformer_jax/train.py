@@ -126,9 +126,11 @@ def default_config() -> ml_collections.ConfigDict:
   d.rrc_scale = (0.08, 1.0)
   d.rrc_ratio = (3.0 / 4.0, 4.0 / 3.0)
   d.hflip = True
-  # On the device, in the train step (poolformer_jax.augment):
   d.randaugment = "rand-m9-mstd0.5-inc1"  # timm policy string; None or '' disables.
-  d.random_erasing = 0.25  # Probability (pixel mode, after normalisation); 0 disables.
+  # 'host' (tf.data, poolformer_jax.tf_augment) or 'device' (the train step, poolformer_jax.augment:
+  # frees the host, but its per-sample warps are costly gathers on TPUs; see augment.py).
+  d.randaugment_on = "host"
+  d.random_erasing = 0.25  # Probability (pixel mode, after normalisation; on the device); 0 disables.
   d.shuffle_buffer = 16_384  # Encoded images; ImageNet JPEGs average ~110 KB.
   d.prefetch = 2  # Batches prefetched by tf.data.
   d.cache = False  # Keep the encoded split in host memory (small datasets).
@@ -162,6 +164,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.fsdp = 1  # Chips per parameter shard (1: pure data parallelism).
   c.topology = ""  # --mode=compile: the Cloud TPU slice to compile for, e.g. 'v4-8'.
   c.num_slices = 1  # --mode=compile: that many slices (multislice over the data-center network).
+  # --mode=compile: the input pipeline's training images/s on one host vCPU (benchmarks/
+  # pipeline.py on the TPU VM); 0: the figure measured here (tpu_compile).
+  c.host_images_per_s_per_vcpu = 0.0
   c.log_every_steps = 100
   c.eval_every_steps = 0  # 0: once per epoch (and always at the end).
   c.checkpoint_every_steps = 1000
@@ -187,6 +192,9 @@ def validate_config(config, *, workdir: str | None, num_devices: int,
   optimizer_lib.check_optimizer(config.optimizer)
   if config.data.randaugment:
     augment.parse_randaugment(config.data.randaugment, mean=config.data.mean)
+  if config.data.randaugment_on not in ("host", "device"):
+    raise ConfigError(f"config.data.randaugment_on={config.data.randaugment_on!r}; use 'host' "
+                      "or 'device'")
   if config.dtype not in _DTYPES:
     raise ConfigError(f"config.dtype={config.dtype!r}; use one of {sorted(_DTYPES)}")
   size = config.data.image_size
@@ -358,7 +366,7 @@ class Trainer:
     c = self.config
     key = jax.random.fold_in(jax.random.key(c.seed), state.step)
     mix_key, depth_key = jax.random.split(key)
-    # uint8 from the host -> RandAugment, normalisation, random erasing: per sample, here.
+    # uint8 from the host -> (RandAugment,) normalisation, random erasing: per sample, here.
     images = augment.augment_batch(jax.random.fold_in(key, 2), batch["image"], c.data)
     images, targets = mixup.mix(
         mix_key, images, batch["label"], num_classes=self.num_classes,

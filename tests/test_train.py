@@ -230,6 +230,7 @@ def test_sharded_step_equals_single_device_step():
   assert jax.device_count() == 8
   c = tiny_config(mixup_alpha=0.8, cutmix_alpha=1.0)
   c.data.randaugment = train.default_config().data.randaugment
+  c.data.randaugment_on = "device"
   c.data.random_erasing = 0.25
   c.model_overrides.drop_path_rate = 0.2
   batches = random_batches(3, 16)

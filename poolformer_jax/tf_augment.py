@@ -1,5 +1,9 @@
-"""The reference for poolformer_jax.augment: the TensorFlow RandAugment that ran on the host
-before the device took it over (tests compare each op with it; benchmarks/pipeline.py times it).
+"""timm's RandAugment on the host, in TensorFlow with stateless randomness (the default,
+`config.data.randaugment_on='host'`; poolformer_jax.augment has the same ops for the device).
+
+Why the host by default: on a TPU, the device version's per-sample geometric warps are gathers
+with per-sample indices, which XLA counts at ~0.5 GB per image and layer for 224x224 images
+(S12's whole train step moves 77 MB per image); see augment.py.
 
 timm's RandAugment and RandomErasing, re-implemented in TensorFlow with stateless randomness.
 
@@ -15,64 +19,14 @@ and clips). Geometric ops fill with the dataset mean colour like timm and use bi
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import tensorflow as tf
 
-from poolformer_jax.errors import ConfigError
-
-_LEVEL_DENOM = 10.0
-_TRANSLATE_PCT = 0.45
-_ROTATE_DEG = 30.0
-_SHEAR = 0.3
-_ENHANCE = 0.9
-
-# timm's _RAND_INCREASING_TRANSFORMS (inc1) and _RAND_TRANSFORMS (inc0), in timm's order.
-INCREASING_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
-                  "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing",
-                  "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY",
-                  "TranslateXRel", "TranslateYRel")
-DEFAULT_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize",
-               "SolarizeAdd", "Color", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY",
-               "TranslateXRel", "TranslateYRel")
-
-
-@dataclasses.dataclass(frozen=True)
-class RandAugmentPolicy:
-  ops: tuple[str, ...]
-  num_layers: int = 2
-  magnitude: float = 9.0
-  magnitude_std: float = 0.0
-  magnitude_max: float = _LEVEL_DENOM
-  prob: float = 0.5  # Each chosen op is applied with this probability (timm's AugmentOp default).
-  fill: tuple[float, float, float] = (128.0, 128.0, 128.0)
-
-
-def parse_randaugment(spec: str, mean: tuple[float, ...]) -> RandAugmentPolicy:
-  """Parses a timm RandAugment string like 'rand-m9-mstd0.5-inc1' (keys m, n, mstd, mmax, inc, p).
-
-  `mean` (0..1 scale, the dataset's normalisation) is the fill colour of geometric ops.
-  """
-  parts = spec.split("-")
-  if parts[0] != "rand":
-    raise ConfigError(f"RandAugment spec {spec!r} must start with 'rand', e.g. 'rand-m9-mstd0.5-inc1'.")
-  kw = dict(ops=DEFAULT_OPS, fill=tuple(float(min(255, round(255 * m))) for m in mean))
-  fields = {"mstd": "magnitude_std", "mmax": "magnitude_max", "inc": "ops", "m": "magnitude",
-            "n": "num_layers", "p": "prob"}  # Longest prefix first.
-  for part in parts[1:]:
-    key = next((k for k in fields if part.startswith(k)), None)
-    try:
-      value = float(part[len(key):]) if key else None
-    except ValueError:
-      value = None
-    if key is None or value is None:
-      raise ConfigError(f"Unknown RandAugment field {part!r} in {spec!r}; supported: m<magnitude>, "
-                        "n<num ops>, mstd<std>, mmax<max>, inc<0|1>, p<prob>.")
-    if key == "inc":
-      value = INCREASING_OPS if value else DEFAULT_OPS
-    kw[fields[key]] = int(value) if key == "n" else value
-  return RandAugmentPolicy(**kw)
+# The policy, its parsing and the ops' constants are shared with the device version.
+from poolformer_jax.augment import (  # pylint: disable=unused-import
+    _ENHANCE, _LEVEL_DENOM, _ROTATE_DEG, _SHEAR, _TRANSLATE_PCT, DEFAULT_OPS, INCREASING_OPS,
+    RandAugmentPolicy, parse_randaugment)
 
 
 # --- helpers ---------------------------------------------------------------
