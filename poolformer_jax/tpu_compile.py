@@ -446,8 +446,8 @@ def format_report(r: dict) -> str:
   aug = r["steps"]["train"].get("augmentation")
   if aug:
     train = r["steps"]["train"]
-    lines.append(f"of which the on-device augmentation (RandAugment, random erasing, "
-                 f"normalisation): {_si(aug['bytes_per_image'], 'B')} and "
+    lines.append(f"of which the on-device augmentation and normalisation "
+                 f"(augment.augment_batch): {_si(aug['bytes_per_image'], 'B')} and "
                  f"{_si(aug['flops_per_image'], 'FLOP')} per image "
                  f"({aug['bytes_per_image'] / train['bytes_per_image']:.1%} of the bytes, "
                  f"{aug['flops_per_image'] / train['flops_per_image']:.1%} of the FLOPs)")
