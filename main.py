@@ -17,9 +17,19 @@ in poolformer_jax.train, poolformer_jax.inference and poolformer_jax.tpu_compile
 
 from __future__ import annotations
 
-import logging as std_logging
-import os
-import sys
+import signal
+import threading
+
+# From the first moment on, a SIGTERM (a preemption notice) is remembered rather than fatal: the
+# trainer acts on it (before the first step: exit 75; later: a checkpoint, then exit 75). The
+# imports below take seconds, so this comes first. Other modes restore the default in main().
+_SIGTERM = threading.Event()
+if __name__ == "__main__":
+  signal.signal(signal.SIGTERM, lambda signum, frame: _SIGTERM.set())
+
+import logging as std_logging  # pylint: disable=g-import-not-at-top,wrong-import-position
+import os  # pylint: disable=g-import-not-at-top,wrong-import-position
+import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from absl import app
 from absl import flags
@@ -128,25 +138,48 @@ def train_or_evaluate() -> int:
   from poolformer_jax import train  # pylint: disable=g-import-not-at-top
   _init_distributed()
   workdir = FLAGS.workdir or default_workdir()
+  # Multi-process runs hear of preemptions through JAX's distributed runtime instead.
+  sigterm = None if _multi_process() else _SIGTERM
   try:
     if FLAGS.mode == "eval":
-      train.evaluate(FLAGS.config, workdir)
+      train.evaluate(FLAGS.config, workdir, sigterm=sigterm)
     else:
-      result = train.train_and_evaluate(FLAGS.config, workdir)
+      result = train.train_and_evaluate(FLAGS.config, workdir, sigterm=sigterm)
       top1 = result.get("eval/top1")
       print(f"done: {workdir} step {result['step']}"
             + (f", eval/top1 {top1:.4f}" if top1 is not None else ""))
     return 0
   except train.Preempted as e:
-    logging.warning("%s", e)
-    print(f"{e}", file=sys.stderr)
+    print(f"{e}", file=sys.stderr)  # One line: what happened and what to do.
     return train.PREEMPTED_EXIT_CODE
+
+
+def _keep_off_libtpu_without_a_tpu() -> None:
+  """Modes other than compile: on a machine without TPU chips JAX must not start libtpu
+  (installed for compile mode), which would print its initialisation error dump.
+
+  Only where nothing else is there to choose: with an explicit JAX_PLATFORMS, or GPU device
+  files (JAX then picks the GPU), JAX's own choice stands.
+  """
+  from poolformer_jax import tpu_compile  # pylint: disable=g-import-not-at-top
+  gpu_files = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
+  if (os.environ.get("JAX_PLATFORMS") or tpu_compile.machine_has_tpu()
+      or any(os.path.exists(f) for f in gpu_files)):
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_platforms", "cpu")
 
 
 def main(argv) -> int:
   logging.get_absl_handler().python_handler.addFilter(_OwnInfoOnly())
+  if FLAGS.mode not in ("train", "eval") or _multi_process():
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Nothing to save: a SIGTERM ends it.
+    if _SIGTERM.is_set():
+      signal.raise_signal(signal.SIGTERM)
   if FLAGS.mode != "predict" and len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]} (files are for --mode=predict)")
+  if FLAGS.mode != "compile":
+    _keep_off_libtpu_without_a_tpu()
   if FLAGS.mode in ("train", "eval") and _multi_process() and not multihost.supervised():
     # This process becomes a small parent of the trainer (never returns): if JAX's runtime
     # aborts the trainer (a peer was lost), the parent says so, with the step.
@@ -168,5 +201,6 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  cpu_tuning.reexec_with_malloc_hugepages()  # Before JAX starts: see its docstring.
+  if not _SIGTERM.is_set():  # A re-execution would forget it: main() acts on it at once.
+    cpu_tuning.reexec_with_malloc_hugepages()  # Before JAX starts: see its docstring.
   app.run(lambda argv: sys.exit(main(argv)))

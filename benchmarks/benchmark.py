@@ -16,9 +16,8 @@ through poolformer_jax.convert, so the logits are compared too):
     model was built; on GPU the allocator's peak. For ours the compiled executable's
     memory_analysis() (temp + argument + output - aliased bytes) is reported as well;
   * the FLOPs of the work (XLA's cost analysis) as GFLOP/s per contender, read against a
-    2048^3 float32 matmul timed in both frameworks (the most a model's matmuls can reach);
-  * the training input pipeline alone (JPEG decode + random-resized crop + RandAugment + erasing)
-    over real photos written as a folder dataset, in a subprocess on all cores and pinned to one.
+    2048^3 float32 matmul timed in both frameworks (the most a model's matmuls can reach).
+The input pipeline has its own benchmark, benchmarks/pipeline.py.
 
 The process runs with glibc's malloc huge-page tunable, as main.py does (both frameworks
 share the process, so both get it; see poolformer_jax.cpu_tuning); --system-malloc runs
@@ -40,12 +39,11 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
 
-PARTS = ("inference", "training", "memory", "pipeline")
+PARTS = ("inference", "training", "memory")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
@@ -113,6 +111,7 @@ def make_trainer(variant, dtype, image_size, batch, model_overrides=None):
   c.model_overrides.update(model_overrides or {})
   c.data.image_size = image_size
   c.mixup_alpha = c.cutmix_alpha = c.label_smoothing = 0.0
+  c.data.randaugment, c.data.random_erasing = "", 0.0  # On-device augmentation: PyTorch has none.
   return train.Trainer(c, sharding.make_mesh(1, jax.devices()[:1]), 1000,
                        steps_per_epoch=1000, total_steps=10**6)
 
@@ -181,6 +180,11 @@ def inputs(image_size, batch, num_classes=1000, seed=0):
   x = rng.normal(size=(batch, image_size, image_size, 3)).astype(np.float32)
   y = rng.integers(0, num_classes, size=(batch,)).astype(np.int32)
   return x, y
+
+
+def trainer_images(x):
+  """The trainer's input for images `x`: uint8 pixels (it normalises on the device)."""
+  return np.clip(np.round(x * 58 + 120), 0, 255).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------
@@ -303,7 +307,7 @@ def bench_training(args, ours, tmodel, device, results):
   trainer = make_trainer(args.variant, args.dtype, args.image_size, batch)
   exe, state = trainer.compile_train_step(), trainer.init_state(0)
   compile_s = time.perf_counter() - t0
-  data = sharding.global_batch({"image": x, "label": y}, trainer.batch_sharding)
+  data = sharding.global_batch({"image": trainer_images(x), "label": y}, trainer.batch_sharding)
   carry = {"state": state}
 
   def ours_step():
@@ -357,7 +361,8 @@ def memory_worker(args):
     if mode == "train":
       trainer = make_trainer(args.variant, args.dtype, args.image_size, batch)
       exe, state = trainer.compile_train_step(), trainer.init_state(0)
-      data = sharding.global_batch({"image": x, "label": y}, trainer.batch_sharding)
+      data = sharding.global_batch({"image": trainer_images(x), "label": y},
+                                   trainer.batch_sharding)
       carry = [state]
 
       def run(i):
@@ -439,68 +444,6 @@ def bench_memory(args, results):
 
 
 # ---------------------------------------------------------------------------
-# Input pipeline: real JPEGs through the training preprocessing, in a subprocess.
-# ---------------------------------------------------------------------------
-
-
-def write_photo_folder(root, copies):
-  """scikit-image's sample photos as JPEGs in root/train/<label>/, `copies` of each."""
-  import skimage.data  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  names = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field",
-           "immunohistochemistry", "camera", "page")
-  n = 0
-  for i, name in enumerate(names):
-    a = getattr(skimage.data, name)()
-    a = np.repeat(a[..., None], 3, -1) if a.ndim == 2 else a[..., :3]
-    d = os.path.join(root, "train", f"class{i % 2}")
-    os.makedirs(d, exist_ok=True)
-    for c in range(copies):
-      Image.fromarray(a).save(os.path.join(d, f"{name}_{c}.jpg"), quality=90)
-      n += 1
-  return n
-
-
-def pipeline_worker(args):
-  if args.pipeline_worker == "one_core":
-    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
-  cores = len(os.sched_getaffinity(0))
-  from poolformer_jax import input_pipeline, train  # pylint: disable=g-import-not-at-top
-  batch = 32
-  with tempfile.TemporaryDirectory() as root:
-    n = write_photo_folder(root, copies=8)
-    cfg = train.default_config().data
-    cfg.dataset, cfg.folder, cfg.image_size = "folder", root, args.image_size
-    it = input_pipeline.create_train_iterator(cfg, global_batch_size=batch, seed=0,
-                                              process_index=0, process_count=1)
-    for _ in range(3):
-      next(it)
-    steps = args.pipeline_batches
-    t0 = time.perf_counter()
-    for _ in range(steps):
-      next(it)
-    sec = time.perf_counter() - t0
-  ips = steps * batch / sec
-  print("PIPELINE_JSON " + json.dumps({"cores": cores, "images": n, "images_per_s": ips,
-                                       "images_per_s_per_core": ips / cores}), flush=True)
-
-
-def bench_pipeline(args, results):
-  for mode in ("all_cores", "one_core"):
-    cmd = [sys.executable, os.path.abspath(__file__), "--pipeline-worker", mode,
-           "--image-size", str(args.image_size), "--pipeline-batches", str(args.pipeline_batches)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    line = [l for l in proc.stdout.splitlines() if l.startswith("PIPELINE_JSON ")]
-    if proc.returncode or not line:
-      print(f"  pipeline {mode} failed:\n{proc.stderr[-2000:]}", flush=True)
-      continue
-    rec = json.loads(line[0].split(" ", 1)[1])
-    results["input_pipeline"][mode] = rec
-    print(f"  input pipeline ({mode}, {rec['cores']} cores): {rec['images_per_s']:.1f} img/s, "
-          f"{rec['images_per_s_per_core']:.1f} img/s/core", flush=True)
-
-
-# ---------------------------------------------------------------------------
 # Report.
 # ---------------------------------------------------------------------------
 
@@ -544,9 +487,6 @@ def table(results) -> str:
       batch = next(iter(recs.values()))["batch"]
       lines.append(f"{mode + ' peak MB b=' + str(batch):24}{cells}"
                    + (f"{vals[0] / vals[1]:11.2f}x" if vals[0] and vals[1] else ""))
-  for mode, rec in results["input_pipeline"].items():
-    lines.append(f"input pipeline ({mode}): {rec['images_per_s']:.1f} img/s = "
-                 f"{rec['images_per_s_per_core']:.1f} img/s per core")
   return "\n".join(lines)
 
 
@@ -595,9 +535,7 @@ def main():
                  help="what to measure (default: all)")
   p.add_argument("--system-malloc", action="store_true",
                  help="do not re-run under GLIBC_TUNABLES=glibc.malloc.hugetlb=1")
-  p.add_argument("--pipeline-batches", type=int, default=10, help="timed batches of 32")
   p.add_argument("--memory-worker", help=argparse.SUPPRESS)
-  p.add_argument("--pipeline-worker", help=argparse.SUPPRESS)
   args = p.parse_args()
   if not args.system_malloc:
     cpu_tuning.reexec_with_malloc_hugepages()
@@ -608,8 +546,6 @@ def main():
     p.error(f"cannot create the directory of --out ({out_dir}): {e}")
   if args.memory_worker:
     return memory_worker(args)
-  if args.pipeline_worker:
-    return pipeline_worker(args)
 
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
@@ -626,7 +562,6 @@ def main():
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
       "matmul_peak_gflops": None, "inference": [], "training": None, "memory": [],
-      "input_pipeline": {},
   }
   print(f"jax: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}); "
         f"torch: {device}, {torch.get_num_threads()} threads", flush=True)
@@ -641,8 +576,6 @@ def main():
   del tmodel
   if "memory" in args.parts:
     bench_memory(args, results)
-  if "pipeline" in args.parts:
-    bench_pipeline(args, results)
   with open(args.out, "w") as f:
     json.dump(results, f, indent=1)
   png = os.path.splitext(args.out)[0] + ".png"

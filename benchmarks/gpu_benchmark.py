@@ -438,7 +438,8 @@ def training_part(v, batch, args, device, budget, run):
                                                            batch, v.overrides))
   exe, compile_s = stopwatch(trainer.compile_train_step)
   state, init_s = stopwatch(lambda: jax.block_until_ready(trainer.init_state(0)))
-  data = sharding.global_batch({"image": x, "label": y}, trainer.batch_sharding)
+  data = sharding.global_batch({"image": common.trainer_images(x), "label": y},
+                               trainer.batch_sharding)
   carry = {"state": state}
 
   def ours_step():

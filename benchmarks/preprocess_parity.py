@@ -4,7 +4,8 @@ r"""Measures eval preprocessing against HF's PoolFormerImageProcessor on real ph
 
 Compares, on scikit-image's sample photos (grayscale ones as 3 equal channels):
   * poolformer_jax.inference.preprocess (PIL; what `predict` uses),
-  * the trainer's TF eval pipeline (input_pipeline.make_eval_preprocess; what eval accuracy uses),
+  * the trainer's eval pipeline (input_pipeline.make_eval_preprocess, uint8, then the eval step's
+    normalisation; what eval accuracy uses),
 against two references: HF's processor as is, and HF's resize followed by the release's
 (torchvision) center crop. Prints max / mean absolute differences in normalised units; one 8-bit
 grey level is about 0.017 there.
@@ -32,7 +33,7 @@ def main():
 
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  from poolformer_jax import inference, input_pipeline, train  # pylint: disable=g-import-not-at-top
+  from poolformer_jax import augment, inference, input_pipeline, train  # pylint: disable=g-import-not-at-top
 
   images = []
   for name in PHOTOS:
@@ -55,6 +56,7 @@ def main():
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")  # lossless, so only the pipeline differs
     tf_out = tf_eval(tf.constant(buf.getvalue()), tf.constant(0))["image"].numpy()
+    tf_out = np.asarray(augment.normalize(tf_out, cfg.mean, cfg.std))  # The eval step's.
     rows.append((name, image.shape[:2], (h - 224, w - 224),
                  [np.abs(x - ref) for x in (ours, tf_out) for ref in (full, release)]))
 

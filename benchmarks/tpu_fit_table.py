@@ -8,7 +8,7 @@ compile takes minutes of one core and GBs of memory). Where the recipe's batch d
 in one step it keeps the global batch and raises `grad_accum_steps` (2, 4, 8, ...: the same
 updates in smaller micro-batches) until it fits, and records what the first try needed.
 Writes the JSON (every compile mode report) and, next to it, the markdown table; needs
-libtpu (requirements-tpu.txt), no TPU.
+libtpu (requirements-tpu.txt), no TPU. `--table-only` rewrites the table from the JSON.
 """
 
 from __future__ import annotations
@@ -73,18 +73,33 @@ def _needed(error: str) -> str:
   return m.group(1) if m else "?"
 
 
+def _host(report: dict) -> tuple[float, float]:
+  """(images/s per host vCPU the roofline needs, images/s per chip this pipeline can feed), from
+  the report, or for reports written before compile mode gave them, from tpu_compile's table."""
+  if "host" in report:
+    h = report["host"]
+    return h["images_per_s_per_vcpu_needed"], h["input_bound_images_per_s_per_chip"]
+  sys.path.insert(0, str(REPO))
+  from poolformer_jax import tpu_compile  # pylint: disable=g-import-not-at-top
+  chip = tpu_compile.parse_topology(report["topology"]).chip
+  roofline = report["steps"]["train"]["img_per_s_per_chip_bound"]
+  return (roofline / chip.vcpus_per_chip,
+          tpu_compile.HOST_IMAGES_PER_S_PER_VCPU * chip.vcpus_per_chip)
+
+
 def markdown(rows: list[dict]) -> str:
   lines = [
       "| model | slice | images per chip and step | peak HBM per chip | fits | MB / image | "
-      "GFLOP / image | roofline img/s/chip | recipe, hours (at least) |",
-      "|---|---|---|---|---|---|---|---|---|",
+      "GFLOP / image | roofline img/s/chip | img/s per host vCPU needed | hosts feed img/s/chip "
+      "| recipe, hours (at least) |",
+      "|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for row in rows:
     first, last = row["tries"][0], row["tries"][-1]
     name = f"poolformer_{row['variant']}"
     if "error" in last:
       lines.append(f"| {name} | {row['topology']} | | needs {_needed(last['error'])} | no "
-                   f"(not even with grad_accum_steps={last['grad_accum_steps']}) | | | | |")
+                   f"(not even with grad_accum_steps={last['grad_accum_steps']}) | | | | | | |")
       continue
     train = last["steps"]["train"]
     k = last["grad_accum_steps"]
@@ -92,11 +107,17 @@ def markdown(rows: list[dict]) -> str:
     batch = f"{per_chip}" if k == 1 else f"{per_chip} ({k} x {per_chip // k})"
     fits = "yes" if k == 1 else (f"with grad_accum_steps={k} (in one step: needs "
                                  f"{_needed(first['error'])})")
+    needed, fed = _host(last)
+    roofline = train["img_per_s_per_chip_bound"]
+    hours = last["recipe"]["hours_bound"]
+    if "host" not in last and fed < roofline:  # Older reports: their hours are the roofline's.
+      hours *= roofline / fed
     lines.append(
         f"| {name} | {row['topology']} | {batch} | {train['peak_hbm_bytes'] / 2**30:.1f} of "
         f"{last['hbm_bytes'] / 2**30:.0f} GiB | {fits} | {train['bytes_per_image'] / 1e6:.0f} | "
-        f"{train['flops_per_image'] / 1e9:.1f} | {train['img_per_s_per_chip_bound']:,.0f} | "
-        f"{last['recipe']['hours_bound']:.1f} |")
+        f"{train['flops_per_image'] / 1e9:.1f} | {roofline:,.0f} | {needed:,.0f} | "
+        + (f"**{fed:,.0f} (input-bound)**" if fed < roofline else f"{fed:,.0f}")
+        + f" | {hours:.1f} |")
   return "\n".join(lines)
 
 
@@ -104,7 +125,15 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="benchmarks/results/tpu_fit.json")
   parser.add_argument("--rows", nargs="*", help="VARIANT:TOPOLOGY (default: the README's)")
+  parser.add_argument("--table-only", action="store_true",
+                      help="rewrite the markdown table from --out's JSON, compiling nothing")
   args = parser.parse_args()
+  if args.table_only:
+    out = pathlib.Path(args.out)
+    table = markdown(json.loads(out.read_text())["rows"])
+    out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    return
   rows = ROWS if not args.rows else [tuple(r.split(":")) for r in args.rows]
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,34 @@
-"""timm's RandAugment and RandomErasing, re-implemented in TensorFlow with stateless randomness.
+"""timm's RandAugment and RandomErasing on the device, per sample, inside the compiled train step.
 
-Hand-written because no maintained TF library implements timm's exact policy
-('rand-m9-mstd0.5-inc1': 15 ops with the "increasing" magnitude mappings, Gaussian magnitude
-noise, each of the 2 chosen ops applied with probability 0.5), and because every random draw
-must come from a per-example seed so that resuming reproduces the same augmentations.
+The host hands over uint8 crops (poolformer_jax.input_pipeline); `augment_batch` turns them into
+the normalised float32 batch timm's transform would give: RandAugment on uint8 values (PIL's
+semantics: each op rounds and clips) when `config.data.randaugment_on='device'`, normalisation,
+random erasing. Mixup/CutMix (mixup.py) follow in the step. Every random draw comes from the
+step's key, one key per sample, so a resumed run reproduces an uninterrupted one and a sharded
+step computes what one device does.
 
-Images are float32 HWC holding integer values in 0..255 (PIL's uint8 semantics: each op rounds
-and clips). Geometric ops fill with the dataset mean colour like timm and use bilinear sampling
-(timm picks bilinear or bicubic at random; TF's projective transform has no bicubic).
+RandAugment stays on the host by default (poolformer_jax.tf_augment): measured with compile mode
+(S12, v4-8, 1024 images per chip), XLA counts each layer here at ~0.5 GB per image, nearly all
+of it the warp (Rotate, Shear, Translate: bilinear sampling at per-sample coordinates, a gather
+with per-sample indices), against 77 MB for S12's whole train step; Equalize's one-hot
+histogram and lookup add ~0.3 GFLOP per image and layer. Normalisation and random erasing cost
+~1 MB and ~25 MFLOP per image and stay here.
+
+The policy is timm's `rand-m9-mstd0.5-inc1` (or any `rand-...` string): `num_layers` ops drawn
+uniformly with replacement from the 15, each applied with probability 0.5 at a magnitude drawn
+from N(m, mstd) clipped to [0, 10], geometric ops filling with the dataset mean colour. The
+formulas are those of the host's TensorFlow implementation (poolformer_jax.tf_augment, itself
+tested against PIL), which the tests hold these to within one grey level.
+
+Every layer is the same program for every sample, whatever op it drew: an affine warp (the
+identity unless the op is Rotate, Shear or Translate), the point ops as elementwise selects
+(fused into one pass), and two blends (the identity unless the op is Color or Sharpness).
+
+Not augmax or dm-pix: neither has timm's ops (no Equalize, AutoContrast, Posterize,
+SolarizeAdd or PIL's Sharpness; additive brightness and per-channel contrast where PIL blends
+with black and the grey mean; float images without PIL's rounding between ops; a scalar fill
+colour), and timm's policy (one op per layer, drawn per sample) is not an augmax Chain. The warp
+samples with `jax.scipy.ndimage.map_coordinates`, which dm-pix's affine_transform wraps.
 """
 
 from __future__ import annotations
@@ -15,7 +36,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import tensorflow as tf
+import jax
+from jax.scipy import ndimage
+import jax.numpy as jnp
 
 from poolformer_jax.errors import ConfigError
 
@@ -72,232 +95,249 @@ def parse_randaugment(spec: str, mean: tuple[float, ...]) -> RandAugmentPolicy:
   return RandAugmentPolicy(**kw)
 
 
-# --- helpers ---------------------------------------------------------------
+# ---------------------------------------------------------------------------
+# One layer: warp, lookup table, colour blend, sharpness blend.
+# ---------------------------------------------------------------------------
+
+_GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+_BLENDS = ("Color", "ColorIncreasing", "Sharpness", "SharpnessIncreasing")
 
 
-def _q(image):
-  """Back to uint8 semantics."""
-  return tf.round(tf.clip_by_value(image, 0.0, 255.0))
+def _q(x):
+  """Back to uint8 values (PIL's semantics), kept as float32."""
+  return jnp.round(jnp.clip(x, 0.0, 255.0))
 
 
-def _blend(degenerate, image, factor):
-  """PIL ImageEnhance: degenerate + factor * (image - degenerate), clipped."""
-  return _q(degenerate + factor * (image - degenerate))
+def _grey(image):
+  """PIL 'L' conversion (ITU-R 601-2 luma), [H, W, 1]."""
+  return _q(jnp.sum(image * jnp.array([0.299, 0.587, 0.114], jnp.float32), -1, keepdims=True))
 
 
-def _grayscale(image):
-  """PIL 'L' conversion (ITU-R 601-2 luma)."""
-  return _q(tf.reduce_sum(image * tf.constant([0.299, 0.587, 0.114]), axis=-1, keepdims=True))
+def _affine_matrix(name, m, s, height, width):
+  """PIL Image.transform(AFFINE) coefficients (a, b, c, d, e, f): output (x, y) samples the input
+  at (a x + b y + c, d x + e y + f), pixel centres at +0.5 (PIL's continuous coordinates)."""
+  level = s * m / _LEVEL_DENOM
+  zero, one = jnp.zeros_like(m), jnp.ones_like(m)
+  if name == "Rotate":  # PIL Image.rotate: counter-clockwise about (w / 2, h / 2).
+    theta = -math.pi / 180.0 * level * _ROTATE_DEG
+    cx, cy = width / 2.0, height / 2.0
+    c, sn = jnp.cos(theta), jnp.sin(theta)
+    return jnp.stack([c, sn, cx - c * cx - sn * cy, -sn, c, cy + sn * cx - c * cy])
+  if name == "ShearX":
+    return jnp.stack([one, level * _SHEAR, zero, zero, one, zero])
+  if name == "ShearY":
+    return jnp.stack([one, zero, zero, level * _SHEAR, one, zero])
+  if name == "TranslateXRel":
+    return jnp.stack([one, zero, level * _TRANSLATE_PCT * width, zero, one, zero])
+  if name == "TranslateYRel":
+    return jnp.stack([one, zero, zero, zero, one, level * _TRANSLATE_PCT * height])
+  return jnp.stack([one, zero, zero, zero, one, zero])  # Every other op: the identity.
 
 
-def _affine(image, matrix, fill):
-  """PIL Image.transform(AFFINE, matrix): output pixel (x, y) samples input at matrix @ (x, y, 1).
+def _warp(image, matrix, fill):
+  """Bilinear affine warp (PIL's matrix convention); taps outside the image read `fill`.
 
-  `matrix` is in PIL's continuous coordinates (pixel centres at +0.5); TF's projective transform
-  uses pixel indices, so the offsets are shifted accordingly. Outside pixels get `fill`.
+  The identity matrix samples exact pixel centres, so it returns the image unchanged.
   """
-  a, b, c, d, e, f = tf.unstack(tf.cast(matrix, tf.float32))
-  c = c + 0.5 * (a + b) - 0.5
-  f = f + 0.5 * (d + e) - 0.5
-  transform = tf.stack([a, b, c, d, e, f, 0.0, 0.0])[None]
-  shape = tf.shape(image)[:2]
-  ones = tf.ones_like(image[..., :1])
-  stacked = tf.concat([image, ones], -1)[None]
-  out = tf.raw_ops.ImageProjectiveTransformV3(
-      images=stacked, transforms=transform, output_shape=shape, fill_value=0.0,
-      interpolation="BILINEAR", fill_mode="CONSTANT")[0]
-  inside = out[..., 3:]
-  return _q(out[..., :3] + (1.0 - inside) * tf.constant(fill, tf.float32))
+  a, b, c, d, e, f = matrix
+  height, width = image.shape[:2]
+  y, x = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32),
+                      indexing="ij")
+  # Pixel indices (centres at integers): shift PIL's +0.5 convention.
+  src_x = a * x + b * y + (c + 0.5 * (a + b) - 0.5)
+  src_y = d * x + e * y + (f + 0.5 * (d + e) - 0.5)
+  sample = lambda channel: ndimage.map_coordinates(channel, [src_y, src_x], order=1,
+                                                   mode="constant", cval=0.0)
+  out = jax.vmap(sample, in_axes=2, out_axes=2)(image)
+
+  def inside(src, size):  # The weight of the taps that fall inside, along one axis.
+    low = jnp.floor(src)
+    frac = src - low
+    return (jnp.where((low >= 0) & (low < size), 1.0 - frac, 0.0)
+            + jnp.where((low + 1 >= 0) & (low + 1 < size), frac, 0.0))
+
+  weight = (inside(src_y, height) * inside(src_x, width))[..., None]
+  return _q(out + (1.0 - weight) * fill)
 
 
-# --- ops: (image, magnitude in 0..10, sign +-1, fill) -> image ------------------
+def _equalize(image):
+  """PIL ImageOps.equalize per channel: lut[i] = (step // 2 + cumsum_excl[i]) // step.
+
+  The histogram and the table lookup as sums over a one-hot encoding (the lookup a matmul):
+  XLA counts a per-pixel gather from a 256-entry table as hundreds of MB per image on TPU.
+  """
+  values = image.reshape(-1, 3)
+  onehot = (values[..., None] == jnp.arange(256, dtype=jnp.float32)).astype(jnp.bfloat16)
+  hist = jnp.sum(onehot, axis=0, dtype=jnp.float32)  # [3, 256], exact counts.
+  last = jnp.take_along_axis(hist, (255 - jnp.argmax(hist[:, ::-1] > 0, axis=1))[:, None], 1)
+  step = jnp.floor((jnp.sum(hist, axis=1, keepdims=True) - last) / 255.0)
+  cumsum = jnp.cumsum(hist, axis=1) - hist
+  lut = jnp.clip(jnp.floor((jnp.floor(step / 2.0) + cumsum) / jnp.maximum(step, 1.0)), 0, 255)
+  lut = jnp.where(step > 0, lut, jnp.arange(256, dtype=jnp.float32))  # Integers: exact in bf16.
+  out = jnp.einsum("nck,ck->nc", onehot, lut.astype(jnp.bfloat16),
+                   preferred_element_type=jnp.float32)
+  return out.reshape(image.shape)
 
 
-def _auto_contrast(image, m, s, fill):
-  lo = tf.reduce_min(image, axis=[0, 1])
-  hi = tf.reduce_max(image, axis=[0, 1])
-  scale = tf.where(hi > lo, 255.0 / tf.maximum(hi - lo, 1.0), 1.0)
-  offset = tf.where(hi > lo, -lo * scale, 0.0)
-  return tf.clip_by_value(tf.floor(image * scale + offset), 0.0, 255.0)
+def _point(name, m, s, v):
+  """The point op `name` on image v (each pixel a function of its value and of per-image
+  statistics), or None for the other ops."""
+  level = m / _LEVEL_DENOM
+
+  def posterize(bits):
+    shift = jnp.power(2.0, 8.0 - bits)
+    return jnp.floor(v / shift) * shift
+
+  def solarize(threshold):
+    return jnp.where(v < threshold, v, 255.0 - v)
+
+  def blend(degenerate, factor):
+    return _q(degenerate + factor * (v - degenerate))
+
+  if name == "AutoContrast":  # PIL ImageOps.autocontrast (cutoff 0), per channel.
+    lo = jnp.min(v, axis=(0, 1))
+    hi = jnp.max(v, axis=(0, 1))
+    scale = jnp.where(hi > lo, 255.0 / jnp.maximum(hi - lo, 1.0), 1.0)
+    offset = jnp.where(hi > lo, -lo * scale, 0.0)
+    return jnp.clip(jnp.floor(v * scale + offset), 0.0, 255.0)
+  if name == "Equalize":
+    return _equalize(v)
+  if name == "Invert":
+    return 255.0 - v
+  if name == "Posterize":
+    return posterize(jnp.floor(level * 4.0))
+  if name == "PosterizeIncreasing":
+    return posterize(4.0 - jnp.floor(level * 4.0))
+  if name == "Solarize":
+    return solarize(jnp.floor(level * 256.0))
+  if name == "SolarizeIncreasing":
+    return solarize(256.0 - jnp.floor(level * 256.0))
+  if name == "SolarizeAdd":
+    return jnp.where(v < 128.0, jnp.minimum(v + jnp.floor(level * 110.0), 255.0), v)
+  if name in ("Brightness", "BrightnessIncreasing"):
+    return blend(0.0, _enhance_factor(name, m, s))
+  if name in ("Contrast", "ContrastIncreasing"):
+    return blend(jnp.floor(jnp.mean(_grey(v)) + 0.5), _enhance_factor(name, m, s))
+  return None
 
 
-def _equalize_channel(channel):
-  """PIL ImageOps.equalize for one channel (lut[i] = (step // 2 + cumsum_excl[i]) // step)."""
-  values = tf.cast(channel, tf.int32)
-  hist = tf.math.bincount(tf.reshape(values, [-1]), minlength=256, maxlength=256)
-  nonzero = tf.boolean_mask(hist, hist > 0)
-  step = (tf.reduce_sum(nonzero) - nonzero[-1]) // 255
-
-  def apply():
-    lut = (step // 2 + tf.concat([[0], tf.cumsum(hist)[:-1]], 0)) // tf.maximum(step, 1)
-    return tf.cast(tf.gather(tf.clip_by_value(lut, 0, 255), values), tf.float32)
-
-  return tf.cond(step > 0, apply, lambda: channel)
+def _smooth(image):
+  """PIL ImageFilter.SMOOTH ([[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13) inside, border unchanged."""
+  height, width = image.shape[:2]
+  total = sum(image[1 + dy:height - 1 + dy, 1 + dx:width - 1 + dx]
+              for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+  inner = _q((total + 4.0 * image[1:-1, 1:-1]) / 13.0)
+  return image.at[1:-1, 1:-1].set(inner)
 
 
-def _equalize(image, m, s, fill):
-  return tf.stack([_equalize_channel(image[..., c]) for c in range(3)], -1)
-
-
-def _invert(image, m, s, fill):
-  return 255.0 - image
-
-
-def _rotate(image, m, s, fill):
-  """PIL Image.rotate: counter-clockwise about the image centre (w / 2, h / 2)."""
-  theta = -math.pi / 180.0 * s * m / _LEVEL_DENOM * _ROTATE_DEG
-  h = tf.cast(tf.shape(image)[0], tf.float32)
-  w = tf.cast(tf.shape(image)[1], tf.float32)
-  cx, cy = w / 2.0, h / 2.0
-  c, sn = tf.cos(theta), tf.sin(theta)
-  matrix = tf.stack([c, sn, cx - c * cx - sn * cy, -sn, c, cy + sn * cx - c * cy])
-  return _affine(image, matrix, fill)
-
-
-def _shear_x(image, m, s, fill):
-  return _affine(image, tf.stack([1.0, s * m / _LEVEL_DENOM * _SHEAR, 0.0, 0.0, 1.0, 0.0]), fill)
-
-
-def _shear_y(image, m, s, fill):
-  return _affine(image, tf.stack([1.0, 0.0, 0.0, s * m / _LEVEL_DENOM * _SHEAR, 1.0, 0.0]), fill)
-
-
-def _translate_x_rel(image, m, s, fill):
-  pixels = s * m / _LEVEL_DENOM * _TRANSLATE_PCT * tf.cast(tf.shape(image)[1], tf.float32)
-  return _affine(image, tf.stack([1.0, 0.0, pixels, 0.0, 1.0, 0.0]), fill)
-
-
-def _translate_y_rel(image, m, s, fill):
-  pixels = s * m / _LEVEL_DENOM * _TRANSLATE_PCT * tf.cast(tf.shape(image)[0], tf.float32)
-  return _affine(image, tf.stack([1.0, 0.0, 0.0, 0.0, 1.0, pixels]), fill)
-
-
-def _posterize_bits(image, bits):
-  shift = tf.pow(2.0, 8.0 - tf.cast(bits, tf.float32))
-  return tf.floor(image / shift) * shift
-
-
-def _posterize(image, m, s, fill):
-  return _posterize_bits(image, tf.floor(m / _LEVEL_DENOM * 4.0))
-
-
-def _posterize_increasing(image, m, s, fill):
-  return _posterize_bits(image, 4.0 - tf.floor(m / _LEVEL_DENOM * 4.0))
-
-
-def _solarize_at(image, threshold):
-  return tf.where(image < threshold, image, 255.0 - image)
-
-
-def _solarize(image, m, s, fill):
-  return _solarize_at(image, tf.floor(m / _LEVEL_DENOM * 256.0))
-
-
-def _solarize_increasing(image, m, s, fill):
-  return _solarize_at(image, 256.0 - tf.floor(m / _LEVEL_DENOM * 256.0))
-
-
-def _solarize_add(image, m, s, fill):
-  add = tf.floor(m / _LEVEL_DENOM * 110.0)
-  return tf.where(image < 128.0, tf.minimum(image + add, 255.0), image)
-
-
-def _enhance_factor(m, s, increasing):
-  if increasing:
+def _enhance_factor(name, m, s):
+  if not name:
+    return jnp.ones_like(m)  # No blend.
+  if name.endswith("Increasing"):
     return 1.0 + s * m / _LEVEL_DENOM * _ENHANCE
   return m / _LEVEL_DENOM * 1.8 + 0.1
 
 
-def _color(image, factor):
-  return _blend(_grayscale(image), image, factor)
+def _layer(image, op, m, s, policy: RandAugmentPolicy):
+  """One RandAugment layer on one image (float32 [H, W, 3] of uint8 values): op index `op`
+  into policy.ops (len(policy.ops): no op) at magnitude m, sign s."""
+  height, width = image.shape[:2]
+  names = policy.ops
+
+  def pick(value, applies):
+    """The value of the op drawn (`value(name)` where `applies(name)`), else `value('')`."""
+    return jnp.stack([value(n if applies(n) else "") for n in names] + [value("")])[op]
+
+  matrix = pick(lambda n: _affine_matrix(n, m, s, height, width), lambda n: n in _GEOMETRIC)
+  image = _warp(image, matrix, jnp.asarray(policy.fill, jnp.float32))
+  point = image  # Elementwise selects: XLA fuses them into one pass over the image.
+  for i, name in enumerate(names):
+    out = _point(name, m, s, image)
+    if out is not None:
+      point = jnp.where(op == i, out, point)
+  image = point
+  color = pick(lambda n: _enhance_factor(n, m, s), lambda n: n.startswith("Color"))
+  image = _q(_grey(image) + color * (image - _grey(image)))
+  sharp = pick(lambda n: _enhance_factor(n, m, s), lambda n: n.startswith("Sharpness"))
+  smooth = _smooth(image)
+  return _q(smooth + sharp * (image - smooth))
 
 
-def _contrast(image, factor):
-  mean = tf.floor(tf.reduce_mean(_grayscale(image)) + 0.5)
-  return _blend(tf.fill(tf.shape(image), mean), image, factor)
+def sample_layers(key, policy: RandAugmentPolicy):
+  """timm's draws for one image: (ops, magnitudes, signs) per layer, op len(policy.ops) where
+  the layer is skipped (probability 1 - policy.prob)."""
+  k_op, k_apply, k_mag, k_sign = jax.random.split(key, 4)
+  n = policy.num_layers
+  op = jax.random.randint(k_op, (n,), 0, len(policy.ops))
+  applied = jax.random.uniform(k_apply, (n,)) < policy.prob
+  magnitude = jnp.full((n,), policy.magnitude, jnp.float32)
+  if policy.magnitude_std > 0:
+    magnitude += policy.magnitude_std * jax.random.normal(k_mag, (n,))
+  magnitude = jnp.clip(magnitude, 0.0, policy.magnitude_max)
+  sign = jnp.where(jax.random.uniform(k_sign, (n,)) < 0.5, -1.0, 1.0)
+  return jnp.where(applied, op, len(policy.ops)), magnitude, sign
 
 
-def _brightness(image, factor):
-  return _blend(tf.zeros_like(image), image, factor)
-
-
-def _sharpness(image, factor):
-  """PIL ImageFilter.SMOOTH on the interior (border pixels unchanged), then blend."""
-  kernel = tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32) / 13.0
-  kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
-  smooth = _q(tf.nn.depthwise_conv2d(image[None], kernel, [1, 1, 1, 1], "VALID")[0])
-  degenerate = tf.pad(smooth, [[1, 1], [1, 1], [0, 0]])
-  mask = tf.pad(tf.ones_like(smooth), [[1, 1], [1, 1], [0, 0]])
-  degenerate = mask * degenerate + (1.0 - mask) * image
-  return _blend(degenerate, image, factor)
-
-
-def _enhance(fn, increasing):
-  return lambda image, m, s, fill: fn(image, _enhance_factor(m, s, increasing))
-
-
-OPS = {
-    "AutoContrast": _auto_contrast, "Equalize": _equalize, "Invert": _invert, "Rotate": _rotate,
-    "Posterize": _posterize, "PosterizeIncreasing": _posterize_increasing,
-    "Solarize": _solarize, "SolarizeIncreasing": _solarize_increasing, "SolarizeAdd": _solarize_add,
-    "Color": _enhance(_color, False), "ColorIncreasing": _enhance(_color, True),
-    "Contrast": _enhance(_contrast, False), "ContrastIncreasing": _enhance(_contrast, True),
-    "Brightness": _enhance(_brightness, False), "BrightnessIncreasing": _enhance(_brightness, True),
-    "Sharpness": _enhance(_sharpness, False), "SharpnessIncreasing": _enhance(_sharpness, True),
-    "ShearX": _shear_x, "ShearY": _shear_y,
-    "TranslateXRel": _translate_x_rel, "TranslateYRel": _translate_y_rel,
-}
-
-
-def apply_op(image, name, magnitude, sign, fill=(128.0, 128.0, 128.0)):
-  """One named op at a given magnitude (0..10) and sign; exposed for tests."""
-  image = tf.convert_to_tensor(image, tf.float32)
-  return OPS[name](image, tf.convert_to_tensor(magnitude, tf.float32),
-                   tf.convert_to_tensor(sign, tf.float32), fill)
-
-
-def randaugment(image, policy: RandAugmentPolicy, seed):
-  """timm RandAugment: num_layers ops drawn with replacement, each applied with prob `policy.prob`."""
-  branches = [OPS[name] for name in policy.ops]
-  for layer in range(policy.num_layers):
-    s = [tf.random.experimental.stateless_fold_in(seed, 4 * layer + k) for k in range(4)]
-    op = tf.random.stateless_uniform([], s[0], 0, len(branches), dtype=tf.int32)
-    apply = tf.random.stateless_uniform([], s[1]) < policy.prob
-    magnitude = tf.constant(policy.magnitude, tf.float32)
-    if policy.magnitude_std > 0:
-      magnitude += policy.magnitude_std * tf.random.stateless_normal([], s[2])
-    magnitude = tf.clip_by_value(magnitude, 0.0, policy.magnitude_max)
-    sign = tf.where(tf.random.stateless_uniform([], s[3]) < 0.5, -1.0, 1.0)
-
-    def run(image=image, op=op, magnitude=magnitude, sign=sign):
-      fns = [lambda f=f: f(image, magnitude, sign, policy.fill) for f in branches]
-      return tf.switch_case(op, fns)
-
-    image = tf.cond(apply, run, lambda image=image: image)
-    image = tf.ensure_shape(image, [None, None, 3])
+def randaugment(key, image, policy: RandAugmentPolicy):
+  """One image, float32 [H, W, 3] holding uint8 values -> the same, augmented."""
+  ops, magnitudes, signs = sample_layers(key, policy)
+  for i in range(policy.num_layers):
+    image = _layer(image, ops[i], magnitudes[i], signs[i], policy)
   return image
 
 
-def random_erasing(image, prob, seed, min_area=0.02, max_area=1 / 3, min_aspect=0.3, attempts=10):
+def apply_op(image, name, magnitude, sign, fill=(128.0, 128.0, 128.0)):
+  """One named op on one image at a given magnitude (0..10) and sign: for tests."""
+  policy = RandAugmentPolicy(ops=(name,), num_layers=1, fill=tuple(fill))
+  image = jnp.asarray(image, jnp.float32)
+  return _layer(image, jnp.int32(0), jnp.float32(magnitude), jnp.float32(sign), policy)
+
+
+def random_erasing(key, image, prob, min_area=0.02, max_area=1 / 3, min_aspect=0.3, attempts=10):
   """timm RandomErasing, mode 'pixel', one box: per-pixel N(0, 1) noise on a normalised image."""
-  s = [tf.random.experimental.stateless_fold_in(seed, k) for k in range(6)]
-  h = tf.shape(image)[0]
-  w = tf.shape(image)[1]
-  area = tf.cast(h * w, tf.float32)
-  target = tf.random.stateless_uniform([attempts], s[0], min_area, max_area) * area
-  log_ratio = tf.random.stateless_uniform([attempts], s[1], math.log(min_aspect), -math.log(min_aspect))
-  ratio = tf.exp(log_ratio)
-  eh = tf.cast(tf.round(tf.sqrt(target * ratio)), tf.int32)
-  ew = tf.cast(tf.round(tf.sqrt(target / ratio)), tf.int32)
-  valid = (eh < h) & (ew < w)
-  first = tf.argmax(tf.cast(valid, tf.int32), output_type=tf.int32)  # First attempt that fits.
+  k_area, k_ratio, k_do, k_top, k_left, k_noise = jax.random.split(key, 6)
+  height, width = image.shape[:2]
+  target = jax.random.uniform(k_area, (attempts,), minval=min_area, maxval=max_area) * height * width
+  ratio = jnp.exp(jax.random.uniform(k_ratio, (attempts,), minval=math.log(min_aspect),
+                                     maxval=-math.log(min_aspect)))
+  eh = jnp.round(jnp.sqrt(target * ratio)).astype(jnp.int32)
+  ew = jnp.round(jnp.sqrt(target / ratio)).astype(jnp.int32)
+  valid = (eh < height) & (ew < width)
+  first = jnp.argmax(valid)  # The first attempt that fits.
   eh, ew = eh[first], ew[first]
-  do = (tf.random.stateless_uniform([], s[2]) < prob) & tf.reduce_any(valid)
-  top = tf.random.stateless_uniform([], s[3], 0, tf.maximum(h - eh, 0) + 1, dtype=tf.int32)
-  left = tf.random.stateless_uniform([], s[4], 0, tf.maximum(w - ew, 0) + 1, dtype=tf.int32)
-  rows = tf.range(h)[:, None]
-  cols = tf.range(w)[None, :]
+  do = (jax.random.uniform(k_do) < prob) & jnp.any(valid)
+  top = jax.random.randint(k_top, (), 0, jnp.maximum(height - eh, 0) + 1)
+  left = jax.random.randint(k_left, (), 0, jnp.maximum(width - ew, 0) + 1)
+  rows = jnp.arange(height)[:, None]
+  cols = jnp.arange(width)[None, :]
   box = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew) & do
-  # Noise is drawn only when erasing happens (3 in 4 images skip it at p=0.25).
-  return tf.cond(do, lambda: tf.where(box[..., None], tf.random.stateless_normal(tf.shape(image), s[5]), image),
-                 lambda: image)
+  return jnp.where(box[..., None], jax.random.normal(k_noise, image.shape, image.dtype), image)
+
+
+def normalize(images, mean, std):
+  """uint8 images -> float32 (x / 255 - mean) / std, mean and std in 0..1 units."""
+  mean = jnp.asarray(mean, jnp.float32) * 255.0
+  std = jnp.asarray(std, jnp.float32) * 255.0
+  return (images.astype(jnp.float32) - mean) / std
+
+
+def augment_batch(key, images, data_config):
+  """uint8 [B, H, W, 3] -> float32 normalised, with random erasing and (with
+  randaugment_on='device') RandAugment, each sample drawing from its own key."""
+  cfg = data_config
+  on_device = cfg.randaugment and cfg.get("randaugment_on", "host") == "device"
+  policy = parse_randaugment(cfg.randaugment, mean=cfg.mean) if on_device else None
+  erasing = float(cfg.random_erasing)
+
+  def one(k, image):
+    k_ra, k_erase = jax.random.split(k)
+    if policy is not None:
+      image = randaugment(k_ra, image.astype(jnp.float32), policy)
+    image = normalize(image, cfg.mean, cfg.std)
+    if erasing:
+      image = random_erasing(k_erase, image, erasing)
+    return image
+
+  if policy is None and not erasing:
+    return normalize(images, cfg.mean, cfg.std)
+  return jax.vmap(one)(jax.random.split(key, images.shape[0]), images)

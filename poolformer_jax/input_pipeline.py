@@ -1,9 +1,14 @@
-"""Input pipeline: tf.data + TFDS on the host CPU, numpy batches out, one shard per process.
+"""Input pipeline: tf.data + TFDS on the host CPU, uint8 numpy batches out, one shard per process.
 
 Sources: `imagenet2012` (or any TFDS image-classification dataset), the bundled `digits`
 dataset (scikit-learn's handwritten digits, prepared automatically, offline), or a plain
-image folder `root/<split>/<label>/*.jpg`. All go through the same decode / augment /
-normalise code, so the demo exercises exactly the ImageNet pipeline.
+image folder `root/<split>/<label>/*.jpg`. All go through the same decode / crop / resize
+code, so the demo exercises exactly the ImageNet pipeline.
+
+The host does read, decode (for training only the crop window), resize, flip and, by default,
+RandAugment (config.data.randaugment_on). It hands over uint8 images (a quarter of float32's
+bytes); normalisation and random erasing run on the device in the train step
+(poolformer_jax.augment), normalisation in the eval step.
 
 Determinism (what makes exact resume possible): the training stream is a pure function of
 (seed, start_step, process). Each epoch's order comes from seeds derived from
@@ -26,11 +31,12 @@ from typing import Iterable, Iterator
 
 from absl import logging
 import numpy as np
+from PIL import Image
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from poolformer_jax import augment
 from poolformer_jax import folder_scan
+from poolformer_jax import tf_augment
 from poolformer_jax.errors import ConfigError, DatasetError
 
 # TF only runs the input pipeline on the host; it must not grab accelerator memory.
@@ -362,7 +368,12 @@ def _options() -> tf.data.Options:
 
 
 def _decode_and_random_crop(data, seed, scale, ratio):
-  """Random-resized-crop window, decoding only the window for JPEGs (fused decode-and-crop)."""
+  """Random-resized-crop window, decoding only the window for JPEGs (fused decode-and-crop).
+
+  Not libjpeg's DCT scaling (decoding at 1/2, 1/4, 1/8): it needs a window of at least twice
+  the output size on its short side (448 for 224), which an ImageNet-sized image (~400 x 350)
+  almost never has, so it measured no faster.
+  """
   def window(shape):
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
         shape, bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]), seed=seed,
@@ -384,25 +395,47 @@ def _decode_and_random_crop(data, seed, scale, ratio):
 
 
 def _decode(data):
-  return tf.io.decode_image(data, channels=3, expand_animations=False)
+  """uint8 [H, W, 3]; JPEGs with libjpeg's accurate integer IDCT, as PIL decodes them (TF's
+  default, the fast IDCT, is ~1 grey level off on average)."""
+  return tf.cond(
+      tf.io.is_jpeg(data),
+      lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
+      lambda: tf.io.decode_image(data, channels=3, expand_animations=False))
 
 
-def _resize(image, size, method):
-  """Resize to `size` (h, w) with antialiasing like PIL; returns float32 in 0..255, rounded."""
-  out = tf.image.resize(tf.cast(image, tf.float32), size, method=method, antialias=True)
-  return tf.round(tf.clip_by_value(out, 0.0, 255.0))
+_PIL_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 
 
-def _normalize(image, mean, std):
-  mean = tf.constant(mean, tf.float32) * 255.0
-  std = tf.constant(std, tf.float32) * 255.0
-  return (image - mean) / std
+def _pil_resize(image, size, method: str):
+  """uint8 [h, w, 3] -> uint8 [size[0], size[1], 3] with PIL's antialiased resize.
+
+  PIL itself, as timm and torchvision resize: bit-exact to the release's transforms, and faster
+  on the host than TF's antialiased resize (measured in benchmarks/benchmark.py). PIL releases
+  the GIL while it resamples, so tf.data's threads run it in parallel.
+  """
+  if method not in _PIL_FILTERS:
+    raise ConfigError(f"interpolation {method!r}; use 'bilinear' or 'bicubic'.")
+  pil_filter = _PIL_FILTERS[method]
+
+  def resize(array, hw):
+    return np.asarray(Image.fromarray(array).resize((int(hw[1]), int(hw[0])), pil_filter))
+
+  out = tf.numpy_function(resize, [image, tf.cast(size, tf.int32)], tf.uint8, stateful=False)
+  return tf.ensure_shape(out, [None, None, 3])
 
 
 def make_train_preprocess(cfg):
-  """(encoded bytes, label, per-example seed [2]) -> {'image', 'label'}, all randomness stateless."""
+  """(encoded bytes, label, per-example seed [2]) -> {'image': uint8, 'label'}.
+
+  The host's part of timm's train transform: random-resized crop (only the window decoded),
+  resize (random bilinear / bicubic, antialiased like PIL), flip, and RandAugment unless
+  config.data.randaugment_on='device'. Normalisation and random erasing run on the device, in
+  the train step (poolformer_jax.augment).
+  """
   size = int(cfg.image_size)
-  policy = augment.parse_randaugment(cfg.randaugment, mean=cfg.mean) if cfg.randaugment else None
+  policy = None
+  if cfg.randaugment and cfg.get("randaugment_on", "host") == "host":
+    policy = tf_augment.parse_randaugment(cfg.randaugment, mean=cfg.mean)
   scale = cfg.rrc_scale
   interp = cfg.get("train_interpolation", "random")
   if interp not in ("random", "bilinear", "bicubic"):
@@ -411,35 +444,38 @@ def make_train_preprocess(cfg):
   # Plain TF code (explicit tf.cond / switch_case): autograph would only slow down tracing.
   @tf.autograph.experimental.do_not_convert
   def preprocess(data, label, seed):
-    seeds = [tf.random.experimental.stateless_fold_in(seed, i) for i in range(6)]
+    seeds = [tf.random.experimental.stateless_fold_in(seed, i) for i in range(4)]
     if scale:
       image = _decode_and_random_crop(data, seeds[0], tuple(scale), tuple(cfg.rrc_ratio))
     else:
-      image = _decode(data)
+      image = tf.io.decode_image(data, channels=3, expand_animations=False)
     if interp == "random":
       bicubic = tf.random.stateless_uniform([], seeds[1]) < 0.5
-      image = tf.cond(bicubic, lambda: _resize(image, (size, size), "bicubic"),
-                      lambda: _resize(image, (size, size), "bilinear"))
+      image = tf.cond(bicubic, lambda: _pil_resize(image, (size, size), "bicubic"),
+                      lambda: _pil_resize(image, (size, size), "bilinear"))
     else:
-      image = _resize(image, (size, size), interp)
-    image.set_shape([size, size, 3])
+      image = _pil_resize(image, (size, size), interp)
+    image = tf.ensure_shape(image, [size, size, 3])
     if cfg.hflip:
       flip = tf.random.stateless_uniform([], seeds[2]) < 0.5
       image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
-    if policy is not None:
-      image = augment.randaugment(image, policy, seeds[3])
-    image = _normalize(image, cfg.mean, cfg.std)
-    if cfg.random_erasing:
-      image = augment.random_erasing(image, float(cfg.random_erasing), seeds[4])
+    if policy is not None:  # Its ops round to uint8 values: nothing is lost in the cast.
+      image = tf.cast(tf_augment.randaugment(tf.cast(image, tf.float32), policy, seeds[3]),
+                      tf.uint8)
     return {"image": image, "label": label}
 
   return preprocess
 
 
 def make_eval_preprocess(cfg):
-  """Short side -> floor(image_size / crop_pct) (torchvision Resize rounding), center crop, normalise."""
+  """The release's eval transform up to normalisation (done on the device): short side ->
+  floor(image_size / crop_pct) (torchvision Resize rounding) with PIL's resize, center crop.
+  {'image': uint8, 'label'}; bit-exact to timm's PIL pipeline for JPEGs."""
   size = int(cfg.image_size)
   scale_size = math.floor(size / cfg.crop_pct)
+  if cfg.interpolation not in _PIL_FILTERS:
+    raise ConfigError(f"config.data.interpolation={cfg.interpolation!r}; use 'bilinear' or "
+                      "'bicubic'.")
 
   @tf.autograph.experimental.do_not_convert
   def preprocess(data, label):
@@ -452,12 +488,12 @@ def make_eval_preprocess(cfg):
                        tf.int32)
     new_h = tf.where(h <= w, scale_size, new_long)
     new_w = tf.where(h <= w, new_long, scale_size)
-    image = _resize(image, tf.stack([new_h, new_w]), cfg.interpolation)
+    image = _pil_resize(image, tf.stack([new_h, new_w]), cfg.interpolation)
     # torchvision CenterCrop: int(round((h - size) / 2)), round half to even like Python.
     top = tf.cast(tf.round(tf.cast(new_h - size, tf.float32) / 2.0), tf.int32)
     left = tf.cast(tf.round(tf.cast(new_w - size, tf.float32) / 2.0), tf.int32)
     image = tf.slice(image, tf.stack([top, left, 0]), [size, size, 3])
-    return {"image": _normalize(image, cfg.mean, cfg.std), "label": label}
+    return {"image": image, "label": label}
 
   return preprocess
 
@@ -492,7 +528,7 @@ def _num_parallel(cfg):
 def create_train_iterator(data_config, *, global_batch_size: int, seed: int, start_step: int = 0,
                           process_index: int | None = None,
                           process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-  """Infinite stream of this process's batches {'image': f32 [B, H, W, 3], 'label': i32 [B]}.
+  """Infinite stream of this process's batches {'image': uint8 [B, H, W, 3], 'label': i32 [B]}.
 
   B = global_batch_size / process_count. A pure function of (seed, start_step, process):
   start_step=k yields exactly what start_step=0 yields from its k-th batch on.
@@ -570,7 +606,7 @@ def create_eval_iterator(data_config, *, global_batch_size: int, process_index: 
   ds = ds.map(lambda data, label: {**preprocess(data, label), "mask": tf.constant(1.0, tf.float32)},
               num_parallel_calls=_num_parallel(cfg))
   pad = tf.data.Dataset.from_tensors({
-      "image": tf.zeros([size, size, 3], tf.float32), "label": tf.constant(0, tf.int32),
+      "image": tf.zeros([size, size, 3], tf.uint8), "label": tf.constant(0, tf.int32),
       "mask": tf.constant(0.0, tf.float32)}).repeat(num_steps * batch - n)
   ds = ds.concatenate(pad)
   if cfg.cache:

@@ -19,6 +19,7 @@ is then counted K times, about 1% too much for PoolFormer).
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -36,7 +37,7 @@ from poolformer_jax import errors
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-  """One TPU generation's per-chip peak figures, as Google publishes them."""
+  """One TPU generation's per-chip peak figures and its TPU VM, as Google publishes them."""
 
   name: str
   device_kind: str  # What JAX's devices call it.
@@ -44,18 +45,32 @@ class Chip:
   hbm_bandwidth: float  # Bytes/s.
   hbm_bytes: float
   source: str
+  host_vcpus: int  # vCPUs of the TPU VM of a full host...
+  host_chips: int  # ...which holds this many chips.
+
+  @property
+  def vcpus_per_chip(self) -> float:
+    return self.host_vcpus / self.host_chips
 
 
 GiB = 2**30
 _DOCS = "https://cloud.google.com/tpu/docs/"
 # HBM as the docs give it ("16 GB" is 16 GiB of HBM2). XLA refuses to compile a program that
-# needs more than it can use, a little less (e.g. 15.75 GiB of a v5e's 16).
+# needs more than it can use, a little less (e.g. 15.75 GiB of a v5e's 16). The TPU VM of each
+# generation (vCPUs, chips) from the same page's VM / host properties: v4 240 vCPUs and 4 chips,
+# v5e 224 and 8 (ct5lp-hightpu-8t), v5p 208 and 4, v6e 180 and 8 (ct6e-standard-8t).
 CHIPS = {
-    "v4": Chip("TPU v4", "TPU v4", 275e12, 1200e9, 32 * GiB, _DOCS + "v4"),
-    "v5e": Chip("TPU v5e", "TPU v5 lite", 197e12, 819e9, 16 * GiB, _DOCS + "v5e"),
-    "v5p": Chip("TPU v5p", "TPU v5", 459e12, 2765e9, 95 * GiB, _DOCS + "v5p"),
-    "v6e": Chip("TPU v6e", "TPU v6 lite", 918e12, 1638e9, 32 * GiB, _DOCS + "v6e"),
+    "v4": Chip("TPU v4", "TPU v4", 275e12, 1200e9, 32 * GiB, _DOCS + "v4", 240, 4),
+    "v5e": Chip("TPU v5e", "TPU v5 lite", 197e12, 819e9, 16 * GiB, _DOCS + "v5e", 224, 8),
+    "v5p": Chip("TPU v5p", "TPU v5", 459e12, 2765e9, 95 * GiB, _DOCS + "v5p", 208, 4),
+    "v6e": Chip("TPU v6e", "TPU v6 lite", 918e12, 1638e9, 32 * GiB, _DOCS + "v6e", 180, 8),
 }
+
+# The host pipeline's training images/s on one vCPU: benchmarks/pipeline.py's
+# create_train_iterator figure with the recipe's settings, RandAugment on the host
+# (benchmarks/results/pipeline_cpu.json: one core of a 2-core AMD EPYC, ImageNet-sized JPEGs).
+# --config.host_images_per_s_per_vcpu gives the real host's.
+HOST_IMAGES_PER_S_PER_VCPU = 196.0
 
 # Slice shapes (chips along each axis) by chip count, as the Cloud TPU docs list them.
 _SHAPES_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4),
@@ -143,6 +158,12 @@ def prepare_environment(topology: Topology) -> None:
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", topology.name)
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   jax.config.update("jax_platforms", "cpu")
+
+
+def machine_has_tpu() -> bool:
+  """Whether this machine may have TPU chips: their device files (/dev/accel* up to v5e,
+  VFIO groups /dev/vfio/<n> on v5p, v6e and later). Without them libtpu cannot open a TPU."""
+  return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
 def topology_devices(topology: Topology, num_slices: int = 1) -> list:
@@ -284,7 +305,10 @@ def compile_report(config) -> dict:
       "eval": _step_report(eval_step, images_per_chip=config.eval_batch_size // n, repeats=1,
                            chip=chip, compile_s=eval_s),
   }
+  steps["train"]["augmentation"] = _augmentation_report(trainer, config.batch_size // accum // n)
   peak = max(s["peak_hbm_bytes"] for s in steps.values())
+  host = _host_report(chip, steps["train"], config.get("host_images_per_s_per_vcpu", 0.0)
+                      or HOST_IMAGES_PER_S_PER_VCPU)
   report = {
       "topology": topology.name,
       "num_slices": config.num_slices,
@@ -308,16 +332,53 @@ def compile_report(config) -> dict:
       "peak_hbm_bytes": peak,
       "hbm_bytes": chip.hbm_bytes,
       "fits": peak <= chip.hbm_bytes,
-      "recipe": _recipe(config, total_steps, steps_per_epoch, eval_examples, steps),
+      "host": host,
+      "recipe": _recipe(config, total_steps, steps_per_epoch, eval_examples, steps, host, n),
   }
   if not report["fits"]:
     raise does_not_fit(f"{peak / GiB:.1f} GiB of HBM per chip", f"{chip.hbm_bytes / GiB:.1f} GiB")
   return report
 
 
-def _recipe(config, total_steps, steps_per_epoch, eval_examples, steps) -> dict:
-  """Lower bound of the recipe's wall time on the slice: every step at its roofline bound."""
-  train_h = total_steps * steps["train"]["step_s_bound"] / 3600 if total_steps else None
+def _augmentation_report(trainer, images_per_chip: int) -> dict:
+  """Bytes and FLOPs per image of the on-device augmentation (RandAugment, random erasing,
+  normalisation), compiled on its own for the train step's per-chip batch: the train step's
+  figures include it; this says how much of them it is."""
+  from poolformer_jax import augment  # pylint: disable=g-import-not-at-top
+  size = trainer.config.data.image_size
+  n = trainer.mesh.devices.size
+  images = jax.ShapeDtypeStruct((images_per_chip * n, size, size, 3), jax.numpy.uint8,
+                                sharding=trainer.batch_sharding)
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  compiled = jax.jit(lambda k, x: augment.augment_batch(k, x, trainer.config.data),
+                     out_shardings=trainer.batch_sharding).lower(key, images).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return {"bytes_per_image": float(cost.get("bytes accessed", 0.0)) / images_per_chip,
+          "flops_per_image": float(cost.get("flops", 0.0)) / images_per_chip}
+
+
+def _host_report(chip: Chip, train: dict, measured: float) -> dict:
+  """What the roofline asks of each host vCPU, against what this pipeline delivers per vCPU."""
+  needed = train["img_per_s_per_chip_bound"] / chip.vcpus_per_chip
+  return {
+      "vcpus_per_host": chip.host_vcpus,
+      "chips_per_host": chip.host_chips,
+      "images_per_s_per_vcpu_needed": needed,
+      "pipeline_images_per_s_per_vcpu": measured,
+      "input_bound": needed > measured,
+      # What the hosts can feed each chip when every vCPU runs the pipeline.
+      "input_bound_images_per_s_per_chip": measured * chip.vcpus_per_chip,
+  }
+
+
+def _recipe(config, total_steps, steps_per_epoch, eval_examples, steps, host, chips) -> dict:
+  """Lower bound of the recipe's wall time on the slice: every step at its roofline bound, or
+  at the rate the hosts can feed where that is lower (input-bound)."""
+  step_s = steps["train"]["step_s_bound"]
+  if host["input_bound"]:
+    step_s = config.batch_size / (host["input_bound_images_per_s_per_chip"] * chips)
+  train_h = total_steps * step_s / 3600 if total_steps else None
   eval_every = config.eval_every_steps or steps_per_epoch
   if train_h is None or not eval_every or not eval_examples:
     eval_h = 0.0
@@ -382,6 +443,28 @@ def format_report(r: dict) -> str:
         f"{_binary(chip['hbm_bytes'])} | {fits} | {_si(st['flops'], 'FLOP')} | "
         f"{_si(st['bytes_accessed'], 'B')} | {_si(st['bytes_per_image'], 'B')} | "
         f"{st['img_per_s_per_chip_bound']:,.0f} | {st['bound_by']} |")
+  aug = r["steps"]["train"].get("augmentation")
+  if aug:
+    train = r["steps"]["train"]
+    lines.append(f"of which the on-device augmentation and normalisation "
+                 f"(augment.augment_batch): {_si(aug['bytes_per_image'], 'B')} and "
+                 f"{_si(aug['flops_per_image'], 'FLOP')} per image "
+                 f"({aug['bytes_per_image'] / train['bytes_per_image']:.1%} of the bytes, "
+                 f"{aug['flops_per_image'] / train['flops_per_image']:.1%} of the FLOPs)")
+  host = r.get("host")
+  train_rate = r["steps"]["train"]["img_per_s_per_chip_bound"]
+  if host:
+    lines.append(
+        f"host: a TPU VM has {host['vcpus_per_host']} vCPUs for {host['chips_per_host']} chips; "
+        f"the train roofline needs {host['images_per_s_per_vcpu_needed']:,.0f} images/s per vCPU, "
+        f"this input pipeline delivers {host['pipeline_images_per_s_per_vcpu']:,.0f} "
+        "(measured per core, --config.host_images_per_s_per_vcpu)")
+    if host["input_bound"]:
+      lines.append(
+          f"INPUT-BOUND: the hosts feed at most {host['input_bound_images_per_s_per_chip']:,.0f} "
+          f"images/s per chip ({host['input_bound_images_per_s_per_chip'] / train_rate:.0%} of "
+          "the roofline), fewer as the JAX runtime needs cores too; the recipe time below is at "
+          "that rate")
   rec = r["recipe"]
   lines.append("")
   if rec["hours_bound"] is not None:
@@ -390,7 +473,7 @@ def format_report(r: dict) -> str:
                  f"{_duration(rec['hours_bound'])} on this slice "
                  f"({_duration(rec['train_hours_bound'])} training + "
                  f"{_duration(rec['eval_hours_bound'])} evaluation, every step at its "
-                 "roofline bound)")
+                 + ("input-bound rate)" if host and host["input_bound"] else "roofline bound)"))
   else:
     lines.append("recipe time: unknown (the epoch size of this dataset is not known here; "
                  "set --config.total_steps)")

@@ -42,6 +42,7 @@ from ml_collections.config_dict import placeholder
 import numpy as np
 import optax
 
+from poolformer_jax import augment
 from poolformer_jax import checkpointing
 from poolformer_jax import cpu_tuning
 from poolformer_jax import hub
@@ -66,11 +67,16 @@ class TrainingDivergedError(Error):
 
 
 class Preempted(Exception):  # pylint: disable=g-bad-exception-name
-  """SIGTERM was received; a checkpoint was saved at `step`."""
+  """SIGTERM was received; a checkpoint was saved at `step` (None: before the first step,
+  nothing new to save)."""
 
-  def __init__(self, step: int):
-    super().__init__(f"preempted at step {step}: checkpoint saved; rerun the same command "
-                     "to resume")
+  def __init__(self, step: int | None):
+    if step is None:
+      message = ("preempted before the first training step: nothing saved; rerun the same "
+                 "command")
+    else:
+      message = f"preempted at step {step}: checkpoint saved; rerun the same command to resume"
+    super().__init__(message)
     self.step = step
 
 
@@ -122,7 +128,10 @@ def default_config() -> ml_collections.ConfigDict:
   d.rrc_ratio = (3.0 / 4.0, 4.0 / 3.0)
   d.hflip = True
   d.randaugment = "rand-m9-mstd0.5-inc1"  # timm policy string; None or '' disables.
-  d.random_erasing = 0.25  # Probability (pixel mode, after normalisation); 0 disables.
+  # 'host' (tf.data, poolformer_jax.tf_augment) or 'device' (the train step, poolformer_jax.augment:
+  # frees the host, but its per-sample warps are costly gathers on TPUs; see augment.py).
+  d.randaugment_on = "host"
+  d.random_erasing = 0.25  # Probability (pixel mode, after normalisation; on the device); 0 disables.
   d.shuffle_buffer = 16_384  # Encoded images; ImageNet JPEGs average ~110 KB.
   d.prefetch = 2  # Batches prefetched by tf.data.
   d.cache = False  # Keep the encoded split in host memory (small datasets).
@@ -156,6 +165,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.fsdp = 1  # Chips per parameter shard (1: pure data parallelism).
   c.topology = ""  # --mode=compile: the Cloud TPU slice to compile for, e.g. 'v4-8'.
   c.num_slices = 1  # --mode=compile: that many slices (multislice over the data-center network).
+  # --mode=compile: the input pipeline's training images/s on one host vCPU (benchmarks/
+  # pipeline.py on the TPU VM); 0: the figure measured here (tpu_compile).
+  c.host_images_per_s_per_vcpu = 0.0
   c.log_every_steps = 100
   c.eval_every_steps = 0  # 0: once per epoch (and always at the end).
   c.checkpoint_every_steps = 1000
@@ -181,6 +193,11 @@ def validate_config(config, *, workdir: str | None, num_devices: int,
   except ValueError as e:
     raise ConfigError(f"config.model_overrides: {e}") from None
   optimizer_lib.check_optimizer(config.optimizer)
+  if config.data.randaugment:
+    augment.parse_randaugment(config.data.randaugment, mean=config.data.mean)
+  if config.data.randaugment_on not in ("host", "device"):
+    raise ConfigError(f"config.data.randaugment_on={config.data.randaugment_on!r}; use 'host' "
+                      "or 'device'")
   if config.dtype not in _DTYPES:
     raise ConfigError(f"config.dtype={config.dtype!r}; use one of {sorted(_DTYPES)}")
   size = config.data.image_size
@@ -349,8 +366,10 @@ class Trainer:
     c = self.config
     key = jax.random.fold_in(jax.random.key(c.seed), state.step)
     mix_key, depth_key = jax.random.split(key)
+    # uint8 from the host -> (RandAugment,) normalisation, random erasing: per sample, here.
+    images = augment.augment_batch(jax.random.fold_in(key, 2), batch["image"], c.data)
     images, targets = mixup.mix(
-        mix_key, batch["image"], batch["label"], num_classes=self.num_classes,
+        mix_key, images, batch["label"], num_classes=self.num_classes,
         mixup_alpha=c.mixup_alpha, cutmix_alpha=c.cutmix_alpha, prob=c.mixup_prob,
         switch_prob=c.mixup_switch_prob, label_smoothing=c.label_smoothing)
     loss, grads = self._gradients(state.params, images, targets, depth_key)
@@ -386,7 +405,7 @@ class Trainer:
   def abstract_batch(self, batch_size: int, *, train: bool):
     size = self.config.data.image_size
     batch = {
-        "image": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32,
+        "image": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8,
                                       sharding=self.batch_sharding),
         "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=self.batch_sharding),
     }
@@ -400,7 +419,8 @@ class Trainer:
   def eval_step(self, params, batch) -> dict:
     """Masked sums over the batch: loss, top-1 and top-5 hits, example count."""
     model = nnx.merge(self.graphdef, params)
-    logits = model(batch["image"].astype(self.dtype)).astype(jnp.float32)
+    images = augment.normalize(batch["image"], self.config.data.mean, self.config.data.std)
+    logits = model(images.astype(self.dtype)).astype(jnp.float32)
     labels, mask = batch["label"], batch["mask"]
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     k = min(5, self.num_classes)
@@ -539,21 +559,27 @@ def _write_run_files(workdir, config, trainer, info) -> None:
 
 
 class _SigtermFlag:
-  """Set by SIGTERM (single process); multi-host runs use JAX's preemption sync point."""
+  """Set by SIGTERM (single process); multi-host runs use JAX's preemption sync point.
 
-  def __init__(self):
-    self.event = threading.Event()
+  `event`: set by a handler the caller installed earlier (main.py, from its first line on);
+  None: a handler is installed here, for the duration of the run.
+  """
+
+  def __init__(self, event: threading.Event | None = None):
+    self.event = event or threading.Event()
+    self.install = event is None
     self.previous = None
 
   def __enter__(self):
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self.previous = signal.signal(signal.SIGTERM, self._handle)
+    if (self.install and jax.process_count() == 1
+        and threading.current_thread() is threading.main_thread()):
+      self.previous = signal.signal(signal.SIGTERM, lambda signum, frame: self.event.set())
     return self
 
-  def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint after this step, then exiting.")
-    self.event.set()
+  def stop_if_set(self) -> None:
+    """During start-up: stop now (Preempted, nothing to save) if a SIGTERM came."""
+    if jax.process_count() == 1 and self.event.is_set():
+      raise Preempted(None)
 
   def reached(self, step: int) -> bool:
     if jax.process_count() > 1:
@@ -571,13 +597,21 @@ class _SigtermFlag:
 # ---------------------------------------------------------------------------
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       sigterm: threading.Event | None = None) -> dict:
   """Trains (resuming from WORKDIR/checkpoints if present), evaluates, checkpoints.
 
   Returns the final record (the step and the eval metrics at the last step). Raises
   ConfigError / DatasetError before any expensive work, TrainingDivergedError on NaN/inf,
-  Preempted after saving on SIGTERM.
+  Preempted on SIGTERM: before the first step at once, later after saving. `sigterm`: see
+  _SigtermFlag.
   """
+  with _SigtermFlag(sigterm) as flag:
+    flag.stop_if_set()
+    return _train_and_evaluate(config, workdir, flag)
+
+
+def _train_and_evaluate(config, workdir: str, sigterm: _SigtermFlag) -> dict:
   # --- Validate, mesh, data sizes -----------------------------------------
   config, mesh, info, num_classes = _setup(
       config, workdir, (config.data.train_split, config.data.eval_split))
@@ -586,6 +620,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   total = optimizer_lib.total_steps(config, steps_per_epoch)
   eval_every = config.eval_every_steps or steps_per_epoch
   trainer = Trainer(config, mesh, num_classes, steps_per_epoch, total)
+  sigterm.stop_if_set()
   _write_run_files(workdir, config, trainer, info)
   metrics_lib.log(
       f"{config.model} ({trainer.num_params:,} params, {num_classes} classes) on "
@@ -666,55 +701,60 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           ". Lower the learning rate, set --config.grad_clip_norm, or check the input data.")
     history.append(host)
 
-  with _SigtermFlag() as sigterm:
+  try:
+    sigterm.stop_if_set()  # Compiling took a while.
+    throughput.reset(start)
+    for step in range(start + 1, total + 1):
+      multihost.report_step(step)  # Named if a peer is lost during this step.
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        state, step_metrics = train_step(state, next(train_batches))
+      drain()  # Step n-1's metrics, while step n runs.
+      pending = (step, step_metrics)
+      preempted = sigterm.reached(step)
+      if step % config.log_every_steps == 0 or step == total or preempted:
+        drain()
+        record = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
+        record.update(throughput.report(step))
+        history.clear()
+        writer.write(step, record)
+        metrics_lib.log(metrics_lib.format_progress(step, total, record))
+      if step % eval_every == 0 or step == total:
+        drain()
+        record = _eval_record(trainer, eval_step, eval_batches, eval=state.params,
+                              eval_ema=state.ema)
+        writer.write(step, record)
+        metrics_lib.log(f"step {step}: {_format_eval(record)}")
+        final.update(record)
+        throughput.reset(step)  # Eval time is not training time.
+      if step % config.checkpoint_every_steps == 0 or step == total or preempted:
+        drain()  # Never save a state whose step produced NaN/inf.
+        save(step)
+        throughput.reset(step)  # Nor is the (blocking part of the) save.
+      if preempted and step < total:
+        ckpt.wait_until_finished()
+        raise Preempted(step)
+  finally:
     try:
-      throughput.reset(start)
-      for step in range(start + 1, total + 1):
-        multihost.report_step(step)  # Named if a peer is lost during this step.
-        with jax.profiler.StepTraceAnnotation("train", step_num=step):
-          state, step_metrics = train_step(state, next(train_batches))
-        drain()  # Step n-1's metrics, while step n runs.
-        pending = (step, step_metrics)
-        preempted = sigterm.reached(step)
-        if step % config.log_every_steps == 0 or step == total or preempted:
-          drain()
-          record = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
-          record.update(throughput.report(step))
-          history.clear()
-          writer.write(step, record)
-          metrics_lib.log(metrics_lib.format_progress(step, total, record))
-        if step % eval_every == 0 or step == total:
-          drain()
-          record = _eval_record(trainer, eval_step, eval_batches, eval=state.params,
-                                eval_ema=state.ema)
-          writer.write(step, record)
-          metrics_lib.log(f"step {step}: {_format_eval(record)}")
-          final.update(record)
-          throughput.reset(step)  # Eval time is not training time.
-        if step % config.checkpoint_every_steps == 0 or step == total or preempted:
-          drain()  # Never save a state whose step produced NaN/inf.
-          save(step)
-          throughput.reset(step)  # Nor is the (blocking part of the) save.
-        if preempted and step < total:
-          ckpt.wait_until_finished()
-          raise Preempted(step)
+      ckpt.wait_until_finished()  # May raise a failed save's error (e.g. a full disk).
     finally:
-      try:
-        ckpt.wait_until_finished()  # May raise a failed save's error (e.g. a full disk).
-      finally:
-        ckpt.close()
-        writer.close()
+      ckpt.close()
+      writer.close()
   return {"step": total, **final}
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+             sigterm: threading.Event | None = None) -> dict:
   """Scores the parameters of `config.init_from` (e.g. converted release weights), else of
   WORKDIR's newest checkpoint (its EMA is scored during training). Only parameters are read.
 
   This is how ImageNet accuracy parity of converted weights is checked: the release's eval
-  transform on `imagenet2012`'s validation split, every image counted once.
+  transform on `imagenet2012`'s validation split, every image counted once. A SIGTERM before
+  the scoring starts raises Preempted (see _SigtermFlag).
   """
-  config, mesh, info, num_classes = _setup(config, workdir, (config.data.eval_split,))
+  with _SigtermFlag(sigterm) as flag:
+    flag.stop_if_set()
+    config, mesh, info, num_classes = _setup(config, workdir, (config.data.eval_split,))
+    flag.stop_if_set()
   trainer = Trainer(config, mesh, num_classes, steps_per_epoch=1, total_steps=1)
   if config.init_from:
     params, source, step = trainer.load_params(config.init_from), config.init_from, 0

@@ -34,7 +34,7 @@ def main(out_dir, num_processes, process_id, port):
   rng = np.random.default_rng(0)
   rows = slice(process_id * BATCH // num_processes, (process_id + 1) * BATCH // num_processes)
   for _ in range(STEPS):
-    batch = {"image": rng.normal(size=(BATCH, 32, 32, 3)).astype(np.float32),
+    batch = {"image": rng.integers(0, 256, (BATCH, 32, 32, 3), dtype=np.uint8),
              "label": rng.integers(0, 10, BATCH).astype(np.int32)}
     local = {k: v[rows] for k, v in batch.items()}
     state, metrics = step(state, sharding.global_batch(local, trainer.batch_sharding))

@@ -131,6 +131,30 @@ def test_sigterm_saves_exits_and_resumes_exactly(reference_run, digits_data_dir,
   assert deterministic_records(workdir) == deterministic_records(reference_run)
 
 
+@pytest.mark.parametrize("when", ["importing", "compiling"])
+def test_sigterm_during_start_up_exits_75_with_one_line(digits_data_dir, tmp_path, when):
+  """A preemption notice before the first step (while Python imports, or once the run is set
+  up and compiles): exit 75, one line saying so, no traceback or C++ dump, nothing written
+  half (no checkpoint, no metrics; what was written is complete)."""
+  workdir = tmp_path / "run"
+  proc = start_main(smoke_args(workdir, digits_data_dir))
+  if when == "importing":
+    time.sleep(1.0)
+  else:  # config.json is written after the setup, before the state and the compiled steps.
+    wait_for(lambda: (workdir / "config.json").exists(), proc, what="the set-up")
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == train.PREEMPTED_EXIT_CODE, err[-3000:]
+  said = [line for line in err.splitlines() if "preempted" in line.lower()]
+  assert len(said) == 1 and "before the first training step" in said[0], err[-3000:]
+  assert "Traceback" not in err and "Stack trace" not in err and "*** " not in err, err[-3000:]
+  assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
+  assert read_metrics(workdir) == []
+  for name in ("config.json", "train_config.json"):
+    if (workdir / name).exists():
+      json.loads((workdir / name).read_text())
+
+
 # --------------------------------------------------------------------------- 2. hard kills
 
 
@@ -255,18 +279,28 @@ def test_checkpoint_restores_across_device_counts(tmp_path):
 
 def test_nan_stops_naming_the_step_and_never_saves_a_poisoned_checkpoint(
     digits_data_dir, tmp_path, monkeypatch):
-  """A NaN image at step 15 (a checkpoint step): stop, say where, keep step 10 as the last."""
-  from poolformer_jax import input_pipeline
+  """A NaN in step 15's input (a checkpoint step): stop, say where, keep step 10 as the last.
+
+  The host hands over uint8, which holds no NaN: the batch of step 15 carries a marker (a white
+  first image) that the device-side preprocessing turns into NaN."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from poolformer_jax import augment, input_pipeline  # pylint: disable=g-import-not-at-top
   real = input_pipeline.create_train_iterator
+  real_augment = augment.augment_batch
 
   def poisoned(*args, **kwargs):
     for i, batch in enumerate(real(*args, **kwargs), start=kwargs.get("start_step", 0) + 1):
       if i == 15:
         batch = {**batch, "image": batch["image"].copy()}
-        batch["image"][0, 0, 0, 0] = np.nan
+        batch["image"][0] = 255
       yield batch
 
+  def augment_with_nan(key, images, data_config):
+    out = real_augment(key, images, data_config)
+    return jnp.where(jnp.all(images[0] == 255), jnp.nan, out)
+
   monkeypatch.setattr(input_pipeline, "create_train_iterator", poisoned)
+  monkeypatch.setattr(augment, "augment_batch", augment_with_nan)
   config = load_config("demo.py:smoke")
   config.data.data_dir = digits_data_dir
   config.checkpoint_every_steps = 5

@@ -117,6 +117,19 @@ def test_multi_host_slice_compiles_over_every_device_and_process(v4_16_report):
   assert 2 < train["flops_per_image"] / ev["flops_per_image"] < 4.5
   assert r["fits"]
   assert r["recipe"]["steps"] == 40 and r["recipe"]["hours_bound"] > 0
+  # The on-device augmentation is part of the step: counted in it, and reported on its own.
+  aug = train["augmentation"]
+  assert 0 < aug["bytes_per_image"] < train["bytes_per_image"]
+  assert 0 < aug["flops_per_image"] < train["flops_per_image"]
+  # The host: a v4 TPU VM has 240 vCPUs for 4 chips.
+  host = r["host"]
+  assert (host["vcpus_per_host"], host["chips_per_host"]) == (240, 4)
+  assert host["images_per_s_per_vcpu_needed"] == pytest.approx(
+      train["img_per_s_per_chip_bound"] / 60)
+  assert host["input_bound_images_per_s_per_chip"] == pytest.approx(
+      60 * host["pipeline_images_per_s_per_vcpu"])
+  assert host["input_bound"] == (host["images_per_s_per_vcpu_needed"]
+                                 > host["pipeline_images_per_s_per_vcpu"])
 
 
 @needs_libtpu
@@ -139,15 +152,21 @@ def test_tpu_program_has_no_cpu_only_conditional():
 
 @needs_libtpu
 def test_compile_mode_prints_the_table_and_writes_json(tmp_path):
+  """Also what the host must deliver: a pipeline of 2 images/s per vCPU makes it input-bound,
+  and the recipe's time is then the hosts' (40 steps of 64 images at 2 x 60 per chip)."""
   out = main_py("--mode=compile", "--config=configs/demo.py:smoke", "--config.topology=v4-8",
-                f"--workdir={tmp_path}")
+                f"--workdir={tmp_path}", "--config.host_images_per_s_per_vcpu=2")
   assert out.returncode == 0, out.stderr[-3000:]
   assert "on v4-8: 4 TPU v4 chips, 1 host(s)" in out.stdout
   assert "| train | 16 |" in out.stdout and "| eval | 30 |" in out.stdout
   assert "https://cloud.google.com/tpu/docs/v4" in out.stdout
+  assert "a TPU VM has 240 vCPUs for 4 chips" in out.stdout
+  assert "INPUT-BOUND: the hosts feed at most 120 images/s per chip" in out.stdout
   report = json.loads((tmp_path / "compile_v4-8.json").read_text())
   assert report["topology"] == "v4-8" and report["chips"] == 4 and report["fits"]
   assert report["steps"]["train"]["bytes_per_image"] > 0
+  assert report["host"]["input_bound"]
+  assert report["recipe"]["train_hours_bound"] == pytest.approx(40 * 64 / (120 * 4) / 3600)
 
 
 @needs_libtpu
@@ -181,6 +200,20 @@ def test_without_libtpu_compile_mode_says_what_to_install(tmp_path):
   assert out.returncode == 1, out.stdout + out.stderr[-3000:]
   assert "error: compile mode needs libtpu" in out.stderr
   assert "pip install -r requirements-tpu.txt" in out.stderr
+
+
+@needs_libtpu
+def test_other_modes_leave_libtpu_alone_on_a_machine_without_a_tpu(digits_data_dir, tmp_path):
+  """With libtpu installed (for compile mode), eval on a machine without a TPU must not start
+  the TPU backend: libtpu would print its initialisation error dump first."""
+  if tpu_compile.machine_has_tpu():
+    pytest.skip("this machine has a TPU")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  out = main_py("--mode=eval", "--config=configs/demo.py:smoke", f"--workdir={tmp_path}",
+                f"--config.data.data_dir={digits_data_dir}", env=env)
+  assert out.returncode == 1 and "error: nothing to evaluate" in out.stderr, out.stderr[-3000:]
+  for libtpu_says in ("TPU_WORKER_HOSTNAMES", "TPU accelerator type", "libtpu_init"):
+    assert libtpu_says not in out.stderr, out.stderr[-3000:]
 
 
 def test_compile_mode_needs_a_topology(tmp_path):

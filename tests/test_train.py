@@ -35,6 +35,9 @@ def tiny_config(**overrides):
   c.cooldown_epochs = 0.0
   c.base_lr = 1e-3
   c.lr_base_batch_size = 16
+  # On-device RandAugment and erasing add ~15 s to each compile here: on only where tested.
+  c.data.randaugment = ""
+  c.data.random_erasing = 0.0
   for k, v in overrides.items():
     c[k] = v
   return c
@@ -47,7 +50,7 @@ def make_trainer(config, devices, num_classes=10):
 
 def random_batches(n, batch_size, size=32, num_classes=10, seed=0):
   rng = np.random.default_rng(seed)
-  return [{"image": rng.normal(size=(batch_size, size, size, 3)).astype(np.float32),
+  return [{"image": rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8),
            "label": rng.integers(0, num_classes, batch_size).astype(np.int32)}
           for _ in range(n)]
 
@@ -216,7 +219,9 @@ def test_mixup_off_returns_images_and_smoothed_targets():
 
 
 def test_sharded_step_equals_single_device_step():
-  """8-way data parallel == 1 device on the same global batch, Mixup and drop path included.
+  """8-way data parallel == 1 device on the same global batch, with the recipe's on-device
+  RandAugment, random erasing, Mixup and drop path (each sample's draws do not depend on the
+  sharding).
 
   Tolerance: the 8-way gradient is an all-reduce of partial sums, so float32 sums are added in
   another order (relative error ~1e-7 per op); after Adam's normalisation and 3 steps at lr 1e-3
@@ -224,6 +229,9 @@ def test_sharded_step_equals_single_device_step():
   """
   assert jax.device_count() == 8
   c = tiny_config(mixup_alpha=0.8, cutmix_alpha=1.0)
+  c.data.randaugment = train.default_config().data.randaugment
+  c.data.randaugment_on = "device"
+  c.data.random_erasing = 0.25
   c.model_overrides.drop_path_rate = 0.2
   batches = random_batches(3, 16)
   single = make_trainer(c, jax.devices()[:1])
@@ -400,7 +408,7 @@ def test_smoke_run_logs_evaluates_and_checkpoints(smoke_run):
 @SHARES_SMOKE_RUN
 def test_eval_mode_and_load_pretrained_read_the_run(smoke_run, tmp_path):
   import shutil
-  from poolformer_jax import hub, pretrained
+  from poolformer_jax import hub
   config, workdir, result = smoke_run
   # Evaluation reads the parameters only: it works without the optimizer state on disk.
   shutil.copytree(workdir, tmp_path / "run")
@@ -427,7 +435,7 @@ def test_rerun_of_a_finished_run_trains_nothing(smoke_run):
 @SHARES_SMOKE_RUN
 def test_init_from_a_run_with_another_head(smoke_run, tmp_path, caplog):
   """Fine-tuning: a 3-class model starts from the 10-class run; only the head is new."""
-  from poolformer_jax import hub, pretrained
+  from poolformer_jax import pretrained
   _, workdir, _ = smoke_run
   config = tiny_config(init_from=workdir)
   config.model_overrides.widths = (16, 32, 48, 64)  # The smoke run's.
