@@ -84,6 +84,22 @@ def count_compiles():
     logging.getLogger("jax").removeHandler(handler)
 
 
+@contextlib.contextmanager
+def main_flags(*args):
+  """main.py with its flags parsed in this process (`args` after the program name), unparsed
+  afterwards. Unparsing sets absl's logger to WARNING (its verbosity flag's default), which
+  would hide INFO records from the tests that run after on the same worker: it is restored."""
+  import main  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  level = absl_logging.get_absl_logger().level
+  try:
+    main.FLAGS(["main.py", *args])
+    yield main
+  finally:
+    main.FLAGS.unparse_flags()
+    absl_logging.get_absl_logger().setLevel(level)
+
+
 def count_primitive(jaxpr, primitive) -> int:
   """Equations of `primitive` in `jaxpr`, nested jaxprs (jit, scan, remat, ...) included."""
   from jax.extend import core  # pylint: disable=g-import-not-at-top

@@ -270,7 +270,7 @@ def _fails(capsys, tmp_path, *argv, match):
 def test_not_a_checkpoint(tmp_path, capsys):
   bad = tmp_path / "notes.pth"
   bad.write_text("these are not weights\n" * 10)
-  _fails(capsys, tmp_path, bad, match="could not load")
+  _fails(capsys, tmp_path, bad, match="is not a PyTorch checkpoint")
 
 
 class _RunsCode:

@@ -22,6 +22,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 skimage_data = pytest.importorskip("skimage.data")
 
+from conftest import main_flags  # noqa: E402
 import helpers_torch as H  # noqa: E402
 from local_hub import LocalHub  # noqa: E402
 import poolformer_jax as pj  # noqa: E402
@@ -152,12 +153,8 @@ def test_a_wrong_name_lists_the_closest(capsys):
     pj.load_pretrained("caformer_s18.sail_in1k_385")
   with pytest.raises(errors.ConfigError, match="closest: caformer_s18"):
     pj.create_model("cafromer_s18", pretrained=True)
-  import main
-  try:
-    main.FLAGS(["main.py", "--mode=predict", "--checkpoint=convformer_s18.sail_in22k_ft"])
+  with main_flags("--mode=predict", "--checkpoint=convformer_s18.sail_in22k_ft") as main:
     assert main.main(["main.py", "photo.jpg"]) == 1
-  finally:
-    main.FLAGS.unparse_flags()
   err = capsys.readouterr().err.strip()
   assert err.count("\n") == 0 and err.startswith("error: ") and "Traceback" not in err
   assert "convformer_s18.sail_in22k_ft_in1k" in err, err

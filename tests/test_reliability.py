@@ -359,11 +359,10 @@ def test_bad_configs_fail_fast_with_one_clear_line(digits_data_dir, tmp_path):
 def test_only_our_own_errors_become_one_line(tmp_path, monkeypatch, capsys):
   """main.py prints the project's errors as one `error:` line; any other exception is a bug
   and keeps its traceback."""
-  import main
+  from conftest import main_flags
   from poolformer_jax import hub
   image = tmp_path / "x.png"
-  try:
-    main.FLAGS(["main.py", "--mode=predict", f"--checkpoint={tmp_path / 'missing'}"])
+  with main_flags("--mode=predict", f"--checkpoint={tmp_path / 'missing'}") as main:
     assert main.main(["main.py", str(image)]) == 1  # Ours: no such model directory.
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "missing" in err and "Traceback" not in err
@@ -374,8 +373,6 @@ def test_only_our_own_errors_become_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(hub, "load_pretrained", bug)
     with pytest.raises(ValueError, match="an internal bug"):
       main.main(["main.py", str(image)])
-  finally:
-    main.FLAGS.unparse_flags()
 
 
 # --------------------------------------------------------------------------- 7. garbage input
