@@ -20,40 +20,7 @@ from absl import logging
 from etils import epath
 import jax
 
-# Peak dense bf16 FLOP/s per chip, for MFU. Chips not listed (CPUs) report mfu = None.
-PEAK_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,  # v5e
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,  # v6e (Trillium)
-    "TPU v6e": 918e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,
-    "NVIDIA A100": 312e12,
-}
-
-
-def peak_flops(device) -> float | None:
-  kind = getattr(device, "device_kind", "")
-  for prefix, flops in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
-    if kind.startswith(prefix):
-      return flops
-  return None
-
-
-def step_flops(compiled) -> float | None:
-  """FLOPs of one call of a compiled function on one device, from XLA's cost analysis."""
-  try:
-    cost = compiled.cost_analysis()
-  except Exception:  # Not every backend implements it.  pylint: disable=broad-except
-    return None
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  flops = (cost or {}).get("flops")
-  return float(flops) if flops and flops > 0 else None
-
+from poolformer_jax import measure
 
 class MetricWriter:
   """Appends records to metrics.jsonl and TensorBoard (process 0 only)."""
@@ -164,15 +131,8 @@ def format_progress(step: int, total: int, record: dict) -> str:
     parts.append(f"{record['step_time'] * 1e3:.0f} ms/step")
     if record.get("mfu") is not None:
       parts.append(f"MFU {100 * record['mfu']:.1f}%")
-    parts.append(f"ETA {_duration(record['eta_s'])}")
+    parts.append(f"ETA {measure.duration(record['eta_s'])}")
   return " | ".join(parts)
-
-
-def _duration(seconds: float) -> str:
-  seconds = int(seconds)
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 def log(message: str) -> None:

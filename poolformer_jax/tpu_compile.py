@@ -24,47 +24,13 @@ import json
 import math
 import os
 import re
-import time
 
 from etils import epath  # An Orbax dependency: local and gs:// paths alike.
 import jax
 
+from poolformer_jax import chips as chips_lib
 from poolformer_jax import errors
-
-# The figures below are per chip. v4 and v5p chips hold two TensorCores that JAX drives as one
-# device ("megacore"); v5e and v6e chips have one. Either way: one JAX device per chip.
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  """One TPU generation's per-chip peak figures and its TPU VM, as Google publishes them."""
-
-  name: str
-  device_kind: str  # What JAX's devices call it.
-  peak_flops: float  # Dense bfloat16 FLOP/s.
-  hbm_bandwidth: float  # Bytes/s.
-  hbm_bytes: float
-  source: str
-  host_vcpus: int  # vCPUs of the TPU VM of a full host...
-  host_chips: int  # ...which holds this many chips.
-
-  @property
-  def vcpus_per_chip(self) -> float:
-    return self.host_vcpus / self.host_chips
-
-
-GiB = 2**30
-_DOCS = "https://cloud.google.com/tpu/docs/"
-# HBM as the docs give it ("16 GB" is 16 GiB of HBM2). XLA refuses to compile a program that
-# needs more than it can use, a little less (e.g. 15.75 GiB of a v5e's 16). The TPU VM of each
-# generation (vCPUs, chips) from the same page's VM / host properties: v4 240 vCPUs and 4 chips,
-# v5e 224 and 8 (ct5lp-hightpu-8t), v5p 208 and 4, v6e 180 and 8 (ct6e-standard-8t).
-CHIPS = {
-    "v4": Chip("TPU v4", "TPU v4", 275e12, 1200e9, 32 * GiB, _DOCS + "v4", 240, 4),
-    "v5e": Chip("TPU v5e", "TPU v5 lite", 197e12, 819e9, 16 * GiB, _DOCS + "v5e", 224, 8),
-    "v5p": Chip("TPU v5p", "TPU v5", 459e12, 2765e9, 95 * GiB, _DOCS + "v5p", 208, 4),
-    "v6e": Chip("TPU v6e", "TPU v6 lite", 918e12, 1638e9, 32 * GiB, _DOCS + "v6e", 180, 8),
-}
+from poolformer_jax import measure
 
 # The host pipeline's training images/s on one vCPU: benchmarks/pipeline.py's
 # create_train_iterator figure with the recipe's settings, RandAugment on the host
@@ -94,8 +60,8 @@ class Topology:
   host_shape: tuple[int, int, int]  # Chips per host along each axis.
 
   @property
-  def chip(self) -> Chip:
-    return CHIPS[self.generation]
+  def chip(self) -> chips_lib.Chip:
+    return chips_lib.CHIPS[self.generation]
 
   @property
   def num_chips(self) -> int:
@@ -194,16 +160,15 @@ KNOWN_DATASETS = {  # name: (classes, train examples, eval examples of the defau
 }
 
 
-def _step_report(compiled, *, images_per_chip: int, repeats: int, chip: Chip,
+def _step_report(compiled, *, images_per_chip: int, repeats: int, chip: chips_lib.Chip,
                  compile_s: float) -> dict:
   """Memory and cost of one compiled step per chip; `repeats` micro-batches per step."""
   memory = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  cost = measure.program_cost(compiled, loop_trips=repeats)
   peak = memory.peak_memory_in_bytes or (
       memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
       + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
-  flops, nbytes = float(cost["flops"]) * repeats, float(cost["bytes accessed"]) * repeats
+  flops, nbytes = cost.flops, cost.bytes_accessed
   compute_s, memory_s = flops / chip.peak_flops, nbytes / chip.hbm_bandwidth
   step_s = max(compute_s, memory_s)
   images = images_per_chip * repeats
@@ -219,12 +184,6 @@ def _step_report(compiled, *, images_per_chip: int, repeats: int, chip: Chip,
       "img_per_s_per_chip_bound": images / step_s,
       "compile_s": round(compile_s, 1),
   }
-
-
-def _timed(fn):
-  t0 = time.perf_counter()
-  out = fn()
-  return out, time.perf_counter() - t0
 
 
 def _hosts(devices) -> set[tuple[int, int]]:
@@ -290,8 +249,8 @@ def compile_report(config) -> dict:
         "(parameters and optimizer state sharded), remat=True (activations recomputed)")
 
   try:
-    train_step, train_s = _timed(trainer.compile_train_step)
-    eval_step, eval_s = _timed(trainer.compile_eval_step)
+    train_step, train_s = measure.stopwatch(trainer.compile_train_step)
+    eval_step, eval_s = measure.stopwatch(trainer.compile_eval_step)
   except Exception as e:  # pylint: disable=broad-except
     verdict = _xla_out_of_memory(e)
     if verdict is None:
@@ -336,7 +295,8 @@ def compile_report(config) -> dict:
       "recipe": _recipe(config, total_steps, steps_per_epoch, eval_examples, steps, host, n),
   }
   if not report["fits"]:
-    raise does_not_fit(f"{peak / GiB:.1f} GiB of HBM per chip", f"{chip.hbm_bytes / GiB:.1f} GiB")
+    raise does_not_fit(f"{peak / chips_lib.GiB:.1f} GiB of HBM per chip",
+                       f"{chip.hbm_bytes / chips_lib.GiB:.1f} GiB")
   return report
 
 
@@ -352,13 +312,11 @@ def _augmentation_report(trainer, images_per_chip: int) -> dict:
   key = jax.eval_shape(lambda: jax.random.key(0))
   compiled = jax.jit(lambda k, x: augment.augment_batch(k, x, trainer.config.data),
                      out_shardings=trainer.batch_sharding).lower(key, images).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return {"bytes_per_image": float(cost.get("bytes accessed", 0.0)) / images_per_chip,
-          "flops_per_image": float(cost.get("flops", 0.0)) / images_per_chip}
+  cost = measure.program_cost(compiled).per(images_per_chip)
+  return {"bytes_per_image": cost.bytes_accessed or 0.0, "flops_per_image": cost.flops or 0.0}
 
 
-def _host_report(chip: Chip, train: dict, measured: float) -> dict:
+def _host_report(chip: chips_lib.Chip, train: dict, measured: float) -> dict:
   """What the roofline asks of each host vCPU, against what this pipeline delivers per vCPU."""
   needed = train["img_per_s_per_chip_bound"] / chip.vcpus_per_chip
   return {
@@ -410,13 +368,7 @@ def _si(x: float, unit: str) -> str:
 
 
 def _binary(n: float) -> str:
-  return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / 2**20:.0f} MiB"
-
-
-def _duration(hours: float) -> str:
-  if hours >= 1:
-    return f"{hours:.1f} h"
-  return f"{hours * 60:.1f} min" if hours * 60 >= 1 else f"{hours * 3600:.1f} s"
+  return f"{n / chips_lib.GiB:.1f} GiB" if n >= chips_lib.GiB else f"{n / 2**20:.0f} MiB"
 
 
 def format_report(r: dict) -> str:
@@ -470,9 +422,9 @@ def format_report(r: dict) -> str:
   if rec["hours_bound"] is not None:
     epochs = f"{rec['epochs']:.1f} epochs, " if rec["epochs"] else ""
     lines.append(f"recipe ({epochs}{rec['steps']:,} steps of {r['batch_size']}): at least "
-                 f"{_duration(rec['hours_bound'])} on this slice "
-                 f"({_duration(rec['train_hours_bound'])} training + "
-                 f"{_duration(rec['eval_hours_bound'])} evaluation, every step at its "
+                 f"{measure.duration(3600 * rec['hours_bound'])} on this slice "
+                 f"({measure.duration(3600 * rec['train_hours_bound'])} training + "
+                 f"{measure.duration(3600 * rec['eval_hours_bound'])} evaluation, every step at its "
                  + ("input-bound rate)" if host and host["input_bound"] else "roofline bound)"))
   else:
     lines.append("recipe time: unknown (the epoch size of this dataset is not known here; "

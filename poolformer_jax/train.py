@@ -44,8 +44,10 @@ import optax
 
 from poolformer_jax import augment
 from poolformer_jax import checkpointing
+from poolformer_jax import chips
 from poolformer_jax import cpu_tuning
 from poolformer_jax import hub
+from poolformer_jax import measure
 from poolformer_jax import metrics as metrics_lib
 from poolformer_jax import mixup
 from poolformer_jax import model as model_lib
@@ -389,8 +391,8 @@ class Trainer:
     """FLOPs of one train step per device. XLA's cost analysis counts the micro-batch loop's
     body once: a step runs it grad_accum_steps times (the optimizer update, ~1% of a step,
     is then counted that many times too, as compile mode does)."""
-    flops = metrics_lib.step_flops(compiled_train_step)
-    return flops and flops * self.config.grad_accum_steps
+    return measure.program_cost(compiled_train_step,
+                                loop_trips=self.config.grad_accum_steps).flops
 
   def compile_train_step(self):
     """The AOT-compiled step: (state, batch) -> (state, metrics), state donated."""
@@ -669,7 +671,7 @@ def _train_and_evaluate(config, workdir: str, sigterm: _SigtermFlag) -> dict:
                   + (f" ({flops / 1e9:.1f} GFLOP per step per device)" if flops else ""))
   throughput = metrics_lib.Throughput(
       batch_size=config.batch_size, num_devices=jax.device_count(), total_steps=total,
-      flops_per_step=flops, peak=metrics_lib.peak_flops(jax.devices()[0]))
+      flops_per_step=flops, peak=chips.peak_flops(jax.devices()[0]))
 
   def save(step):
     ckpt.save(step, state.checkpoint_items(),

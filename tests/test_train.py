@@ -298,10 +298,11 @@ def test_state_is_donated_and_flops_come_from_xla():
   old_kernel = state.params["head"]["kernel"]
   state, _ = step(state, batch)
   assert old_kernel.is_deleted()  # Updated in place: no second copy of the state.
-  flops = {16: train.metrics_lib.step_flops(step)}
+  flops = {16: train.measure.program_cost(step).flops}
   for b in (32, 64):
     c.batch_size = b
-    flops[b] = train.metrics_lib.step_flops(make_trainer(c, jax.devices()).compile_train_step())
+    flops[b] = train.measure.program_cost(
+        make_trainer(c, jax.devices()).compile_train_step()).flops
   # Affine in the batch: per-image work plus a fixed part (the optimizer update, the weight
   # gradients' epilogues).
   assert flops[16] > 0

@@ -1,0 +1,104 @@
+"""The one cost reader, stopwatch and duration format, and the one chip table."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from poolformer_jax import chips
+from poolformer_jax import measure
+from poolformer_jax import metrics
+from poolformer_jax import tpu_compile
+from poolformer_jax import train
+
+
+class Stage:
+  """Stands in for a Lowered or Compiled stage with a given cost_analysis() answer."""
+
+  def __init__(self, answer):
+    self.answer = answer
+
+  def cost_analysis(self):
+    if isinstance(self.answer, Exception):
+      raise self.answer
+    return self.answer
+
+
+@pytest.mark.parametrize("answer", [
+    {"flops": 6.0, "bytes accessed": 10.0},
+    [{"flops": 6.0, "bytes accessed": 10.0}],  # Some versions: one dict per program.
+    ({"flops": 6.0, "bytes accessed": 10.0},),
+])
+def test_cost_reads_the_dict_and_the_list_forms(answer):
+  assert measure.program_cost(Stage(answer)) == measure.Cost(flops=6.0, bytes_accessed=10.0)
+  # A loop that runs its body 3 times: XLA counted the body once.
+  assert measure.program_cost(Stage(answer), loop_trips=3) == measure.Cost(18.0, 30.0)
+  assert measure.program_cost(Stage(answer)).per(2) == measure.Cost(3.0, 5.0)
+
+
+@pytest.mark.parametrize("answer", [None, [], {}, {"flops": -1.0}, NotImplementedError("no")])
+def test_cost_is_none_where_the_backend_has_none(answer):
+  assert measure.program_cost(Stage(answer), loop_trips=4) == measure.Cost(None, None)
+  assert measure.program_cost(Stage(answer)).per(8) == measure.Cost(None, None)
+
+
+def test_cost_of_a_real_program_lowered_and_compiled():
+  f = jax.jit(lambda a, b: a @ b)
+  x = jax.ShapeDtypeStruct((64, 32), jnp.float32)
+  y = jax.ShapeDtypeStruct((32, 16), jnp.float32)
+  lowered = f.lower(x, y)
+  for stage in (lowered, lowered.compile()):
+    cost = measure.program_cost(stage)
+    assert cost.flops == pytest.approx(2 * 64 * 32 * 16, rel=0.01)
+    assert cost.bytes_accessed > 0
+
+
+def test_stopwatch_and_duration():
+  out, seconds = measure.stopwatch(lambda: 7)
+  assert out == 7 and 0 <= seconds < 1
+  assert measure.duration(25.7) == "0m25s"  # The trainer's ETA, as the README shows it.
+  assert measure.duration(3 * 3600 + 7 * 60 + 5) == "3h07m"
+  assert measure.duration(100 * 3600) == "100h00m"
+  assert metrics.format_progress(10, 20, {"img/s/chip": 5.0, "step_time": 0.2, "eta_s": 125,
+                                          "mfu": None}).endswith("ETA 2m05s")
+
+
+class Device:
+  def __init__(self, kind):
+    self.device_kind = kind
+
+
+def test_one_chip_table_for_mfu_compile_mode_and_the_benchmarks():
+  # No second table left beside it.
+  assert not hasattr(metrics, "PEAK_FLOPS") and not hasattr(metrics, "peak_flops")
+  assert not hasattr(tpu_compile, "CHIPS") and not hasattr(tpu_compile, "Chip")
+  for generation in ("v4", "v5e", "v5p", "v6e"):
+    topology = tpu_compile.parse_topology(f"{generation}-8")
+    chip = topology.chip
+    assert chip is chips.CHIPS[generation]  # Compile mode's roofline.
+    assert chips.chip_of(Device(chip.device_kind)) is chip  # MFU, as the trainer looks it up.
+    assert chips.peak_flops(Device(chip.device_kind)) == chip.peak_flops
+    assert chip.vcpus_per_chip > 0 and chip.source.startswith("https://")
+  # The longest prefix wins: "TPU v5 lite" is a v5e, "TPU v5" a v5p.
+  assert chips.chip_of(Device("TPU v5 lite")) is chips.CHIPS["v5e"]
+  assert chips.chip_of(Device("TPU v5")) is chips.CHIPS["v5p"]
+  h100 = chips.chip_of(Device("NVIDIA H100 80GB HBM3"))
+  assert (h100.peak_flops, h100.hbm_bandwidth, h100.hbm_bytes) == (989e12, 3.35e12, 80e9)
+  h200 = chips.chip_of(Device("NVIDIA H200"))
+  assert (h200.hbm_bandwidth, h200.hbm_bytes) == (4.8e12, 141e9)
+  assert chips.chip_of(Device("NVIDIA A100-SXM4-80GB")).hbm_bandwidth == 2.039e12
+  assert chips.chip_of(Device("cpu")) is None and chips.peak_flops(Device("cpu")) is None
+  assert chips.chip_of(Device("NVIDIA H100")).vcpus_per_chip is None
+
+
+def test_the_trainer_counts_every_micro_batch_through_the_one_reader(monkeypatch):
+  seen = []
+
+  def fake_cost(stage, loop_trips=1):
+    seen.append(loop_trips)
+    return measure.Cost(flops=10.0 * loop_trips, bytes_accessed=None)
+
+  monkeypatch.setattr(measure, "program_cost", fake_cost)
+  trainer = type("T", (), {"config": type("C", (), {"grad_accum_steps": 4})()})()
+  assert train.Trainer.step_flops(trainer, object()) == 40.0 and seen == [4]
