@@ -127,8 +127,8 @@ def test_part_skipped_by_the_time_budget_is_recorded(gb, tmp_path, monkeypatch):
   for var in ("XLA_PYTHON_CLIENT_PREALLOCATE", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
     monkeypatch.delenv(var, raising=False)  # main() sets them; monkeypatch restores them.
   monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-  budget = gb.Budget
-  monkeypatch.setattr(gb, "Budget", lambda seconds: budget(seconds, clock=FakeClock(10.0)))
+  budget = gb.harness.Budget
+  monkeypatch.setattr(gb.harness, "Budget", lambda seconds: budget(seconds, clock=FakeClock(10.0)))
   out = tmp_path / "r.json"
   gb.main(["--tiny", "--variants", "poolformer_s12", "--modes", "training",
            "--time-budget-s", "5", "--out", str(out)])
@@ -136,7 +136,7 @@ def test_part_skipped_by_the_time_budget_is_recorded(gb, tmp_path, monkeypatch):
   assert r["complete"] and len(r["runs"]) == 1
   assert r["runs"][0]["skipped"].startswith("time budget:")
   assert [(t["value"], t["met"]) for t in r["targets"]] == [(None, None), (None, None)]
-  assert "skipped: time budget" in gb.table(r)
+  assert "skipped: time budget" in gb.harness.table(r)
   assert (tmp_path / "r.png").exists()
 
 
@@ -159,11 +159,9 @@ class FakeClock:
 def test_flops_per_image_at_224_are_twice_the_papers_macs(gb, variant, paper_gmacs):
   """The numerator of MFU: XLA's count of our lowered forward against the paper's MACs."""
   import jax  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-  import benchmark  # pylint: disable=g-import-not-at-top
-  forward, state = benchmark.make_forward(gb.random_ours(variant, "bfloat16", {}))
+  forward, state = gb.harness.make_forward(gb.harness.random_ours(variant, "bfloat16", {}))
   lowered = forward.lower(state, jax.ShapeDtypeStruct((2, 224, 224, 3), np.float32))
-  work = gb.work_per_image(lowered, None, batch=2)
+  work = gb.harness.work_per_image(lowered, None, batch=2)
   assert work["flops_source"] == "lowered"
   # The paper rounds to 0.1 GMACs; norms, pooling and GELU add about 1% on top.
   assert work["flops_per_image"] / (2e9 * paper_gmacs) == pytest.approx(1.0, abs=0.03)
@@ -171,30 +169,30 @@ def test_flops_per_image_at_224_are_twice_the_papers_macs(gb, variant, paper_gma
 
 def test_budget_scales_what_was_measured_by_depth(gb):
   clock = FakeClock(0.0)
-  budget = gb.Budget(100, clock=clock)
+  budget = gb.harness.Budget(100, clock=clock)
   assert budget.estimate("torch_compile_training", 36) == 0.0  # Never measured: no estimate.
   budget.record("torch_compile_training", 30.0, blocks=12)
   assert budget.estimate("torch_compile_training", 36) == pytest.approx(90.0)
-  assert budget.fits(80.0) == (True, pytest.approx(80.0 * gb.SAFETY))
+  assert budget.fits(80.0) == (True, pytest.approx(80.0 * gb.harness.SAFETY))
   clock.now = 20.0
   assert budget.fits(80.0)[0] is False  # 20 + 88 > 100
   assert budget.left() == pytest.approx(80.0)
-  assert gb.Budget(0, clock=clock).fits(1e9)[0] is True  # 0: no limit.
+  assert gb.harness.Budget(0, clock=clock).fits(1e9)[0] is True  # 0: no limit.
 
 
 def test_an_expired_budget_skips_torch_compile_and_keeps_the_others(gb):
   args = gb.parse_args(["--tiny", "--out", os.devnull])
-  budget = gb.Budget(1, clock=FakeClock(10.0))
+  budget = gb.harness.Budget(1, clock=FakeClock(10.0))
   run, steps = {"mode": "inference", "contenders": {}}, {"ours": object()}
   variant = type("V", (), {"blocks": 12})()
-  gb.add_torch_compile(None, None, None, variant, args, budget, run, steps)
+  gb.harness.add_torch_compile(None, None, None, variant, args, budget, run, steps)
   assert run["contenders"]["torch_compile"]["skipped"].startswith("time budget: about 0 s")
   assert list(steps) == ["ours"]
 
 
 def test_plan_runs_what_the_targets_need_first(gb):
   args = gb.parse_args(["--out", os.devnull])
-  assert gb.plan(args) == [
+  assert gb.harness.plan(args) == [
       ("poolformer_s12", "inference", 256), ("poolformer_s12", "training", 256),
       ("poolformer_m36", "inference", 256), ("poolformer_m36", "training", 256),
       ("poolformer_s12", "inference", 1024), ("poolformer_m36", "inference", 1024)]
@@ -230,3 +228,50 @@ def test_summary_derives_mfu_bounds_ratios_and_targets(gb):
       (pytest.approx(1.5), True),        # training >= 1.3x torch.compile
       (pytest.approx(0.75), False),      # inference >= 1.0x torch.compile at batch 256
       (pytest.approx(12000.0), True)]    # S12 training >= 10k images/s
+
+
+# --------------------------------------------------------------------------- the CPU script
+
+CPU_ROW_FIELDS = {"batch", "gflop_per_image", "ours_compile_s", "ours_images_per_s", "ours_raw_s",
+                  "torch_eager_images_per_s", "torch_eager_raw_s"}
+CPU_INFERENCE_FIELDS = CPU_ROW_FIELDS | {"ours_first_call_s", "ours_trace_s",
+                                         "max_abs_logit_diff_vs_torch"}
+CPU_MEMORY_FIELDS = {"contender", "mode", "batch", "rss_after_warmup_mb", "rss_after_trim_mb",
+                     "peak_rss_mb"}
+
+
+@pytest.mark.slow
+def test_cpu_benchmark_writes_the_fields_of_its_committed_results(tmp_path):
+  """benchmarks/benchmark.py at a tiny size: the JSON has every field of the committed CPU
+  results (benchmarks/results/cpu_2core_s12_f32.json), through the same harness as the GPU's."""
+  out = tmp_path / "cpu.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  proc = subprocess.run(
+      [sys.executable, "benchmarks/benchmark.py", "--variant", "poolformer_s12",
+       "--batch-sizes", "2", "--train-batch-size", "2", "--image-size", "32", "--repeats", "2",
+       "--warmup", "1", "--no-torch-compile", "--system-malloc", "--out", str(out)],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+  assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+  r = json.loads(out.read_text())
+  committed = json.loads(open(os.path.join(REPO, "benchmarks", "results",
+                                           "cpu_2core_s12_f32.json")).read())
+  for key in set(committed) - {"input_pipeline"}:  # The pipeline has its own benchmark now.
+    assert key in r, key
+  for key in ("devices", "versions"):
+    assert set(committed[key]) <= set(r[key]), key
+  assert set(r["matmul_peak_gflops"]) == {"xla", "torch"}
+  (infer,), train = r["inference"], r["training"]
+  assert CPU_INFERENCE_FIELDS <= set(infer) and CPU_ROW_FIELDS <= set(train)
+  assert infer["gflop_per_image"] > 0 and train["gflop_per_image"] > infer["gflop_per_image"]
+  assert infer["max_abs_logit_diff_vs_torch"] < 1e-3  # float32, the same weights.
+  assert len(infer["ours_raw_s"]) == len(train["torch_eager_raw_s"]) == 2
+  assert [(m["contender"], m["mode"]) for m in r["memory"]] == [
+      ("ours", "infer"), ("torch_eager", "infer"), ("ours", "train"), ("torch_eager", "train")]
+  for m in r["memory"]:
+    assert CPU_MEMORY_FIELDS <= set(m) and m["peak_rss_mb"] > 0, m
+    if m["contender"] == "ours":
+      assert set(m["xla_memory_analysis_mb"]) == set(
+          committed["memory"][0]["xla_memory_analysis_mb"]) and m["xla_total_mb"] > 0
+  assert (tmp_path / "cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert "poolformer_s12 infer b2 img/s" in proc.stdout  # The table.
