@@ -9,8 +9,8 @@ block is near the identity):
   * inference images/s: our jitted forward vs PyTorch eager (inference_mode) vs torch.compile;
   * training-step images/s (forward + backward + AdamW, softmax cross-entropy, stochastic depth
     at the variant's rate in both): ours vs PyTorch eager;
-  * first-call time (trace + compile + one run) of our jit and of torch.compile (inductor's
-    on-disk caches disabled, so it is a cold compile like ours);
+  * first-call time (trace + compile + one run) of our jit and of torch.compile (a fresh
+    inductor cache, so it is a cold compile like ours);
   * peak memory, measured the same way for every framework in a fresh subprocess each: on CPU
     the process's resident-set high-water mark over three steps (VmHWM, reset through
     /proc/self/clear_refs after two warm-up steps and a malloc_trim) minus its RSS before the
@@ -24,11 +24,9 @@ The process runs with glibc's malloc huge-page tunable, as main.py does (both fr
 share the process, so both get it; see poolformer_jax.cpu_tuning); --system-malloc runs
 without it.
 
-Timings are taken in ONE process, interleaved (A B C A B C ...) after warm-up, and reported as
-medians with ratios, so a noisy neighbour slows every contender alike: the measuring is
-benchmarks/harness.py's, shared with the GPU benchmark (gpu_benchmark.py). The device kind and count
-come from jax.devices(); PyTorch runs on CUDA when available, else on the CPU. Writes a JSON file
-and a PNG plot next to it, and prints a table.
+Timings (benchmarks/harness.py, as the GPU benchmark's): one process, interleaved, medians
+with ratios. The device kind and count come from jax.devices(); PyTorch runs on CUDA when
+available, else on the CPU. Writes a JSON file and a PNG plot next to it, and prints a table.
 """
 
 from __future__ import annotations
@@ -149,8 +147,9 @@ def bench_memory(args, results):
     rec = json.loads(line[0].split(" ", 1)[1])
     results["memory"].append(rec)
     for run in results["runs"]:
-      if (run["mode"][:5], run["batch"]) == (mode, rec["batch"]) and what in run["contenders"]:
-        run["contenders"][what].setdefault("memory", {})["peak_rss_mb"] = rec["peak_rss_mb"]
+      c = run["contenders"].get(what)
+      if (run["mode"][:5], run["batch"]) == (mode, rec["batch"]) and c is not None:
+        c["memory"] = {**(c.get("memory") or {}), "peak_rss_mb": rec["peak_rss_mb"]}
     print(f"  memory {what} {mode} batch {rec['batch']}: peak RSS +{rec['peak_rss_mb']:.0f} MB"
           + (f", XLA buffers {rec['xla_total_mb']:.0f} MB" if "xla_total_mb" in rec else ""),
           flush=True)

@@ -15,12 +15,12 @@ import argparse
 import io
 import os
 import tempfile
-import time
 
 import numpy as np
 from PIL import Image
 
 from poolformer_jax import input_pipeline
+from poolformer_jax import measure
 from poolformer_jax import train
 
 
@@ -51,9 +51,7 @@ def main():
     cfg.dataset, cfg.folder = "folder", root
     cfg.manifest_dir = os.path.join(tmp, "manifest")
     for what in ("scan (list + decode all + write manifest)", "reuse (read manifest)"):
-      t0 = time.perf_counter()
-      input_pipeline.check_folder(cfg, ["train"])
-      seconds = time.perf_counter() - t0
+      seconds = measure.stopwatch(lambda: input_pipeline.check_folder(cfg, ["train"]))[1]
       print(f"{what}: {args.files} files ({mb:.1f} MB, {args.size}x{args.size} JPEG) in "
             f"{seconds:.2f} s = {args.files / seconds:,.0f} files/s on {os.cpu_count()} CPU cores")
 

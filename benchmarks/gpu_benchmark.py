@@ -3,8 +3,7 @@ r"""bf16 speed of PoolFormer S12 and M36 on one GPU against PyTorch, side by sid
   python benchmarks/gpu_benchmark.py --out results/gpu.json --time-budget-s 420
   JAX_PLATFORMS=cpu python benchmarks/gpu_benchmark.py --tiny --out /tmp/dry.json  # CPU dry run
 
-`benchmarks/gpu_run.sh` wraps it for a machine with one GPU (wheels, environment, log). The
-measuring is benchmarks/harness.py's, shared with the CPU benchmark (benchmark.py).
+`benchmarks/gpu_run.sh` wraps it for a machine with one GPU (wheels, environment, log).
 
 For each variant (default S12 and M36, 224x224, bfloat16 compute, float32 weights):
   * training images/s of the trainer's own compiled step (poolformer_jax.train.Trainer with the
@@ -18,9 +17,8 @@ CUDA, cuDNN autotuning on). The weights are the same (ours, every parameter rand
 is near the identity, copied to PyTorch through poolformer_jax.convert); each contender's logits
 are compared with PyTorch's float32 (TF32 off) on the same batch.
 
-Timings: after warm-up, medians of interleaved samples (A B C A B C ...), each sample a few
-calls back to back then one wait for the device, so launches overlap as in a real loop. Also
-recorded per contender: first-call / compile time, peak device memory (ours: the compiled
+Timings (benchmarks/harness.py): each sample a few calls back to back then one wait for the
+device, so launches overlap as in a real loop. Also recorded per contender: first-call / compile time, peak device memory (ours: the compiled
 executable's memory_analysis() and the device's peak bytes in use, a process-wide high-water
 mark; PyTorch: torch.cuda.max_memory_allocated, reset per contender), MFU against the chip's
 dense bf16 peak (poolformer_jax.chips) with FLOPs from XLA's cost analysis of the

@@ -78,9 +78,6 @@ def prepare_environment():
   os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(cache, "triton"))
 
 
-# ---------------------------------------------------------------------------
-# Models and steps.
-# ---------------------------------------------------------------------------
 
 
 def jax_dtype(name):
@@ -193,11 +190,8 @@ def torch_sync(device):
 
 
 def torch_autocast(dtype, device):
-  import contextlib  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  if dtype == "float32":
-    return contextlib.nullcontext()
-  return torch.autocast(device.type, dtype=torch.bfloat16)
+  return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype != "float32")
 
 
 def torch_infer_step(model, x, dtype, device):
@@ -274,9 +268,6 @@ class Variant:
       self.torch = self.torch.to(memory_format=torch.channels_last)
 
 
-# ---------------------------------------------------------------------------
-# Measuring.
-# ---------------------------------------------------------------------------
 
 
 class Budget:
@@ -400,8 +391,8 @@ def xla_memory(compiled) -> dict | None:
   """The compiled program's buffers (MB): what one call needs on the device."""
   try:
     ma = compiled.memory_analysis()
-  except Exception:  # pylint: disable=broad-except
-    return None
+  except Exception:  # Not every backend has it.  pylint: disable=broad-except
+    ma = None
   if ma is None:
     return None
   fields = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
@@ -414,13 +405,11 @@ def xla_memory(compiled) -> dict | None:
 def jax_device_memory(device) -> dict | None:
   """The device allocator's counters (MB); the peak is a high-water mark of the whole process."""
   try:
-    stats = device.memory_stats()
-  except Exception:  # pylint: disable=broad-except
-    return None
-  if not stats:
-    return None
+    stats = device.memory_stats() or {}
+  except Exception:  # Not every backend counts.  pylint: disable=broad-except
+    stats = {}
   return {k.replace("bytes", "mb"): stats[k] / 2**20
-          for k in ("peak_bytes_in_use", "bytes_in_use", "bytes_limit") if k in stats}
+          for k in ("peak_bytes_in_use", "bytes_in_use", "bytes_limit") if k in stats} or None
 
 
 def torch_peak_memory(fn, device) -> dict | None:
@@ -449,29 +438,26 @@ def logit_error(logits, ref) -> dict:
 def torch_float32_logits(model, xt) -> tuple[np.ndarray, str]:
   """The PyTorch model in float32 with TF32 off: the reference every contender is read against.
 
-  Returns the logits and how they were computed (TF32 is switched through PyTorch's
-  long-standing flags; should a version refuse them, the reference says so).
+  Returns the logits and how they were computed (should a PyTorch version refuse its
+  long-standing TF32 flags, the reference says so).
   """
   import torch  # pylint: disable=g-import-not-at-top
-  flags = (torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32")
-  saved, how = [], "PyTorch float32 (TF32 off), same weights and batch"
+  flags, saved = (torch.backends.cuda.matmul, torch.backends.cudnn), []
+  how = "PyTorch float32 (TF32 off), same weights and batch"
   try:
-    for obj, name in flags:
-      saved.append((obj, name, getattr(obj, name)))
-      setattr(obj, name, False)
+    for flag in flags:
+      saved.append((flag, flag.allow_tf32))
+      flag.allow_tf32 = False
   except Exception as e:  # pylint: disable=broad-except
     how = f"PyTorch float32 (TF32 flags not switched: {type(e).__name__}: {e}), same weights"
   try:
     with torch.inference_mode():
       return model(xt).logits.float().cpu().numpy(), how
   finally:
-    for obj, name, value in saved:
-      setattr(obj, name, value)
+    for flag, value in saved:
+      flag.allow_tf32 = value
 
 
-# ---------------------------------------------------------------------------
-# The parts.
-# ---------------------------------------------------------------------------
 
 
 def first_call(step, wait) -> float:
@@ -644,9 +630,13 @@ def run_parts(args, device, budget, results, save):
       save(results)
 
 
-# ---------------------------------------------------------------------------
-# Results.
-# ---------------------------------------------------------------------------
+
+
+def _version(dist):
+  try:
+    return importlib.metadata.version(dist)
+  except importlib.metadata.PackageNotFoundError:
+    return None
 
 
 def start(args, what):
@@ -675,13 +665,9 @@ def start(args, what):
                 cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
   else:
     info["device_name"] = f"{info['cpu']} CPU ({info['cpu_count']} cores)"
-  versions = {"python": platform.python_version()}
-  for dist in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml_collections", "numpy",
-               "torch", "transformers", "triton"):
-    try:
-      versions[dist] = importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-      versions[dist] = None
+  versions = {"python": platform.python_version(), **{d: _version(d) for d in (
+      "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml_collections", "numpy", "torch",
+      "transformers", "triton")}}
   results = {
       "what": what, "config": vars(args),
       "devices": info, "versions": versions,

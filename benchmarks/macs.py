@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import poolformer_jax as pj
+from poolformer_jax import measure
 
 
 def macs(name: str, image_size: int) -> tuple[int, float]:
@@ -27,7 +28,7 @@ def macs(name: str, image_size: int) -> tuple[int, float]:
   graphdef, state = nnx.split(model)
   forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
   lowered = forward.lower(state, jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32))
-  return pj.count_params(model), lowered.cost_analysis()["flops"] / 2
+  return pj.count_params(model), measure.program_cost(lowered).flops / 2
 
 
 def main(argv=None) -> None:

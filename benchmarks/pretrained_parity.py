@@ -28,7 +28,6 @@ import fnmatch
 import json
 import os
 import sys
-import time
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO)
@@ -103,7 +102,7 @@ def main(argv=None) -> int:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from poolformer_jax import hub, inference  # pylint: disable=g-import-not-at-top
+  from poolformer_jax import hub, inference, measure  # pylint: disable=g-import-not-at-top
   from poolformer_jax.convert import parity  # pylint: disable=g-import-not-at-top
 
   tags = [t for t in hub.list_pretrained()
@@ -117,12 +116,8 @@ def main(argv=None) -> int:
   for tag in tags:
     entry = os.path.join(hub.cache_dir(), tag.name)
     was_cached = os.path.isdir(entry)
-    t0 = time.perf_counter()
-    hub.load_pretrained(tag.name)
-    first_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    model, info = hub.load_pretrained(tag.name)
-    cached_s = time.perf_counter() - t0
+    first_s = measure.stopwatch(lambda: hub.load_pretrained(tag.name))[1]  # pylint: disable=cell-var-from-loop
+    (model, info), cached_s = measure.stopwatch(lambda: hub.load_pretrained(tag.name))  # pylint: disable=cell-var-from-loop
     pixels = inference.preprocess(images, info.preprocessing)
     with jax.default_matmul_precision("highest"):
       ours = np.asarray(forward(model, jnp.asarray(pixels)))

@@ -22,9 +22,11 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from poolformer_jax import measure  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 ROWS = ([(v, "v4-8") for v in ("s12", "s24", "s36", "m36", "m48")]
         + [(v, t) for t in ("v5e-8", "v5p-8") for v in ("s12", "m48")])
 MAX_ACCUM = 64
@@ -36,9 +38,8 @@ def compile_row(variant: str, topology: str, accum: int, workdir: str) -> dict:
          f"--config={REPO / 'configs' / 'imagenet.py'}:{variant}",
          f"--config.topology={topology}", f"--config.grad_accum_steps={accum}",
          f"--workdir={workdir}"]
-  t0 = time.perf_counter()
-  out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-  seconds = time.perf_counter() - t0
+  out, seconds = measure.stopwatch(
+      lambda: subprocess.run(cmd, capture_output=True, text=True, cwd=REPO))
   if out.returncode == 0:
     with open(os.path.join(workdir, f"compile_{topology}.json")) as f:
       return {**json.load(f), "wall_s": round(seconds, 1)}
@@ -79,7 +80,6 @@ def _host(report: dict) -> tuple[float, float]:
   if "host" in report:
     h = report["host"]
     return h["images_per_s_per_vcpu_needed"], h["input_bound_images_per_s_per_chip"]
-  sys.path.insert(0, str(REPO))
   from poolformer_jax import tpu_compile  # pylint: disable=g-import-not-at-top
   chip = tpu_compile.parse_topology(report["topology"]).chip
   roofline = report["steps"]["train"]["img_per_s_per_chip_bound"]
