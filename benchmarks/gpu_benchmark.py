@@ -18,14 +18,15 @@ is near the identity, copied to PyTorch through poolformer_jax.convert); each co
 are compared with PyTorch's float32 (TF32 off) on the same batch.
 
 Timings (benchmarks/harness.py): each sample a few calls back to back then one wait for the
-device, so launches overlap as in a real loop. Also recorded per contender: first-call / compile time, peak device memory (ours: the compiled
-executable's memory_analysis() and the device's peak bytes in use, a process-wide high-water
-mark; PyTorch: torch.cuda.max_memory_allocated, reset per contender), MFU against the chip's
-dense bf16 peak (poolformer_jax.chips) with FLOPs from XLA's cost analysis of the
-lowered program (the same count for every contender), and XLA's bytes accessed per image
-against the device-to-device copy bandwidth measured in the same run (a bandwidth-bound
-images/s). The targets (training >= 1.3x torch.compile, inference >= 1.0x torch.compile at the
-first batch size, S12 training >= 10k images/s) are reported as met or not.
+device, so launches overlap as in a real loop. Also recorded per contender: first-call /
+compile time, peak device memory (ours: the compiled executable's memory_analysis() and the
+device's peak bytes in use, a process-wide high-water mark; PyTorch:
+torch.cuda.max_memory_allocated, reset per contender), MFU against the chip's dense bf16 peak
+(poolformer_jax.chips) with FLOPs from XLA's cost analysis of the lowered program (the same
+count for every contender), and XLA's bytes accessed per image against the device-to-device
+copy bandwidth measured in the same run (a bandwidth-bound images/s). The targets (training
+>= 1.3x torch.compile, inference >= 1.0x torch.compile at the first batch size, S12 training
+>= 10k images/s) are reported as met or not.
 
 Order: for each variant inference at the first batch size then training, then the other batch
 sizes, so the comparisons the targets need come first. With --time-budget-s, a part whose

@@ -1,4 +1,4 @@
-"""One benchmark harness for CPU, GPU and TPU: our PoolFormer against HF transformers' PyTorch model.
+"""One benchmark harness for CPU, GPU and TPU: our PoolFormer against HF's PyTorch model.
 
 A contender is a step and a wait: `wait(step())` is one call, finished. For each part (inference
 at one batch size, or the trainer's compiled train step) the harness builds the contenders (ours,
@@ -12,6 +12,7 @@ legacy JSON layout) and gpu_benchmark.py (GPU: copy bandwidth, targets, a time b
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import importlib.metadata
 import json
@@ -127,7 +128,8 @@ def build_torch(cfg, device, ours=None):
   fields["drop_path_rate"] = cfg.drop_path_rate  # Same linear schedule as ours in train mode.
   model = transformers.PoolFormerForImageClassification(transformers.PoolFormerConfig(**fields))
   if ours is not None:
-    state = {k: torch.from_numpy(np.array(v)) for k, v in hf_export.to_torch_state(ours, "hf").items()}
+    state = {k: torch.from_numpy(np.array(v))
+             for k, v in hf_export.to_torch_state(ours, "hf").items()}
     own = model.state_dict()
     model.load_state_dict({k: v.reshape(own[k].shape) for k, v in state.items()}, strict=True)
   return model.to(device).eval()
@@ -330,7 +332,7 @@ def time_interleaved(steps: dict, args) -> tuple[dict, int]:
     slowest = 0.0
     for step, wait in steps.values():
       wait(step())  # Warm (first calls were made before).
-      slowest = max(slowest, stopwatch(lambda: wait(step()))[1])  # pylint: disable=cell-var-from-loop
+      slowest = max(slowest, first_call(step, wait))
     calls = int(min(100, max(1, round(args.sample_s / max(slowest, 1e-6)))))
 
   def sample(step, wait):
@@ -646,6 +648,7 @@ def start(args, what):
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   devices, device = jax.devices(), torch_device()
+  chip = chips.chip_of(devices[0])
   if (devices[0].platform == "gpu") != (device.type == "cuda"):
     sys.exit(f"error: JAX runs on {devices[0].platform} but PyTorch on {device.type}: the "
              "comparison needs both on the same device. For a CPU dry run hide the GPU from both "
@@ -673,7 +676,9 @@ def start(args, what):
       "devices": info, "versions": versions,
       "env": {k: os.environ.get(k) for k in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_PREALLOCATE",
                                              "JAX_PLATFORMS", "CUDA_VISIBLE_DEVICES")},
-      "peak_flops": chips.peak_flops(devices[0]), "peak_flops_source": "poolformer_jax.chips",
+      # The chip's published figures (peak FLOP/s for MFU; HBM bandwidth beside the measured).
+      "chip": dataclasses.asdict(chip) if chip else None,
+      "peak_flops": chip.peak_flops if chip else None, "peak_flops_source": "poolformer_jax.chips",
       "torch_settings": {"channels_last": args.channels_last, "autocast": args.dtype,
                          "cudnn_benchmark": device.type == "cuda",
                          "adamw_fused": device.type == "cuda",

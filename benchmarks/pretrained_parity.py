@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import functools
 import json
 import os
 import sys
@@ -116,8 +117,9 @@ def main(argv=None) -> int:
   for tag in tags:
     entry = os.path.join(hub.cache_dir(), tag.name)
     was_cached = os.path.isdir(entry)
-    first_s = measure.stopwatch(lambda: hub.load_pretrained(tag.name))[1]  # pylint: disable=cell-var-from-loop
-    (model, info), cached_s = measure.stopwatch(lambda: hub.load_pretrained(tag.name))  # pylint: disable=cell-var-from-loop
+    load = functools.partial(hub.load_pretrained, tag.name)
+    first_s = measure.stopwatch(load)[1]
+    (model, info), cached_s = measure.stopwatch(load)
     pixels = inference.preprocess(images, info.preprocessing)
     with jax.default_matmul_precision("highest"):
       ours = np.asarray(forward(model, jnp.asarray(pixels)))

@@ -421,10 +421,10 @@ def format_report(r: dict) -> str:
   lines.append("")
   if rec["hours_bound"] is not None:
     epochs = f"{rec['epochs']:.1f} epochs, " if rec["epochs"] else ""
+    hours = lambda key: measure.duration(3600 * rec[key])
     lines.append(f"recipe ({epochs}{rec['steps']:,} steps of {r['batch_size']}): at least "
-                 f"{measure.duration(3600 * rec['hours_bound'])} on this slice "
-                 f"({measure.duration(3600 * rec['train_hours_bound'])} training + "
-                 f"{measure.duration(3600 * rec['eval_hours_bound'])} evaluation, every step at its "
+                 f"{hours('hours_bound')} on this slice ({hours('train_hours_bound')} training + "
+                 f"{hours('eval_hours_bound')} evaluation, every step at its "
                  + ("input-bound rate)" if host and host["input_bound"] else "roofline bound)"))
   else:
     lines.append("recipe time: unknown (the epoch size of this dataset is not known here; "
