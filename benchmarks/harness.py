@@ -25,12 +25,9 @@ import time
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from poolformer_jax import chips  # pylint: disable=g-import-not-at-top,wrong-import-position
-from poolformer_jax import cpu_tuning  # pylint: disable=g-import-not-at-top,wrong-import-position
-from poolformer_jax.measure import program_cost, stopwatch  # pylint: disable=wrong-import-position
+from poolformer_jax import chips
+from poolformer_jax import cpu_tuning
+from poolformer_jax.measure import program_cost, stopwatch
 
 CONTENDERS = ("ours", "torch_eager", "torch_compile")
 MODES = ("inference", "training")
@@ -77,8 +74,6 @@ def prepare_environment():
   cache = tempfile.mkdtemp(prefix="benchmark_inductor_")
   os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache)
   os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(cache, "triton"))
-
-
 
 
 def jax_dtype(name):
@@ -270,8 +265,6 @@ class Variant:
       self.torch = self.torch.to(memory_format=torch.channels_last)
 
 
-
-
 class Budget:
   """Says whether work fits before a deadline, estimating it from similar work done so far.
 
@@ -460,8 +453,6 @@ def torch_float32_logits(model, xt) -> tuple[np.ndarray, str]:
       flag.allow_tf32 = value
 
 
-
-
 def first_call(step, wait) -> float:
   """Seconds of one call and the wait for its result: compiles, autotunes, runs."""
   return stopwatch(lambda: wait(step()))[1]
@@ -630,8 +621,6 @@ def run_parts(args, device, budget, results, save):
       if device.type == "cuda":
         torch.cuda.empty_cache()
       save(results)
-
-
 
 
 def _version(dist):
