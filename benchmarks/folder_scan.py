@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image
 
 from poolformer_jax import input_pipeline
+from poolformer_jax import defaults
 from poolformer_jax import measure
-from poolformer_jax import train
 
 
 def write_folder(root: str, files: int, size: int, classes: int = 10) -> None:
@@ -47,7 +47,7 @@ def main():
     root = os.path.join(tmp, "data")
     write_folder(root, args.files, args.size)
     mb = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs) / 1e6
-    cfg = train.default_config().data
+    cfg = defaults.default_config().data
     cfg.dataset, cfg.folder = "folder", root
     cfg.manifest_dir = os.path.join(tmp, "manifest")
     for what in ("scan (list + decode all + write manifest)", "reuse (read manifest)"):

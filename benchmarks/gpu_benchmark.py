@@ -7,7 +7,7 @@ r"""bf16 speed of PoolFormer S12 and M36 on one GPU against PyTorch, side by sid
 
 For each variant (default S12 and M36, 224x224, bfloat16 compute, float32 weights):
   * training images/s of the trainer's own compiled step (poolformer_jax.train.Trainer with the
-    recipe of train.default_config(): forward + backward + AdamW, stochastic depth, state
+    recipe of defaults.default_config(): forward + backward + AdamW, stochastic depth, state
     donated; Mixup/CutMix and label smoothing off so both frameworks do the same work),
     batch 256 on one chip;
   * inference images/s at batch 256 and 1024;

@@ -151,8 +151,8 @@ def make_trainer(variant, dtype, image_size, batch, model_overrides=None):
   does the same work.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from poolformer_jax import sharding, train  # pylint: disable=g-import-not-at-top
-  c = train.default_config()
+  from poolformer_jax import defaults, sharding, train  # pylint: disable=g-import-not-at-top
+  c = defaults.default_config()
   c.model, c.dtype, c.batch_size = variant, dtype, batch
   c.model_overrides.update(model_overrides or {})
   c.data.image_size = image_size

@@ -84,10 +84,10 @@ def stages(root, image_size):
   import jax  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from poolformer_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
-  from poolformer_jax import train  # pylint: disable=g-import-not-at-top
+  from poolformer_jax import defaults  # pylint: disable=g-import-not-at-top
   from poolformer_jax import tf_augment  # pylint: disable=g-import-not-at-top
 
-  cfg = train.default_config().data
+  cfg = defaults.with_model_defaults(defaults.default_config()).data  # S12: crop_pct 0.9
   cfg.dataset, cfg.folder, cfg.image_size, cfg.eval_split = "folder", root, image_size, "val"
   device_cfg = cfg.copy_and_resolve_references()
   device_cfg.randaugment_on = "device"

@@ -33,14 +33,14 @@ def main():
 
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  from poolformer_jax import augment, inference, input_pipeline, train  # pylint: disable=g-import-not-at-top
+  from poolformer_jax import augment, defaults, inference, input_pipeline  # pylint: disable=g-import-not-at-top
 
   images = []
   for name in PHOTOS:
     a = getattr(skimage.data, name)()
     images.append(np.repeat(a[..., None], 3, -1) if a.ndim == 2 else a[..., :3])
   hf = transformers.PoolFormerImageProcessorPil(crop_pct=args.crop_pct)
-  cfg = train.default_config().data
+  cfg = defaults.default_config().data
   cfg.crop_pct = args.crop_pct
   tf_eval = input_pipeline.make_eval_preprocess(cfg)
 

@@ -13,11 +13,11 @@ Expected on a 2-core CPU (float32): about 2.5 minutes, test top-1 ~0.98 (measure
 2 min 23 s; tests hold it to >= 0.97).
 """
 
-from poolformer_jax import train
+from poolformer_jax import defaults
 
 
 def get_config(arg: str = ""):
-  c = train.default_config()
+  c = defaults.default_config()
   c.model = "poolformer_s12"  # The real S12 architecture; 32x32 inputs -> a 1x1 final map.
   c.dtype = "float32"  # bfloat16 is emulated (slow) on CPUs.
 

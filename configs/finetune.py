@@ -18,11 +18,11 @@ augmentation without Mixup/CutMix. Time and accuracy depend on the dataset (the 
 with an ETA); tests/test_reliability.py fine-tunes a released name on a small folder with it.
 """
 
-from poolformer_jax import train
+from poolformer_jax import defaults
 
 
 def get_config():
-  c = train.default_config()
+  c = defaults.default_config()
   c.model = "poolformer_s12"
   c.init_from = ""  # Set --config.init_from=NAME_OR_DIR (left empty: trains from scratch).
   c.data.dataset = "folder"

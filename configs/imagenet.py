@@ -15,59 +15,30 @@ rand-m9-mstd0.5-inc1, random erasing 0.25, stochastic depth rising linearly to t
 rate, bfloat16 compute with float32 weights. With fewer chips keep batch 4096 with
 --config.grad_accum_steps=K (same updates, K micro-batches per step). Per family:
 
-  family                                    optimizer  peak lr  warmup  eval crop_pct
-  PoolFormer (v1)                           AdamW      4e-3     5       0.9 (S), 0.95 (M)
-  IdentityFormer, RandFormer, PoolFormerV2  AdamW      4e-3     5       1.0
-  ConvFormer                                AdamW      4e-3     20      1.0
-  CAFormer                                  LAMB       8e-3     20      1.0
+  family                                    optimizer  peak lr  warmup epochs
+  PoolFormer (v1)                           AdamW      4e-3     5
+  IdentityFormer, RandFormer, PoolFormerV2  AdamW      4e-3     5
+  ConvFormer                                AdamW      4e-3     20
+  CAFormer                                  LAMB       8e-3     20
 
 LAMB is timm's (what CAFormer was trained with): eps 1e-6, the global gradient norm clipped to 1,
 the trust ratio on decayed weights only. RandFormer trains at 224 only (its random matrices are
 fixed for 14x14 and 7x7 maps).
 
-Per model: drop-path rate of the last block / head dropout (from the variant's config) /
-ImageNet top-1 of the released checkpoint at 224 (the releases' READMEs) / GMACs at 224
-(benchmarks/macs.py) / training time, an ESTIMATE, not measured:
+Per model, the variant's own settings come from `poolformer_jax.model.VARIANTS`, the one table
+of the architectures: the drop-path rate of the last block, the head dropout and the eval
+crop_pct (resize to image_size / crop_pct, center crop). The README's variant table shows them
+with each model's parameters, GMACs and released top-1 (tests/test_recipes.py holds it to
+VARIANTS, benchmarks/results/macs_224.json and the released names' table).
 
-  model               drop path  head dropout  top-1  GMACs  time (ESTIMATE)
-  poolformer_s12      0.1        0             77.2     1.8  1-2 h
-  poolformer_s24      0.1        0             80.3     3.4  2-3.5 h
-  poolformer_s36      0.2        0             81.4     5.0  3-5 h
-  poolformer_m36      0.3        0             82.1     8.8  5.5-9 h
-  poolformer_m48      0.4        0             82.5    11.6  7-12 h
-  poolformerv2_s12    0.1        0             78.0     1.8  1-2 h
-  poolformerv2_s24    0.1        0             80.7     3.4  2-3.5 h
-  poolformerv2_s36    0.2        0             81.6     5.0  3-5 h
-  poolformerv2_m36    0.3        0             82.2     8.8  5.5-9 h
-  poolformerv2_m48    0.4        0             82.6    11.6  7-12 h
-  identityformer_s12  0.1        0             74.6     1.8  1-2 h
-  identityformer_s24  0.1        0             78.2     3.4  2-3.5 h
-  identityformer_s36  0.2        0             79.3     5.0  3-5 h
-  identityformer_m36  0.3        0             80.0     8.8  5.5-9 h
-  identityformer_m48  0.4        0             80.4    11.6  7-12 h
-  randformer_s12      0.1        0             76.6     1.9  1-2 h
-  randformer_s24      0.1        0             78.2     3.6  2-3.5 h
-  randformer_s36      0.2        0             79.5     5.2  3-5 h
-  randformer_m36      0.3        0             81.2     9.1  5.5-9 h
-  randformer_m48      0.3        0             81.4    12.0  7-12 h
-  convformer_s18      0.2        0             83.0     3.9  2.5-4 h
-  convformer_s36      0.3        0             84.1     7.6  4.5-8 h
-  convformer_m36      0.4        0             84.5    12.9  8-13 h
-  convformer_b36      0.6        0             84.8    22.6  14-23 h
-  caformer_s18        0.15       0             83.6     4.1  2.5-4 h
-  caformer_s36        0.3        0.4           84.5     8.0  5-8 h
-  caformer_m36        0.4        0.4           85.2    13.3  8-13 h
-  caformer_b36        0.6        0.5           85.5    23.2  14-23 h
-
-The time ESTIMATE: training costs ~3x the forward, 1.28M images x 310 epochs x 3 x 2 x MACs
-(4.3e18 FLOPs for S12 up to 5.5e19 for CAFormer-B36), on a v4-32 (16 chips x 275 TFLOP/s) at an
-assumed 15-25% MFU, i.e. ~0.6-1 h per GMAC. These models are largely memory-bound (norms,
-pooling, depthwise convs, activations); the small ones likely wait on the hosts' input
-pipelines (S12 needs ~60-100k images/s). The trainer logs images/s/chip, MFU and an ETA: trust
-those over this table.
+Training time, an ESTIMATE: training costs ~3x the forward, 1.28M images x 310 epochs x 3 x 2
+x MACs (4.3e18 FLOPs for S12 up to 5.5e19 for CAFormer-B36), on a v4-32 (16 chips x 275
+TFLOP/s) at an assumed 15-25% MFU, i.e. ~0.6-1 h per GMAC. `--mode=compile` gives a better
+bound from the compiled step (bytes, FLOPs and the hosts' input rate); the trainer logs
+images/s/chip, MFU and an ETA: trust those over this estimate.
 """
 
-from poolformer_jax import train
+from poolformer_jax import defaults
 from poolformer_jax.model import VARIANTS
 
 # family: (optimizer, peak lr at batch 4096, warmup epochs); the releases' training scripts.
@@ -114,7 +85,7 @@ def get_config(arg: str = "poolformer_s12"):
                      f"got {arg!r}")
   model_config = VARIANTS[name]
   optimizer, lr, warmup = _RECIPES[name.split("_")[0]]
-  c = train.default_config()  # The defaults are PoolFormer-S12's recipe; the rest is here.
+  c = defaults.default_config()  # The defaults are PoolFormer-S12's recipe; the rest is here.
   c.model = name
   # Stochastic depth and head dropout are the variant's (the releases' scripts): set here so
   # that the command line can change them (--config.model_overrides.drop_path_rate=0.2).
@@ -127,7 +98,6 @@ def get_config(arg: str = "poolformer_s12"):
   if optimizer == "lamb":  # timm's Lamb: eps 1e-6 and its built-in global-norm clip at 1.
     c.adam_eps = 1e-6
     c.grad_clip_norm = 1.0
-  c.data.crop_pct = model_config.crop_pct
   if model_config.has_frozen_params:
     c.data.image_size = 224
   c.log_every_steps = 100

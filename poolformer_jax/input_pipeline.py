@@ -472,6 +472,9 @@ def make_eval_preprocess(cfg):
   floor(image_size / crop_pct) (torchvision Resize rounding) with PIL's resize, center crop.
   {'image': uint8, 'label'}; bit-exact to timm's PIL pipeline for JPEGs."""
   size = int(cfg.image_size)
+  if cfg.crop_pct is None:  # The trainer fills it in (defaults.with_model_defaults).
+    raise ConfigError("config.data.crop_pct is unset: set it (e.g. 0.9), or pass the config "
+                      "through poolformer_jax.defaults.with_model_defaults for the model's")
   scale_size = math.floor(size / cfg.crop_pct)
   if cfg.interpolation not in _PIL_FILTERS:
     raise ConfigError(f"config.data.interpolation={cfg.interpolation!r}; use 'bilinear' or "

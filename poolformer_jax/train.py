@@ -38,7 +38,6 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
-from ml_collections.config_dict import placeholder
 import numpy as np
 import optax
 
@@ -46,6 +45,7 @@ from poolformer_jax import augment
 from poolformer_jax import checkpointing
 from poolformer_jax import chips
 from poolformer_jax import cpu_tuning
+from poolformer_jax import defaults
 from poolformer_jax import hub
 from poolformer_jax import measure
 from poolformer_jax import metrics as metrics_lib
@@ -82,106 +82,6 @@ class Preempted(Exception):  # pylint: disable=g-bad-exception-name
     self.step = step
 
 
-# ---------------------------------------------------------------------------
-# Config.
-# ---------------------------------------------------------------------------
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """The PoolFormer-S12 ImageNet-1k recipe of the release; configs/ override it.
-
-  Numeric options use 0 / '' for "off" (not None) so that every field can be overridden from
-  the command line (`--config.ema_decay=0.9999`).
-  """
-  c = ml_collections.ConfigDict()
-  c.model = "poolformer_s12"
-  c.model_overrides = ml_collections.ConfigDict()  # MetaFormerConfig fields, e.g. token_mixer.
-  c.num_classes = 0  # 0: from the dataset.
-  c.dtype = "bfloat16"  # Compute dtype; parameters and optimizer state stay float32.
-  c.remat = False  # Recompute each block's activations in the backward pass: less memory.
-  c.matmul_precision = "default"  # 'highest' for float32-exact matmuls (parity checks).
-
-  # Data (poolformer_jax.input_pipeline): ImageNet-1k with timm's train/eval transforms.
-  c.data = d = ml_collections.ConfigDict()
-  d.dataset = "imagenet2012"  # 'imagenet2012' | 'digits' | any TFDS name | 'folder'.
-  # Optional strings are typed placeholders (None until set), settable from the command line.
-  d.data_dir = placeholder(str)  # TFDS data dir (None: TFDS default, ~/tensorflow_datasets).
-  d.manual_dir = placeholder(str)  # ILSVRC2012_img_{train,val}.tar (None: <data_dir>/downloads/manual).
-  d.prepare = False  # Run download_and_prepare for a TFDS dataset that is not prepared yet.
-  d.folder = placeholder(str)  # Root of <split>/<label>/*.jpg when dataset == 'folder'.
-  # Folder datasets: every file is decoded once before training (poolformer_jax.folder_scan)
-  # and the run reads the checked list from here (None: WORKDIR/data_manifest).
-  d.manifest_dir = placeholder(str)
-  d.max_bad_train_fraction = 0.001  # Undecodable train files left out; more is an error.
-  d.max_bad_eval_fraction = 0.0  # Eval: any undecodable file is an error (every image counts).
-  d.image_key = placeholder(str)  # Feature names; None: the dataset's supervised_keys.
-  d.label_key = placeholder(str)
-  d.train_split = "train"
-  d.eval_split = "validation"
-  d.image_size = 224
-  # Eval: resize the short side to floor(image_size / crop_pct), then center-crop image_size.
-  d.crop_pct = 0.9
-  d.interpolation = "bicubic"  # Eval resize.
-  d.train_interpolation = "random"  # 'random' (bilinear or bicubic per image, as timm), 'bilinear', 'bicubic'.
-  d.mean = pretrained.IMAGENET_MEAN  # In 0..1 pixel scale.
-  d.std = pretrained.IMAGENET_STD
-  d.rrc_scale = placeholder(tuple)  # Random-resized-crop area range; None: no crop, resize whole.
-  d.rrc_scale = (0.08, 1.0)
-  d.rrc_ratio = (3.0 / 4.0, 4.0 / 3.0)
-  d.hflip = True
-  d.randaugment = "rand-m9-mstd0.5-inc1"  # timm policy string; None or '' disables.
-  # 'host' (tf.data, poolformer_jax.tf_augment) or 'device' (the train step, poolformer_jax.augment:
-  # frees the host, but its per-sample warps are costly gathers on TPUs; see augment.py).
-  d.randaugment_on = "host"
-  d.random_erasing = 0.25  # Probability (pixel mode, after normalisation; on the device); 0 disables.
-  d.shuffle_buffer = 16_384  # Encoded images; ImageNet JPEGs average ~110 KB.
-  d.prefetch = 2  # Batches prefetched by tf.data.
-  d.cache = False  # Keep the encoded split in host memory (small datasets).
-  d.num_parallel_calls = -1  # -1: tf.data.AUTOTUNE.
-
-  c.seed = 0
-  c.batch_size = 4096  # Global: split over all chips and processes.
-  c.grad_accum_steps = 1  # Micro-batches per step: batch 4096 on fewer chips, same update.
-  c.eval_batch_size = 1024
-  c.num_epochs = 300.0  # Cosine part (warmup included)...
-  c.cooldown_epochs = 10.0  # ...then this many epochs at min_lr.
-  c.total_steps = 0  # > 0 overrides the epoch count (smoke runs).
-  c.warmup_epochs = 5.0
-  c.base_lr = 1e-3  # lr = base_lr * batch_size / lr_base_batch_size.
-  c.lr_base_batch_size = 1024
-  c.warmup_lr = 1e-6
-  c.min_lr = 1e-5
-  c.optimizer = "adamw"  # 'adamw' | 'lamb' (timm's LAMB: the CAFormer recipe).
-  c.weight_decay = 0.05  # Weights only: no decay on norms, layer scales, biases.
-  c.adam_b1 = 0.9
-  c.adam_b2 = 0.999
-  c.adam_eps = 1e-8
-  c.grad_clip_norm = 0.0  # 0: no clipping (the release clips nothing).
-  c.label_smoothing = 0.1
-  c.mixup_alpha = 0.8
-  c.cutmix_alpha = 1.0
-  c.mixup_prob = 1.0
-  c.mixup_switch_prob = 0.5
-  c.ema_decay = 0.0  # > 0: also keep and evaluate an EMA of the weights.
-
-  c.fsdp = 1  # Chips per parameter shard (1: pure data parallelism).
-  c.topology = ""  # --mode=compile: the Cloud TPU slice to compile for, e.g. 'v4-8'.
-  c.num_slices = 1  # --mode=compile: that many slices (multislice over the data-center network).
-  # --mode=compile: the input pipeline's training images/s on one host vCPU (benchmarks/
-  # pipeline.py on the TPU VM); 0: the figure measured here (tpu_compile).
-  c.host_images_per_s_per_vcpu = 0.0
-  c.log_every_steps = 100
-  c.eval_every_steps = 0  # 0: once per epoch (and always at the end).
-  c.checkpoint_every_steps = 1000
-  c.keep_checkpoints = 3
-  c.async_checkpoints = True
-  c.checkpoint_fallback = False  # Restore the newest step that verifies if the latest is corrupt.
-  # Start from: a converted model / pretrained dir, a training workdir, or released weights by
-  # name ('caformer_s18.sail_in1k', 'hf-hub:sail/poolformer_s12'; downloaded once, cached).
-  c.init_from = ""
-  return c
-
-
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -206,6 +106,10 @@ def validate_config(config, *, workdir: str | None, num_devices: int,
   if size <= 0 or size % 32:
     raise ConfigError(f"config.data.image_size={size} must be a positive multiple of 32 "
                       "(the network downsamples by 32), e.g. 224 or 256")
+  crop = config.data.crop_pct
+  if crop is not None and not 0 < crop <= 1:
+    raise ConfigError(f"config.data.crop_pct={crop} must be in (0, 1] (the eval crop's share of "
+                      "the resized short side), e.g. 0.9; unset, it is the model's")
   fixed = model_lib.RANDOM_MIXING_INPUT_SIZE
   if "random" in model_config.stage_token_mixers and size != fixed:
     raise ConfigError(f"config.data.image_size={size}, but {config.model} mixes tokens with "
@@ -523,7 +427,7 @@ def _setup(config, workdir: str | None, splits: tuple[str, ...]):
   """
   validate_config(config, workdir=workdir, num_devices=jax.device_count(),
                   process_count=jax.process_count())
-  config = _with_checked_folder(config, workdir, splits)
+  config = _with_checked_folder(defaults.with_model_defaults(config), workdir, splits)
   if config.matmul_precision != "default":
     jax.config.update("jax_default_matmul_precision", config.matmul_precision)
   mesh = sharding_lib.make_mesh(config.fsdp)
@@ -592,6 +496,38 @@ class _SigtermFlag:
   def __exit__(self, *exc):
     if self.previous is not None:
       signal.signal(signal.SIGTERM, self.previous)
+
+
+class _Readback:
+  """The train step's metrics, read back one step late: step n-1's are fetched while step n
+  runs, so the device never waits on the host. A NaN/inf calls `diverged(step, host, bad)`
+  (which raises) at the read-back, before that step is logged, scored or saved."""
+
+  def __init__(self, diverged):
+    self.diverged = diverged
+    self.pending = None  # (step, device metrics) not read back yet.
+    self.history = []  # Host copies since the last mean().
+
+  def add(self, step: int, device_metrics) -> None:
+    self.sync()
+    self.pending = (step, device_metrics)
+
+  def sync(self) -> None:
+    """Reads back the pending step (waiting for it to finish)."""
+    if self.pending is None:
+      return
+    (step, device_metrics), self.pending = self.pending, None
+    host = jax.device_get(device_metrics)
+    bad = {k: float(v) for k, v in host.items() if not np.isfinite(v)}
+    if bad:
+      self.diverged(step, host, bad)
+    self.history.append(host)
+
+  def mean(self) -> dict[str, float]:
+    """The mean of every metric over the steps read back since the last call."""
+    record = {k: float(np.mean([h[k] for h in self.history])) for k in self.history[0]}
+    self.history.clear()
+    return record
 
 
 # ---------------------------------------------------------------------------
@@ -678,31 +614,22 @@ def _train_and_evaluate(config, workdir: str, sigterm: _SigtermFlag) -> dict:
               meta={"epoch": step / steps_per_epoch, "data_position": step,
                     "config": config.model})
 
+  def diverged(step, host, bad):
+    ckpt.wait_until_finished()
+    writer.write(step, {**{k: float(v) for k, v in host.items()}, "diverged": True})
+    last = ckpt.latest_step()
+    raise TrainingDivergedError(
+        f"{', '.join(f'{k} = {v}' for k, v in bad.items())} at step {step}: stopped without "
+        f"saving. The last good checkpoint is "
+        f"{f'step {last} in {ckpt.directory}' if last is not None else 'none (no checkpoint yet)'}"
+        ". Lower the learning rate, set --config.grad_clip_norm, or check the input data.")
+
+  def due(step, every):
+    return step % every == 0 or step == total
+
   # --- Loop ------------------------------------------------------------------
   final = {}
-  history = []  # Host copies of the metrics since the last log line.
-  pending = None  # (step, device metrics) not yet read back.
-
-  def drain():
-    """Reads back the pending step's metrics; stops the run on NaN/inf."""
-    nonlocal pending
-    if pending is None:
-      return
-    step, device_metrics = pending
-    pending = None
-    host = jax.device_get(device_metrics)
-    bad = {k: float(v) for k, v in host.items() if not np.isfinite(v)}
-    if bad:
-      ckpt.wait_until_finished()
-      writer.write(step, {**{k: float(v) for k, v in host.items()}, "diverged": True})
-      last = ckpt.latest_step()
-      raise TrainingDivergedError(
-          f"{', '.join(f'{k} = {v}' for k, v in bad.items())} at step {step}: stopped without "
-          f"saving. The last good checkpoint is "
-          f"{f'step {last} in {ckpt.directory}' if last is not None else 'none (no checkpoint yet)'}"
-          ". Lower the learning rate, set --config.grad_clip_norm, or check the input data.")
-    history.append(host)
-
+  readback = _Readback(diverged)
   try:
     sigterm.stop_if_set()  # Compiling took a while.
     throughput.reset(start)
@@ -710,26 +637,25 @@ def _train_and_evaluate(config, workdir: str, sigterm: _SigtermFlag) -> dict:
       multihost.report_step(step)  # Named if a peer is lost during this step.
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, step_metrics = train_step(state, next(train_batches))
-      drain()  # Step n-1's metrics, while step n runs.
-      pending = (step, step_metrics)
+      readback.add(step, step_metrics)  # Reads step n-1's while step n runs.
       preempted = sigterm.reached(step)
-      if step % config.log_every_steps == 0 or step == total or preempted:
-        drain()
-        record = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
-        record.update(throughput.report(step))
-        history.clear()
+      log_now = due(step, config.log_every_steps) or preempted
+      eval_now = due(step, eval_every)
+      save_now = due(step, config.checkpoint_every_steps) or preempted
+      if log_now or eval_now or save_now:
+        readback.sync()  # Nothing is logged, scored or saved after a NaN/inf step.
+      if log_now:
+        record = {**readback.mean(), **throughput.report(step)}
         writer.write(step, record)
         metrics_lib.log(metrics_lib.format_progress(step, total, record))
-      if step % eval_every == 0 or step == total:
-        drain()
+      if eval_now:
         record = _eval_record(trainer, eval_step, eval_batches, eval=state.params,
                               eval_ema=state.ema)
         writer.write(step, record)
         metrics_lib.log(f"step {step}: {_format_eval(record)}")
         final.update(record)
         throughput.reset(step)  # Eval time is not training time.
-      if step % config.checkpoint_every_steps == 0 or step == total or preempted:
-        drain()  # Never save a state whose step produced NaN/inf.
+      if save_now:
         save(step)
         throughput.reset(step)  # Nor is the (blocking part of the) save.
       if preempted and step < total:

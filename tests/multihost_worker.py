@@ -15,7 +15,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from poolformer_jax import checkpointing, sharding, train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from poolformer_jax import checkpointing, defaults, sharding, train  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 STEPS, BATCH = 3, 16
 
@@ -23,7 +23,7 @@ STEPS, BATCH = 3, 16
 def main(out_dir, num_processes, process_id, port):
   if num_processes > 1:
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes, process_id)
-  config = train.default_config()
+  config = defaults.default_config()
   config.model_overrides.depths, config.model_overrides.widths = (1, 1, 1, 1), (8, 16, 24, 32)
   config.model_overrides.drop_path_rate = 0.2
   config.dtype, config.batch_size, config.base_lr, config.lr_base_batch_size = "float32", BATCH, 1e-3, BATCH

@@ -1,21 +1,18 @@
 """On-device augmentation: each RandAugment op against the TensorFlow op it replaces and PIL,
 the policy's draws against timm's, random erasing, and the batch function the train step runs."""
 
-import os
 import random
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 import pytest
-import tensorflow as tf
 
 from poolformer_jax import augment
+from poolformer_jax import defaults
 from poolformer_jax import pretrained
 from poolformer_jax import tf_augment
-from poolformer_jax import train
 
 
 _FILL = (124.0, 116.0, 104.0)  # timm: round(255 * ImageNet mean).
@@ -215,7 +212,7 @@ def test_random_erasing():
 def test_augment_batch_draws_per_sample_and_normalises():
   """Each sample its own draw (identical inputs come out different), the same key gives the
   same batch, and with augmentation off the output is the normalised input."""
-  cfg = train.default_config().data
+  cfg = defaults.default_config().data
   cfg.randaugment_on = "device"
   images = jnp.asarray(np.repeat(_smooth_image(np.random.default_rng(3), 32, 32)[None], 8, 0))
   run = jax.jit(lambda k, x: augment.augment_batch(k, x, cfg))

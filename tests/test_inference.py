@@ -169,7 +169,7 @@ def test_classify_files_skips_and_reports_broken_files(converted_random_model, t
 def test_release_checkpoints_get_imagenet_names(converted_random_model, tmp_path):
   """Release/timm files hold no class names; a 1000-class one is labelled with ImageNet's."""
   import helpers_torch
-  from poolformer_jax import convert, hub, pretrained
+  from poolformer_jax import convert, pretrained
   hf, _, _, torch, _ = converted_random_model
   torch.save(helpers_torch.to_release_keys(helpers_torch.hf_state(hf)), tmp_path / "s12.pth.tar")
   info = convert.convert(str(tmp_path / "s12.pth.tar")).info

@@ -13,10 +13,9 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from poolformer_jax import defaults
 from poolformer_jax import errors
 from poolformer_jax import input_pipeline as ip
-from poolformer_jax import pretrained
-from poolformer_jax import train
 
 sys.path.insert(0, os.path.dirname(__file__))
 import fake_imagenet  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -35,7 +34,7 @@ def digits_dir(tmp_path_factory):
 
 
 def _digits_config(data_dir, *, augmented=True, **overrides):
-  c = train.default_config().data
+  c = defaults.default_config().data
   c.dataset = "digits"
   c.data_dir = data_dir
   c.eval_split = "test"
@@ -231,7 +230,7 @@ def fake_imagenet_dir(tmp_path_factory):
 @pytest.mark.slow
 def test_fake_imagenet_through_the_real_builder(fake_imagenet_dir):
   data_dir, expected = fake_imagenet_dir
-  c = train.default_config().data  # The release recipe: RRC, flip, RandAugment, erasing.
+  c = defaults.default_config().data  # The release recipe: RRC, flip, RandAugment, erasing.
   c.data_dir = data_dir
   c.image_size = 32
   c.crop_pct = 0.875
@@ -383,7 +382,7 @@ def test_odd_formats_decode_to_the_right_rgb(tmp_path):
       continue
     path = tmp_path / name
     path.write_bytes(data)
-    c = train.default_config().data
+    c = defaults.default_config().data
     c.crop_pct = 1.0
     c.image_size = min(expected.shape[:2])
     decoded = ip.make_eval_preprocess(c)(ip._checked_read(str(path)), 0)["image"].numpy()  # pylint: disable=protected-access
@@ -402,7 +401,7 @@ def test_odd_formats_decode_to_the_right_rgb(tmp_path):
 
 
 def test_missing_imagenet_says_how_to_prepare_it(tmp_path):
-  c = train.default_config().data
+  c = defaults.default_config().data
   c.data_dir = str(tmp_path)
   with pytest.raises(errors.DatasetError) as e:
     ip.get_dataset_info(c)
@@ -413,7 +412,7 @@ def test_missing_imagenet_says_how_to_prepare_it(tmp_path):
 
 
 def test_other_bad_datasets_raise_clear_errors(tmp_path):
-  c = train.default_config().data
+  c = defaults.default_config().data
   c.data_dir = str(tmp_path)
   c.dataset = "cifar10"
   with pytest.raises(errors.DatasetError, match="tfds build cifar10"):
@@ -463,7 +462,7 @@ def test_eval_preprocessing_is_the_release_transform_bit_exact_on_photos():
     for fmt in ("JPEG", "PNG") if i == 0 else ("JPEG",):
       data = _encode(array, fmt)
       for size, crop_pct in ((224, 0.9), (96, 0.875), (64, 1.0)):
-        c = train.default_config().data
+        c = defaults.default_config().data
         c.image_size, c.crop_pct = size, crop_pct
         out = ip.make_eval_preprocess(c)(tf.constant(data), tf.constant(0))["image"].numpy()
         assert out.dtype == np.uint8

@@ -12,6 +12,7 @@ import optax
 import pytest
 
 from conftest import REPO, load_config
+from poolformer_jax import defaults
 from poolformer_jax import model as model_lib
 from poolformer_jax import optimizer
 from poolformer_jax import train
@@ -37,7 +38,8 @@ def test_recipe_of_each_family(arg, opt, lr, warmup, drop_path, head_dropout, cr
   assert optimizer.peak_learning_rate(c) == pytest.approx(lr)
   model = model_lib.get_config(c.model, **c.model_overrides.to_dict())
   assert (model.drop_path_rate, model.head_dropout) == (drop_path, head_dropout)
-  assert c.data.crop_pct == crop and c.data.image_size == size
+  assert c.data.crop_pct is None  # the model's, filled in by the trainer:
+  assert defaults.with_model_defaults(c).data.crop_pct == crop and c.data.image_size == size
   if opt == "lamb":  # timm's Lamb defaults: eps 1e-6, global grad norm clipped at 1
     assert c.adam_eps == 1e-6 and c.grad_clip_norm == 1.0
   else:
@@ -45,21 +47,28 @@ def test_recipe_of_each_family(arg, opt, lr, warmup, drop_path, head_dropout, cr
   train.validate_config(c, workdir=None, num_devices=8, process_count=1)
 
 
-def test_the_docstring_table_is_the_registry_and_benchmarks_macs():
-  """configs/imagenet.py's per-model table: drop path and head dropout as the variant's config,
-  GMACs as benchmarks/results/macs_224.json (written by benchmarks/macs.py)."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("imagenet_config", REPO / "configs" / "imagenet.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  rows = re.findall(r"^  (\w+_\w\d+) +([\d.]+) +([\d.]+) +([\d.]+) +([\d.]+) +[\d.-]+ h$",
-                    module.__doc__, re.M)
+def test_the_readme_variant_table_is_the_registry_macs_and_released_top1():
+  """The variants are written once, in model.VARIANTS: the README's table must agree with it
+  (blocks, widths, mixers, eval crop), with benchmarks/results/macs_224.json (written by
+  benchmarks/macs.py: parameters, GMACs) and with the released names' top-1 (hub.PRETRAINED)."""
+  from poolformer_jax import hub
+  readme = (REPO / "README.md").read_text()
+  rows = re.findall(r"^\| `(\w+)` \| ([\d, ]+) \| ([\d, ]+) \| ([a-z, ]+) \| ([\d,]+) \| "
+                    r"([\d.]+)G \| ([\d.]+) \| ([\d.]+) \|$", readme, re.M)
   macs = json.loads((REPO / "benchmarks" / "results" / "macs_224.json").read_text())["models"]
   assert sorted(r[0] for r in rows) == model_lib.list_models()
-  for name, drop_path, head_dropout, _, gmacs in rows:
+  short = {"attention": "attn", "identity": "id", "random": "rand", "pooling": "pool"}
+  for name, depths, widths, mixers, params, gmacs, crop, top1 in rows:
     cfg = model_lib.VARIANTS[name]
-    assert (cfg.drop_path_rate, cfg.head_dropout) == (float(drop_path), float(head_dropout))
+    assert depths == ", ".join(map(str, cfg.depths)), name
+    assert widths == ", ".join(map(str, cfg.widths)), name
+    stage_mixers = [short.get(m, m) for m in cfg.stage_token_mixers]
+    one_mixer = len(set(stage_mixers)) == 1  # written once
+    assert mixers == (stage_mixers[0] if one_mixer else ", ".join(stage_mixers)), name
+    assert int(params.replace(",", "")) == macs[name]["params"], name
     assert float(gmacs) == round(macs[name]["macs"] / 1e9, 1), name
+    assert float(crop) == cfg.crop_pct, name
+    assert float(top1) == hub.PRETRAINED[f"{name}.sail_in1k"].top1, name
 
 
 @pytest.mark.parametrize("arg", ["caformer", "caformer_s18,fast", "s99"])

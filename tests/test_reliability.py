@@ -19,6 +19,7 @@ import pytest
 
 from conftest import REPO, load_config
 from poolformer_jax import checkpointing
+from poolformer_jax import defaults
 from poolformer_jax import errors
 from poolformer_jax import pretrained
 from poolformer_jax import sharding
@@ -248,7 +249,7 @@ def test_corrupt_checkpoint_is_detected_and_fallback_restores_the_previous(
 
 def test_checkpoint_restores_across_device_counts(tmp_path):
   """Saved on 8 devices, restored on 1 and 4 (and 1 -> 8), the values are identical."""
-  config = train.default_config()
+  config = defaults.default_config()
   config.model_overrides.depths, config.model_overrides.widths = (1, 1, 1, 1), (16, 32, 64, 128)
   config.dtype = "float32"
 

@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from conftest import REPO, count_compiles, count_primitive, load_config
+from poolformer_jax import defaults
 from poolformer_jax import mixup
 from poolformer_jax import model as model_lib
 from poolformer_jax import optimizer
@@ -23,7 +24,7 @@ TINY = dict(depths=(1, 1, 1, 1), widths=(8, 16, 24, 32))
 
 
 def tiny_config(**overrides):
-  c = train.default_config()
+  c = defaults.default_config()
   c.model_overrides.depths = TINY["depths"]
   c.model_overrides.widths = TINY["widths"]
   c.dtype = "float32"
@@ -79,7 +80,7 @@ def max_abs_diff(a, b):
 
 
 def test_schedule_warms_up_decays_and_cools_down():
-  c = train.default_config()
+  c = defaults.default_config()
   c.batch_size, c.num_epochs, c.warmup_epochs, c.cooldown_epochs = 2048, 10.0, 2.0, 3.0
   steps_per_epoch = 10
   lr = optimizer.learning_rate_schedule(c, steps_per_epoch)
@@ -229,7 +230,7 @@ def test_sharded_step_equals_single_device_step():
   """
   assert jax.device_count() == 8
   c = tiny_config(mixup_alpha=0.8, cutmix_alpha=1.0)
-  c.data.randaugment = train.default_config().data.randaugment
+  c.data.randaugment = defaults.default_config().data.randaugment
   c.data.randaugment_on = "device"
   c.data.random_erasing = 0.25
   c.model_overrides.drop_path_rate = 0.2
@@ -337,8 +338,8 @@ def test_the_trainer_builds_compiles_and_checkpoints_without_tensorflow(tmp_path
   Trainer, compile its steps and checkpoint the state."""
   script = f"""
 import sys
-from poolformer_jax import checkpointing, sharding, train
-c = train.default_config()
+from poolformer_jax import checkpointing, defaults, sharding, train
+c = defaults.default_config()
 c.model_overrides.depths, c.model_overrides.widths = (1, 1, 1, 1), (8, 16, 24, 32)
 c.dtype, c.data.image_size, c.batch_size, c.eval_batch_size = "float32", 32, 8, 8
 trainer = train.Trainer(c, sharding.make_mesh(1), 10, steps_per_epoch=1, total_steps=1)
