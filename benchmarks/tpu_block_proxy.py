@@ -32,16 +32,20 @@ def measure(stage: int, *, blocks: int, batch: int, train: bool, remat: str | No
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
+  from poolformer_jax import mlp_kernel  # pylint: disable=g-import-not-at-top
   from poolformer_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   from poolformer_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
 
   device = tpu_compile.topology_devices(tpu_compile.parse_topology("v4-8"))[0]
   sharding = jax.sharding.SingleDeviceSharding(device)
+  mesh = sharding_lib.make_mesh(1, [device])
+  kernels = mlp_kernel.for_mesh(mesh, sharding_lib.BATCH_AXES)  # as the trainer chooses them
   width, res = STAGES[stage]
   cfg = model_lib.get_config("poolformer_s12")
   compute = jnp.dtype(dtype)
   layers = nnx.List([model_lib.MetaFormerBlock(width, cfg, stage - 1, 0.05, dtype=compute,
-                                               param_dtype=jnp.float32, rngs=nnx.Rngs(i))
+                                               param_dtype=jnp.float32, rngs=nnx.Rngs(i),
+                                               kernels=kernels)
                      for i in range(blocks)])
   graphdef, params = nnx.split(layers)
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
@@ -57,17 +61,14 @@ def measure(stage: int, *, blocks: int, batch: int, train: bool, remat: str | No
       x = run(block, x, None if key is None else jax.random.fold_in(key, i))
     return x
 
-  mesh = sharding_lib.make_mesh(1, [device])
   if train:
     def step(params, x, cotangent, key):
       _, vjp = jax.vjp(lambda p, x: forward(p, x, key), params, x)
       return vjp(cotangent)
     key = spec((), jax.random.key(0).dtype)
-    with jax.set_mesh(mesh):
-      lowered = jax.jit(step).lower(params, x, x, key)
+    lowered = jax.jit(step).lower(params, x, x, key)
   else:
-    with jax.set_mesh(mesh):
-      lowered = jax.jit(lambda p, x: forward(p, x, None)).lower(params, x)
+    lowered = jax.jit(lambda p, x: forward(p, x, None)).lower(params, x)
   compiled, compile_s = measure_lib.stopwatch(lowered.compile)
   cost = measure_lib.program_cost(compiled).per(batch * blocks)
   per_block_image = cost.bytes_accessed

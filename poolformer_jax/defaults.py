@@ -26,6 +26,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.model_overrides = ml_collections.ConfigDict()  # MetaFormerConfig fields, e.g. token_mixer.
   c.num_classes = 0  # 0: from the dataset.
   c.dtype = "bfloat16"  # Compute dtype; parameters and optimizer state stay float32.
+  # 'auto': the TPU training kernels (poolformer_jax/mlp_kernel.py) where they fit; 'xla': none.
+  c.kernels = "auto"
   c.remat = False  # Recompute each block's activations in the backward pass: less memory.
   c.matmul_precision = "default"  # 'highest' for float32-exact matmuls (parity checks).
 

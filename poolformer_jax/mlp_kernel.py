@@ -19,17 +19,22 @@ Numerics: the same function as the XLA path (`GroupNorm1`, `ops.mlp_apply`, drop
 residual add): compute-dtype (bf16) matmul operands, float32 accumulation and elementwise
 math, one rounding per stored value. Tested against the model's XLA path on CPU through
 Pallas' interpreter (values and every gradient), and compiled for TPU ahead of time
-(`main.py --mode=compile`); not yet run on a TPU. Chosen only when the program is lowered
-for a TPU mesh (`jax.set_mesh`, as the trainer does), in training, for shapes that fit on
-chip (`fits`): per chip, a multiple of 128 samples and at least 128 per TensorCore (256 on
-v4 and v5p); S12's first three stages (the fourth's weight gradients do not fit a v4 core's
-16 MiB of VMEM next to its blocks). Everything else takes the XLA path.
+(`main.py --mode=compile`); not yet run on a TPU.
+
+The choice is explicit: whoever lowers the program decides once, with `for_mesh` (the trainer:
+from its mesh and `config.kernels`), and hands the model a `TpuKernels` (None: the XLA path
+everywhere). The model then takes the kernels in training for the shapes that fit on chip
+(`TpuKernels.fits`): per chip, a multiple of 128 samples and at least 128 per TensorCore (256
+on v4 and v5p); S12's first three stages (the fourth's weight gradients do not fit a v4
+core's 16 MiB of VMEM next to its blocks). Nothing here reads an ambient mesh.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,10 +42,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from poolformer_jax import ops
-from poolformer_jax.sharding import BATCH_AXES
+from poolformer_jax.ops import INV_SQRT2, INV_SQRT_2PI
 
-_INV_SQRT2 = 1 / math.sqrt(2)
-_INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)
+KERNEL_OPTIONS = ("auto", "xla")  # config.kernels: 'auto' takes them where they fit
 _LANES = 128  # samples per kernel block: one vreg's lanes
 _VMEM_LIMIT = 16 * 2**20  # a v4 core's VMEM, the smallest of the TPUs targeted
 _VMEM_BUDGET = 14 * 2**20  # what the blocks are sized for: the rest is Mosaic's own scratch
@@ -58,7 +62,7 @@ def _dot(a, b, contract_b: int = 0):
 
 def _gelu_parts(a, b1):
   h = _f32(a) + b1
-  cdf = 0.5 * (1.0 + lax.erf(h * _INV_SQRT2))
+  cdf = 0.5 * (1.0 + lax.erf(h * INV_SQRT2))
   return h, cdf
 
 
@@ -113,7 +117,7 @@ def _backward_kernel(x_ref, a_ref, dout_ref, stats_ref, keep_ref, cols_ref, w1_r
     dxn = 0.0
     for k in range(0, hid, chunk):
       h, cdf = _gelu_parts(a_ref[p, k:k + chunk], b1_ref[k:k + chunk])
-      pdf = jnp.exp(-0.5 * h * h) * _INV_SQRT_2PI
+      pdf = jnp.exp(-0.5 * h * h) * INV_SQRT_2PI
       dh = (_dot(w2_ref[k:k + chunk], dz) * (cdf + h * pdf)).astype(dtype)  # [chunk, L]
       dxn = dxn + _dot(w1_ref[:, k:k + chunk], dh)  # [C, L]
       dw1_ref[0, :, k:k + chunk] += _dot(xn, dh, 1)
@@ -160,29 +164,51 @@ def _pixels_per_step(hw: int, c: int, hid: int, itemsize: int) -> int | None:
   return max(fitting) if fitting else None
 
 
-def _mesh():
-  mesh = jax.sharding.get_abstract_mesh()
-  return None if mesh.empty else mesh
+@dataclasses.dataclass(frozen=True)
+class TpuKernels:
+  """The kernels' setting, chosen once (`for_mesh`): the mesh they run on, one shard_map
+  instance per device over `batch_axes` (None: a single device), its TensorCores per chip,
+  and `interpret` (Pallas' interpreter: how the tests run them on CPU)."""
+
+  mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None
+  batch_axes: tuple[str, ...] = ()
+  cores: int = 1
+  interpret: bool = False
+
+  def fits(self, shape: tuple[int, ...], hidden: int, dtype) -> bool:
+    """Whether a [N, H, W, C] map of `dtype` with `hidden` MLP channels takes the kernels:
+    each device's samples fill whole lane blocks, at least one per TensorCore (a megacore
+    chip, v4 or v5p, splits the lane blocks between its two), and a block fits in VMEM
+    (float32 maps take twice bfloat16's)."""
+    n, h, w, c = shape
+    devices = 1 if self.mesh is None else math.prod(self.mesh.shape[a] for a in self.batch_axes)
+    return (n % (devices * _LANES) == 0 and n // (devices * _LANES) >= self.cores
+            and c % 8 == 0 and hidden % 8 == 0
+            and _pixels_per_step(h * w, c, hidden, jnp.dtype(dtype).itemsize) is not None)
+
+  def mlp_residual(self, x, keep, gamma, beta, w1, b1, w2, b2, ls, eps: float):
+    """`x + keep * ls * mlp(GroupNorm1(x))` (mlp: fc1, exact gelu, fc2) for x [N, H, W, C].
+
+    keep: the per-sample drop-path factor [N] (0 or 1/(1-rate); ones without drop path).
+    Call only where `fits(x.shape, hidden, x.dtype)` (or interpreted).
+    """
+    return _mlp_residual(self, x, keep, gamma, beta, w1, b1, w2, b2, ls, eps)
 
 
-def _batch_axes(mesh) -> tuple[str, ...]:
-  return tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
-
-
-def fits(shape: tuple[int, ...], hidden: int, dtype) -> bool:
-  """Whether a [N, H, W, C] map of `dtype` with `hidden` MLP channels takes the kernels: the
-  program is lowered for a TPU mesh, each device's samples fill whole lane blocks, at least one
-  per TensorCore (a megacore chip, v4 or v5p, splits the lane blocks between its two), and a
-  block fits in VMEM (float32 maps take twice bfloat16's)."""
-  mesh = _mesh()
-  if mesh is None or mesh.abstract_device.platform != "tpu":
-    return False
-  n, h, w, c = shape
-  devices = math.prod(mesh.shape[a] for a in _batch_axes(mesh))
-  cores = mesh.abstract_device.num_cores or 1
-  return (n % (devices * _LANES) == 0 and n // (devices * _LANES) >= cores
-          and c % 8 == 0 and hidden % 8 == 0
-          and _pixels_per_step(h * w, c, hidden, jnp.dtype(dtype).itemsize) is not None)
+def for_mesh(mesh: jax.sharding.Mesh, batch_axes: Sequence[str], option: str = "auto", *,
+             interpret: bool = False) -> TpuKernels | None:
+  """The kernels for programs lowered on `mesh` with the batch split over `batch_axes`: None
+  (the XLA path) unless `option` is 'auto' and the mesh is made of TPUs (or `interpret`:
+  Pallas' interpreter on any device, for tests)."""
+  if option not in KERNEL_OPTIONS:
+    raise ValueError(f"kernels={option!r}; use one of {KERNEL_OPTIONS}")
+  device = mesh.abstract_mesh.abstract_device
+  on_tpu = device is not None and device.platform == "tpu"
+  if option == "xla" or not (on_tpu or interpret):
+    return None
+  axes = tuple(a for a in batch_axes if a in mesh.axis_names and mesh.shape[a] > 1)
+  return TpuKernels(mesh, axes, cores=(device.num_cores or 1) if on_tpu else 1,
+                    interpret=interpret)
 
 
 def _compiler_params(*semantics):
@@ -255,12 +281,11 @@ def _backward_local(xt, at, dt, stats, keep, cols, w1, b1, w2, *, interpret):
   return t, r, dw1.sum(0), db1.sum(0)[:, 0], m.sum(0), cacc.sum(0)
 
 
-def _on_mesh(fn, n_split_in: int, n_split_out: int):
+def _on_mesh(kernels: TpuKernels, fn, n_split_in: int, n_split_out: int):
   """fn on each device's samples (the last axis of the first `n_split_in` arguments and
   `n_split_out` results); other arguments replicated, other results summed over devices."""
-  mesh = _mesh()
-  axes = () if mesh is None else _batch_axes(mesh)
-  if not axes:
+  mesh, axes = kernels.mesh, kernels.batch_axes
+  if mesh is None or not axes:
     return fn
   split, whole = jax.sharding.PartitionSpec, jax.sharding.PartitionSpec()
 
@@ -301,15 +326,9 @@ def _moments(x, eps):
   return mean.reshape(-1), rstd.reshape(-1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10))
-def mlp_residual(x, keep, gamma, beta, w1, b1, w2, b2, ls, eps: float, interpret: bool = False):
-  """`x + keep * ls * mlp(GroupNorm1(x))` (mlp: fc1, exact gelu, fc2) for x [N, H, W, C].
-
-  keep: the per-sample drop-path factor [N] (0 or 1/(1-rate); ones without drop path).
-  Runs the kernels: call only where `fits(x.shape, hidden, x.dtype)`, or with `interpret=True` to
-  check them on CPU.
-  """
-  return _mlp_residual_fwd(x, keep, gamma, beta, w1, b1, w2, b2, ls, eps, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 10))
+def _mlp_residual(kernels, x, keep, gamma, beta, w1, b1, w2, b2, ls, eps):
+  return _mlp_residual_fwd(kernels, x, keep, gamma, beta, w1, b1, w2, b2, ls, eps)[0]
 
 
 def _per_sample(x, keep, gamma, beta, b2, ls, eps):
@@ -320,19 +339,19 @@ def _per_sample(x, keep, gamma, beta, b2, ls, eps):
   return jnp.stack([mean, rstd]), _f32(keep).reshape(1, -1), cols
 
 
-def _mlp_residual_fwd(x, keep, gamma, beta, w1, b1, w2, b2, ls, eps, interpret):
+def _mlp_residual_fwd(kernels, x, keep, gamma, beta, w1, b1, w2, b2, ls, eps):
   stats, keep_row, cols = _per_sample(x, keep, gamma, beta, b2, ls, eps)
-  fwd = _on_mesh(functools.partial(_forward_local, interpret=interpret), 3, 2)
+  fwd = _on_mesh(kernels, functools.partial(_forward_local, interpret=kernels.interpret), 3, 2)
   out, a = fwd(_to_kernel(x), stats, keep_row, cols, w1, _f32(b1), w2)
   return _from_kernel(out, x.shape), (x, a, stats, keep_row, cols, keep, gamma, beta, w1, b1,
                                       w2, b2, ls)
 
 
-def _mlp_residual_bwd(eps, interpret, res, dout):
+def _mlp_residual_bwd(kernels, eps, res, dout):
   del eps
   x, a, stats, keep_row, cols, keep, *params = res
   _, _, w1, b1, w2, _, _ = params
-  bwd = _on_mesh(functools.partial(_backward_local, interpret=interpret), 5, 2)
+  bwd = _on_mesh(kernels, functools.partial(_backward_local, interpret=kernels.interpret), 5, 2)
   t, r, dw1, db1, m, cacc = bwd(_to_kernel(x), a, _to_kernel(dout), stats, keep_row, cols,
                                 w1, _f32(b1), w2)
   # The norm's backward: dx = dout + rstd * (g - mean(g) - yhat * mean(g * yhat)), g the
@@ -351,4 +370,4 @@ def _mlp_residual_bwd(eps, interpret, res, dout):
           + tuple(g.astype(p.dtype) for g, p in zip(grads, params)))
 
 
-mlp_residual.defvjp(_mlp_residual_fwd, _mlp_residual_bwd)
+_mlp_residual.defvjp(_mlp_residual_fwd, _mlp_residual_bwd)

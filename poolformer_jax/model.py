@@ -508,10 +508,17 @@ class MetaFormerBlock(nnx.Module):
 
   Layer scales `ls` (v1) and res scales `rs` (v2, stages 3-4) are absent where the config has
   none. Both branches share the block's drop-path rate, as in the releases.
+
+  Each half computes that formula. Its faster forms are chosen here, once, from the config and
+  from `kernels` (what the caller lowers for; None: XLA everywhere), never from the ambient
+  mesh: a pooling mixer after a one-group norm with a plain skip is one fused op
+  (`fused_pooling`), and a v1 MLP half trains on the TPU kernels (`mlp_kernel`) where its
+  shape fits them.
   """
 
   def __init__(self, dim: int, cfg: MetaFormerConfig, stage: int, drop_rate: float, *,
-               dtype, param_dtype, rngs: nnx.Rngs):
+               dtype, param_dtype, rngs: nnx.Rngs,
+               kernels: mlp_kernel.TpuKernels | None = None):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     mixer = TOKEN_MIXERS[cfg.stage_token_mixers[stage]]
     res_init = None if cfg.res_scale_init is None else cfg.res_scale_init[stage]
@@ -525,19 +532,23 @@ class MetaFormerBlock(nnx.Module):
     self.mlp = mlp_cls(dim, int(dim * cfg.mlp_ratio), **kw)
     self.layer_scale2 = _maybe_scale(dim, cfg.layer_scale_init, param_dtype)
     self.res_scale2 = _maybe_scale(dim, res_init, param_dtype)
+    one_group = cfg.norm == "group"
+    pooling = cfg.stage_token_mixers[stage] == "pooling"
+    self.fused_pooling = pooling and one_group and res_init is None
+    # The kernels compute v1's MLP half: Mlp with biases after a one-group norm with a bias.
+    self.kernels = kernels if cfg.version == 1 and one_group and res_init is None else None
 
   def mix(self, x, key: jax.Array | None = None):
     """`x + drop_path(ls1 * token_mixer(norm1(x)))`: the token-mixing half of the block.
 
-    After a one-group norm with a plain skip (PoolFormer v1 and v2), pooling is one op,
-    `ops.pooling_residual`: the norm is a per-channel affine map of x and the pool averages
-    with weights that sum to 1, so the norm's mean and bias cancel in
-    `pool(norm(x)) - norm(x) = rstd * scale * (pool(x) - x)`. The normalised map is never
-    materialised: statistics, pool, layer scale, drop path and residual add are one loop
-    over x. (A channel LayerNorm has per-position statistics, which do not cancel.)
+    `fused_pooling`: the norm is a per-channel affine map of x and the pool averages with
+    weights that sum to 1, so the norm's mean and bias cancel in
+    `pool(norm(x)) - norm(x) = rstd * scale * (pool(x) - x)`, and `ops.pooling_residual`
+    computes statistics, pool, layer scale, drop path and residual add as one loop over x;
+    the normalised map is never materialised. (A channel LayerNorm has per-position
+    statistics, which do not cancel.)
     """
-    if not (isinstance(self.token_mixer, Pooling) and type(self.norm1) is GroupNorm1
-            and self.res_scale1 is None):
+    if not self.fused_pooling:
       return self._residual(x, self.token_mixer(self.norm1(x)), self.layer_scale1,
                             self.res_scale1, self.drop_rate, key)
     scale = self.norm1.scale[...].astype(jnp.float32)
@@ -549,6 +560,21 @@ class MetaFormerBlock(nnx.Module):
       scale = scale * keep
     return ops.pooling_residual(x, scale, self.norm1.eps, self.token_mixer.size)
 
+  def channel_mlp(self, x, key: jax.Array | None = None):
+    """`x + drop_path(ls2 * mlp(norm2(x)))` (res-scaled skip where the config has one): the
+    MLP half. v1's layer scale goes inside the MLP's op, whose backward computes its
+    gradient more cheaply than autodiff outside it."""
+    if key is not None and self.kernels is not None and self.kernels.fits(
+        x.shape, self.mlp.fc1.out_features, x.dtype):
+      return self._mlp_kernel(x, key)
+    h = self.norm2(x)
+    if isinstance(self.mlp, Mlp):
+      ls = None if self.layer_scale2 is None else self.layer_scale2.scale[...]
+      branch, scale = self.mlp(h, ls), None
+    else:
+      branch, scale = self.mlp(h), self.layer_scale2
+    return self._residual(x, branch, scale, self.res_scale2, self.drop_rate, key)
+
   @staticmethod
   def _residual(x, branch, scale: Scale | None, res_scale: Scale | None, rate, key):
     if scale is not None:
@@ -559,32 +585,17 @@ class MetaFormerBlock(nnx.Module):
   def __call__(self, x, key: jax.Array | None = None):
     k1, k2 = jax.random.split(key) if key is not None else (None, None)
     x = ops.materialize_grad(self.mix(x, k1))
-    if key is not None and self._mlp_kernel_fits(x):
-      return ops.materialize_grad(self._mlp_kernel(x, k2))
-    h = self.norm2(x)
-    if isinstance(self.mlp, Mlp):  # v1: the layer scale is cheaper inside the MLP's op.
-      ls = None if self.layer_scale2 is None else self.layer_scale2.scale[...]
-      branch, scale = self.mlp(h, ls), None
-    else:
-      branch, scale = self.mlp(h), self.layer_scale2
-    x = self._residual(x, branch, scale, self.res_scale2, self.drop_rate, k2)
-    return ops.materialize_grad(x)
-
-  def _mlp_kernel_fits(self, x) -> bool:
-    return (isinstance(self.mlp, Mlp) and type(self.norm2) is GroupNorm1
-            and self.norm2.bias is not None and self.res_scale2 is None
-            and mlp_kernel.fits(x.shape, self.mlp.fc1.out_features, x.dtype))
+    return ops.materialize_grad(self.channel_mlp(x, k2))
 
   def _mlp_kernel(self, x, key):
-    """The MLP half of a v1 block, training on TPU: `mlp_kernel.mlp_residual`, the same
-    function as the code below it in `__call__` as two Pallas kernels."""
+    """`channel_mlp` in training as two Pallas kernels: `TpuKernels.mlp_residual`."""
     keep = drop_path_factor(x.shape, self.drop_rate, key)
     keep = jnp.ones(x.shape[:1], jnp.float32) if keep is None else keep.reshape(-1)
     ls = (jnp.ones((x.shape[-1],), jnp.float32) if self.layer_scale2 is None
           else self.layer_scale2.scale[...])
-    return mlp_kernel.mlp_residual(
+    return self.kernels.mlp_residual(
         x, keep, self.norm2.scale[...], self.norm2.bias[...],
-        *self.mlp.weights(self.mlp.dtype or x.dtype), ls, self.norm2.eps, False)
+        *self.mlp.weights(self.mlp.dtype or x.dtype), ls, self.norm2.eps)
 
 
 class Stage(nnx.Module):
@@ -632,11 +643,15 @@ class MetaFormer(nnx.Module):
   for memory on TPU and GPU. On XLA:CPU it saves nothing (the CPU compiler drops the
   optimization barriers jax.checkpoint relies on and hoists the recomputation; measured
   1.0 GB of buffers instead of 0.8 GB for S12 at batch 16), hence off by default.
+
+  `kernels` (`mlp_kernel.for_mesh`): the TPU training kernels the blocks may use, chosen by
+  whoever lowers the program for its mesh (the trainer); None (default): XLA only.
   """
 
   def __init__(self, cfg: MetaFormerConfig, *, features_only: bool = False,
                dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-               remat: bool = False, rngs: nnx.Rngs):
+               remat: bool = False, kernels: mlp_kernel.TpuKernels | None = None,
+               rngs: nnx.Rngs):
     self.cfg = cfg
     self.features_only = features_only
     self.remat = remat
@@ -650,7 +665,8 @@ class MetaFormer(nnx.Module):
     for i, (depth, width) in enumerate(zip(cfg.depths, cfg.widths)):
       down = None if i == 0 else ConvDown(cfg.widths[i - 1], width, 3, 2, 1,
                                           norm="pre" if v2 else None, **down_norm, **kw)
-      blocks = [MetaFormerBlock(width, cfg, i, next(rates), **kw) for _ in range(depth)]
+      blocks = [MetaFormerBlock(width, cfg, i, next(rates), kernels=kernels, **kw)
+                for _ in range(depth)]
       stages.append(Stage(down, blocks))
     self.stages = nnx.List(stages)
     if features_only:

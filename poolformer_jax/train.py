@@ -23,6 +23,7 @@ Design points:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import signal
 import threading
@@ -50,6 +51,7 @@ from poolformer_jax import hub
 from poolformer_jax import measure
 from poolformer_jax import metrics as metrics_lib
 from poolformer_jax import mixup
+from poolformer_jax import mlp_kernel
 from poolformer_jax import model as model_lib
 from poolformer_jax import multihost
 from poolformer_jax import optimizer as optimizer_lib
@@ -100,6 +102,9 @@ def validate_config(config, *, workdir: str | None, num_devices: int,
   if config.data.randaugment_on not in ("host", "device"):
     raise ConfigError(f"config.data.randaugment_on={config.data.randaugment_on!r}; use 'host' "
                       "or 'device'")
+  if config.kernels not in mlp_kernel.KERNEL_OPTIONS:
+    raise ConfigError(f"config.kernels={config.kernels!r}; use 'auto' (the TPU kernels where "
+                      "they fit) or 'xla' (XLA only)")
   if config.dtype not in _DTYPES:
     raise ConfigError(f"config.dtype={config.dtype!r}; use one of {sorted(_DTYPES)}")
   size = config.data.image_size
@@ -212,6 +217,8 @@ class Trainer:
     self.model_config = model_lib.get_config(c.model, num_classes=self.num_classes,
                                              **c.model_overrides.to_dict())
     self.dtype = _DTYPES[c.dtype]
+    # The TPU kernels, chosen once for this mesh (None: XLA only); the model is built with them.
+    self.kernels = mlp_kernel.for_mesh(self.mesh, sharding_lib.BATCH_AXES, c.kernels)
     abstract_model = nnx.eval_shape(self._new_model, nnx.Rngs(0))
     self.graphdef, _ = nnx.split(abstract_model)
     self.num_params = model_lib.count_params(abstract_model)
@@ -227,7 +234,7 @@ class Trainer:
 
   def _new_model(self, rngs):
     return model_lib.MetaFormer(self.model_config, dtype=self.dtype, remat=self.config.remat,
-                                rngs=rngs)
+                                kernels=self.kernels, rngs=rngs)
 
   def _init(self, seed):
     model = self._new_model(nnx.Rngs(jax.random.key(seed)))
@@ -298,6 +305,59 @@ class Trainer:
     return measure.program_cost(compiled_train_step,
                                 loop_trips=self.config.grad_accum_steps).flops
 
+  def kernel_difference(self, params, images) -> float:
+    """How far the TPU kernels are from the XLA path, before they are trusted with a run.
+
+    On one device, `images` (a slice of the first batch: one device's lane blocks) go through
+    the model on the XLA path; at the first block of each stage whose MLP half takes the
+    kernels, that half runs both ways with the same drop-path draw and its layer scale at 1:
+    its output, and the gradients of its input and of every parameter under one random
+    cotangent. Returns the largest difference relative to each tensor's largest value (0.0 if
+    no block takes them).
+    """
+    single = dataclasses.replace(self.kernels, mesh=None, batch_axes=())
+    if jax.process_count() > 1:  # FSDP shards may live on other hosts
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      params = multihost_utils.process_allgather(params, tiled=True)
+    model = nnx.merge(self.graphdef, jax.tree.map(jnp.asarray, jax.device_get(params)))
+    x = augment.normalize(jnp.asarray(images), self.config.data.mean, self.config.data.std)
+    x = model.stem(x.astype(self.dtype))
+    key = jax.random.key(self.config.seed)
+    worst = 0.0
+    for stage in model.stages:
+      if stage.downsample is not None:
+        x = stage.downsample(x)
+      block = stage.blocks[0]
+      h = block.mix(x)
+      if block.kernels is not None and single.fits(h.shape, block.mlp.fc1.out_features, h.dtype):
+        block.kernels = single
+        if block.layer_scale2 is not None:  # 1e-5 at init: it would hide a wrong branch
+          block.layer_scale2.scale[...] = jnp.ones_like(block.layer_scale2.scale[...])
+        graphdef, state = nnx.split(block)
+        cotangent = jax.random.normal(key, h.shape, h.dtype)
+
+        def half(state, h, kernels):
+          b = nnx.merge(graphdef, state)
+          b.kernels = kernels
+          return b.channel_mlp(h, key)
+
+        results = []
+        for kernels in (single, None):
+          out, vjp = jax.vjp(lambda s, h: half(s, h, kernels), state, h)  # pylint: disable=cell-var-from-loop
+          results.append(jax.tree.leaves((out, vjp(cotangent))))
+        for a, b in zip(*results):
+          a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+          worst = max(worst, float(np.abs(a - b).max() / (np.abs(b).max() + 1e-30)))
+      for b in stage.blocks:
+        x = b(x)  # no key: the XLA path
+    return worst
+
+  def without_kernels(self) -> "Trainer":
+    """The same trainer on the XLA path (config.kernels='xla')."""
+    config = self.config.copy_and_resolve_references()
+    config.kernels = "xla"
+    return Trainer(config, self.mesh, self.num_classes, self.steps_per_epoch, self.total_steps)
+
   def compile_train_step(self):
     """The AOT-compiled step: (state, batch) -> (state, metrics), state donated."""
     batch = self.abstract_batch(self.config.batch_size, train=True)
@@ -305,7 +365,7 @@ class Trainer:
                      in_shardings=(self.state_sharding, self.batch_sharding),
                      out_shardings=(self.state_sharding, self.replicated),
                      donate_argnums=0)
-    with jax.set_mesh(self.mesh):  # The model picks its TPU kernels by the mesh (mlp_kernel).
+    with jax.set_mesh(self.mesh):
       return jitted.lower(self.abstract_state, batch).compile()
 
   def abstract_batch(self, batch_size: int, *, train: bool):
@@ -498,6 +558,27 @@ class _SigtermFlag:
       signal.signal(signal.SIGTERM, self.previous)
 
 
+# The kernels against the XLA path, both in bfloat16: relative to each tensor's largest value.
+# (Pallas' interpreter measures up to 2e-2 against float32 maths; a wrong kernel is off by ~1.)
+KERNEL_TOLERANCE = 5e-2
+
+
+def _checked_kernels(trainer: Trainer, params, images) -> Trainer:
+  """`trainer` if its TPU kernels agree with the XLA path on `images`, else the same trainer
+  on the XLA path, with one warning line: a run never trusts kernels that disagree."""
+  difference = trainer.kernel_difference(params, images)
+  if jax.process_count() > 1:  # every process must take the same path: the worst one decides
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    difference = float(np.max(multihost_utils.process_allgather(np.float32(difference))))
+  if difference <= KERNEL_TOLERANCE:
+    metrics_lib.log(f"TPU kernels match the XLA path (largest relative difference "
+                    f"{difference:.2g}): training with them")
+    return trainer
+  logging.warning("The TPU kernels differ from the XLA path by up to %.3g (relative; tolerance "
+                  "%g): this run continues on the XLA path", difference, KERNEL_TOLERANCE)
+  return trainer.without_kernels()
+
+
 class _Readback:
   """The train step's metrics, read back one step late: step n-1's are fetched while step n
   runs, so the device never waits on the host. A NaN/inf calls `diverged(step, host, bad)`
@@ -600,6 +681,11 @@ def _train_and_evaluate(config, workdir: str, sigterm: _SigtermFlag) -> dict:
       input_pipeline.create_train_iterator(config.data, global_batch_size=config.batch_size,
                                            seed=config.seed, start_step=start),
       trainer.batch_sharding)
+  if trainer.kernels is not None:  # Checked on the first batch before the run relies on them.
+    first = next(train_batches)
+    train_batches = itertools.chain([first], train_batches)
+    trainer = _checked_kernels(trainer, state.params, first["image"].addressable_shards[0].data)
+    writer.write(start, {"kernels": "tpu" if trainer.kernels is not None else "xla"})
   t0 = time.perf_counter()
   train_step = trainer.compile_train_step()
   flops = trainer.step_flops(train_step)

@@ -493,19 +493,24 @@ def test_pooling_residual_equals_the_unfused_block_half_values_and_gradients(dro
   np.testing.assert_allclose(fast[1], ref[1], rtol=1e-4, atol=1e-5)
 
 
-def test_mlp_apply_gradients_equal_autodiff():
+def test_mlp_apply_gradients_equal_autodiff_of_the_reference():
+  """`ops.mlp_reference` is the MLP's one reference (checked here against jax.nn.gelu's own
+  formula); `mlp_apply`'s values and written-out backward must equal its autodiff."""
   rng = np.random.default_rng(0)
   args = [jnp.asarray(rng.normal(size=s), jnp.float32)
           for s in [(2, 5, 5, 8), (8, 32), (32,), (32, 8), (8,), (8,)]]
   cot = jnp.asarray(rng.normal(size=(2, 5, 5, 8)), jnp.float32)
 
-  def plain(x, w1, b1, w2, b2, scale):
+  def independent(x, w1, b1, w2, b2, scale):
     return (jax.nn.gelu(x @ w1 + b1, approximate=False) @ w2 + b2) * scale
 
   with jax.default_matmul_precision("highest"):
-    np.testing.assert_allclose(ops.mlp_apply(*args), plain(*args), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ops.mlp_reference(*args), independent(*args), rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(ops.mlp_apply(*args), ops.mlp_reference(*args), rtol=1e-5,
+                               atol=1e-5)
     got = jax.grad(lambda *a: jnp.sum(ops.mlp_apply(*a) * cot), argnums=range(6))(*args)
-    ref = jax.grad(lambda *a: jnp.sum(plain(*a) * cot), argnums=range(6))(*args)
+    ref = jax.grad(lambda *a: jnp.sum(ops.mlp_reference(*a) * cot), argnums=range(6))(*args)
   for g, r in zip(got, ref):
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-4 * float(jnp.abs(r).max()))
 

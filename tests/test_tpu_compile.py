@@ -235,13 +235,16 @@ def test_mlp_kernels_are_chosen_where_they_fit_on_a_tpu_mesh():
   from poolformer_jax import mlp_kernel, sharding  # pylint: disable=g-import-not-at-top
   topology = tpu_compile.parse_topology("v4-8")
   tpu_compile.prepare_environment(topology)
-  with jax.set_mesh(sharding.make_mesh(1, tpu_compile.topology_devices(topology))):
-    bf16 = jax.numpy.bfloat16
-    assert mlp_kernel.fits((4 * 256, 56, 56, 64), 256, bf16)  # S12's stage 1, 256 per chip
-    assert mlp_kernel.fits((4 * 1024, 14, 14, 320), 1280, bf16)  # stage 3, the recipe's batch
-    assert not mlp_kernel.fits((4 * 128, 56, 56, 64), 256, bf16)  # one lane block: a core idle
-    assert not mlp_kernel.fits((4 * 192, 56, 56, 64), 256, bf16)  # not whole lane blocks
-    assert not mlp_kernel.fits((4 * 256, 7, 7, 512), 2048, bf16)  # stage 4: over VMEM
+  mesh = sharding.make_mesh(1, tpu_compile.topology_devices(topology))
+  assert mlp_kernel.for_mesh(mesh, sharding.BATCH_AXES, "xla") is None
+  kernels = mlp_kernel.for_mesh(mesh, sharding.BATCH_AXES)
+  assert kernels.cores == 2 and kernels.mesh.shape[kernels.batch_axes[0]] == 4  # megacore v4
+  bf16 = jax.numpy.bfloat16
+  assert kernels.fits((4 * 256, 56, 56, 64), 256, bf16)  # S12's stage 1, 256 per chip
+  assert kernels.fits((4 * 1024, 14, 14, 320), 1280, bf16)  # stage 3, the recipe's batch
+  assert not kernels.fits((4 * 128, 56, 56, 64), 256, bf16)  # one lane block: a core idle
+  assert not kernels.fits((4 * 192, 56, 56, 64), 256, bf16)  # not whole lane blocks
+  assert not kernels.fits((4 * 256, 7, 7, 512), 2048, bf16)  # stage 4: over VMEM
 
 
 @needs_libtpu
@@ -276,3 +279,7 @@ def test_tpu_train_step_runs_the_mlp_kernels(topology, batch, fsdp, accum):
     text = trainer.compile_train_step().as_text()
     assert len(re.findall(r"custom_call_target=\"tpu_custom_call\"", text)) == kernels
   assert "tpu_custom_call" not in trainer.compile_eval_step().as_text()
+  if topology == "v4-8" and accum == 1:  # --config.kernels=xla: the same step without them
+    config = smoke(topology, batch_size=batch, eval_batch_size=64, kernels="xla")
+    trainer = train.Trainer(config, sharding.make_mesh(1, devices), 10, 10, 40)
+    assert "tpu_custom_call" not in trainer.compile_train_step().as_text()
