@@ -138,7 +138,7 @@ def bench_memory(args, results):
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", f"{what}:{mode}",
            "--variant", args.variant, "--dtype", args.dtype, "--image-size", str(args.image_size),
            "--train-batch-size", str(args.train_batch_size), "--batch-sizes",
-           *map(str, args.batch_sizes)]
+           *map(str, args.batch_sizes), *(["--system-malloc"] if args.system_malloc else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     line = [l for l in proc.stdout.splitlines() if l.startswith("MEMORY_JSON ")]
     if proc.returncode or not line:
