@@ -20,11 +20,15 @@ from __future__ import annotations
 import signal
 import threading
 
-# From the first moment on, a SIGTERM (a preemption notice) is remembered rather than fatal: the
-# trainer acts on it (before the first step: exit 75; later: a checkpoint, then exit 75). The
-# imports below take seconds, so this comes first. Other modes restore the default in main().
+from poolformer_jax import cpu_tuning
+
+# First of all, the re-execution (see its docstring): whatever ran before it would run twice.
+# Then, from the first moment on, a SIGTERM (a preemption notice) is remembered rather than
+# fatal: the trainer acts on it (before the first step: exit 75; later: a checkpoint, then exit
+# 75). The imports below take seconds. Other modes restore the default in main().
 _SIGTERM = threading.Event()
 if __name__ == "__main__":
+  cpu_tuning.reexec_with_malloc_hugepages()
   signal.signal(signal.SIGTERM, lambda signum, frame: _SIGTERM.set())
 
 import logging as std_logging  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -36,7 +40,6 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from poolformer_jax import cpu_tuning
 from poolformer_jax import multihost
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -201,6 +204,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  if not _SIGTERM.is_set():  # A re-execution would forget it: main() acts on it at once.
-    cpu_tuning.reexec_with_malloc_hugepages()  # Before JAX starts: see its docstring.
   app.run(lambda argv: sys.exit(main(argv)))

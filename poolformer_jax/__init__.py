@@ -1,26 +1,36 @@
-"""PoolFormer (MetaFormer) in JAX / Flax NNX."""
+"""PoolFormer (MetaFormer) in JAX / Flax NNX.
 
-from poolformer_jax.hub import create_model, list_pretrained, load_pretrained
-from poolformer_jax.inference import predict, preprocess
-from poolformer_jax.model import (
-    VARIANTS,
-    MetaFormer,
-    MetaFormerConfig,
-    count_params,
-    get_config,
-    list_models,
-)
+The names below are imported on first use (PEP 562), so that `main.py` and the light modules
+(`cpu_tuning`, `multihost`, `errors`) start without importing JAX: every entry point re-executes
+itself once before JAX starts, and a multi-process run keeps a small supervising parent.
+"""
 
-__all__ = [
-    "VARIANTS",
-    "MetaFormer",
-    "MetaFormerConfig",
-    "count_params",
-    "create_model",
-    "get_config",
-    "list_models",
-    "list_pretrained",
-    "load_pretrained",
-    "predict",
-    "preprocess",
-]
+import importlib
+
+_EXPORTS = {
+    "create_model": "hub",
+    "list_pretrained": "hub",
+    "load_pretrained": "hub",
+    "predict": "inference",
+    "preprocess": "inference",
+    "VARIANTS": "model",
+    "MetaFormer": "model",
+    "MetaFormerConfig": "model",
+    "count_params": "model",
+    "get_config": "model",
+    "list_models": "model",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+  if name not in _EXPORTS:
+    raise AttributeError(f"module 'poolformer_jax' has no attribute {name!r}")
+  value = getattr(importlib.import_module(f"poolformer_jax.{_EXPORTS[name]}"), name)
+  globals()[name] = value  # Looked up once.
+  return value
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_EXPORTS))

@@ -1,6 +1,8 @@
 """Test-wide environment. Runs before any test module imports jax, torch or transformers."""
 
 import os
+import shutil
+import tempfile
 
 # 8 fake CPU devices so sharding is exercised on a laptop; must be set before jax is imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -10,6 +12,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Nothing may wait on the network: the HF hub is never contacted.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One compilation cache per test worker, shared with the subprocesses it starts (main.py runs,
+# benchmarks): the suite runs the same small programs many times (a run, its kill, its resume),
+# and each compiles once. A hit is the same executable, so no result changes; `Compiling ...`
+# is still logged, so compile counts hold. Per worker, because JAX writes entries in place and
+# two writers of one entry would race; removed at the end (pytest_unconfigure).
+_XLA_CACHE = os.path.join(
+    tempfile.gettempdir(),
+    f"poolformer_jax_tests_{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}",
+    os.environ.get("PYTEST_XDIST_WORKER", "main"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 import collections  # noqa: E402
 import contextlib  # noqa: E402
@@ -20,6 +33,13 @@ import re  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def pytest_unconfigure(config):
+  del config
+  shutil.rmtree(_XLA_CACHE, ignore_errors=True)
+  with contextlib.suppress(OSError):  # The last worker out (or the xdist controller).
+    os.rmdir(os.path.dirname(_XLA_CACHE))
 
 
 @pytest.hookimpl(trylast=True)

@@ -52,6 +52,24 @@ def test_reexec_sets_the_tunable_keeps_argv_and_respects_an_explicit_setting(tmp
   assert run("reexec", tmp_path, "glibc.malloc.hugetlb=0")["tunables"] == "glibc.malloc.hugetlb=0"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a glibc tunable")
+def test_main_re_executes_before_anything_heavy_is_imported():
+  """What main.py imports before its re-exec is paid twice per run: the first process must
+  import neither JAX nor TensorFlow (the package's top-level names load on first use)."""
+  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+  proc = subprocess.run([sys.executable, "-X", "importtime", "main.py", "--helpshort"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert "--workdir" in proc.stdout, proc.stderr[-3000:]  # absl's help (it exits 1).
+  imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+              if line.startswith("import time:")]
+  assert imported.count("poolformer_jax.cpu_tuning") == 2  # Once per process: it re-executed.
+  assert imported.count("jax") == 1 and imported.count("tensorflow") <= 1, (
+      imported.count("jax"), imported.count("tensorflow"))
+  import poolformer_jax  # pylint: disable=g-import-not-at-top
+  assert poolformer_jax.create_model.__module__ == "poolformer_jax.hub"
+  assert "create_model" in dir(poolformer_jax)
+
+
 def _thp_mode():
   path = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
   return path.read_text() if path.exists() else "[never]"
