@@ -260,6 +260,24 @@ def test_float32_training_sizes_the_kernel_blocks_for_float32():
 
 
 @needs_libtpu
+def test_block_proxy_measures_any_variant_and_each_half_of_its_blocks():
+  """The proxy that found where the baselines' bytes go: CAFormer's stage-4 attention block and
+  its two halves compile for a v4 chip; each half moves less than the block and the two
+  together about as much (the halves each read and write the map once more)."""
+  sys.path.insert(0, str(REPO / "benchmarks"))
+  import tpu_block_proxy  # pylint: disable=g-import-not-at-top
+  tpu_compile.prepare_environment(tpu_compile.parse_topology("v4-8"))
+  mb = {}
+  for part in ("block", "mix", "mlp"):
+    result = tpu_block_proxy.measure(4, blocks=1, batch=16, train=True, remat=None,
+                                     model="caformer_s18", part=part)
+    assert result["mixer"] == "attention" and result["kernels"] == 0, result
+    mb[part] = result["MB_per_image_block"]
+  assert mb["mix"] > mb["mlp"] > 0, mb  # 49 tokens of attention outweigh the MLP half
+  assert max(mb["mix"], mb["mlp"]) < mb["block"] < 1.3 * (mb["mix"] + mb["mlp"]), mb
+
+
+@needs_libtpu
 @pytest.mark.parametrize("topology,batch,fsdp,accum", [
     ("v4-8", 1024, 1, 1), ("v4-8", 2048, 2, 2), ("v4-16", 2048, 1, 1), ("v5e-8", 1024, 1, 1)])
 def test_tpu_train_step_runs_the_mlp_kernels(topology, batch, fsdp, accum):
