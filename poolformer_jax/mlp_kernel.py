@@ -38,6 +38,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
@@ -138,6 +139,13 @@ def _backward_kernel(x_ref, a_ref, dout_ref, stats_ref, keep_ref, cols_ref, w1_r
 # ---------------------------------------------------------------------------
 # Blocking and the calls.
 # ---------------------------------------------------------------------------
+
+
+def relative_difference(a, b) -> float:
+  """Largest |a - b| relative to b's largest magnitude: how far a kernel's tensor is from the
+  reference's, in units that mean the same for an activation and a weight gradient."""
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  return float(np.abs(a - b).max() / (np.abs(b).max() + 1e-30))
 
 
 def _chunk(hid: int) -> int:
