@@ -118,7 +118,12 @@ def prepare_environment(topology: Topology) -> None:
   libtpu then never opens a local TPU (one may be busy training), takes no lock on it, does
   not ask the GCE metadata server what machine this is (which stalls off Google Cloud), and
   does not warn that it cannot tell. None of these changes the compiled program.
+
+  JAX's persistent compilation cache (JAX_COMPILATION_CACHE_DIR, common on TPU VMs) is off:
+  it would store these programs for devices this process does not have, and cannot load them
+  back without a TPU client (each later lookup warned and compiled again).
   """
+  jax.config.update("jax_enable_compilation_cache", False)
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", topology.name)

@@ -153,10 +153,16 @@ def test_tpu_program_has_no_cpu_only_conditional():
 @needs_libtpu
 def test_compile_mode_prints_the_table_and_writes_json(tmp_path):
   """Also what the host must deliver: a pipeline of 2 images/s per vCPU makes it input-bound,
-  and the recipe's time is then the hosts' (40 steps of 64 images at 2 x 60 per chip)."""
+  and the recipe's time is then the hosts' (40 steps of 64 images at 2 x 60 per chip). A
+  persistent compilation cache in the environment stays empty: these programs are for devices
+  this process does not have, and JAX could not load them back."""
+  cache = tmp_path / "xla_cache"
   out = main_py("--mode=compile", "--config=configs/demo.py:smoke", "--config.topology=v4-8",
-                f"--workdir={tmp_path}", "--config.host_images_per_s_per_vcpu=2")
+                f"--workdir={tmp_path}", "--config.host_images_per_s_per_vcpu=2",
+                env=dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
+                         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0"))
   assert out.returncode == 0, out.stderr[-3000:]
+  assert not cache.exists() or not os.listdir(cache), os.listdir(cache)
   assert "on v4-8: 4 TPU v4 chips, 1 host(s)" in out.stdout
   assert "| train | 16 |" in out.stdout and "| eval | 30 |" in out.stdout
   assert "https://cloud.google.com/tpu/docs/v4" in out.stdout
