@@ -78,7 +78,8 @@ def measure(stage: int, *, blocks: int, batch: int, train: bool, remat: str | No
   cost = measure_lib.program_cost(compiled).per(batch * blocks)
   per_block_image = cost.bytes_accessed
   result = {
-      "model": model, "part": part, "mixer": cfg.stage_token_mixers[stage - 1], "stage": stage, "blocks": blocks, "batch": batch, "train": train, "remat": remat,
+      "model": model, "part": part, "mixer": cfg.stage_token_mixers[stage - 1], "stage": stage,
+      "blocks": blocks, "batch": batch, "train": train, "remat": remat,
       "dtype": dtype, "kernels": compiled.as_text().count('custom_call_target="tpu_custom_call"'),
       "compile_s": round(compile_s, 1),
       "MB_per_image_block": round(per_block_image / 1e6, 3),
