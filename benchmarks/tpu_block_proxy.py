@@ -1,14 +1,14 @@
-"""A fast proxy for the TPU train step: a few real MetaFormer blocks, compiled for one v4 chip.
+"""A fast proxy for the TPU train step: a few real MetaFormer blocks, compiled for one TPU chip.
 
   python benchmarks/tpu_block_proxy.py --stages 1 3 [--model caformer_s18] [--part mix|mlp]
-                                       [--eval] [--remat full|dots_saveable]
+                                       [--eval] [--remat full|dots_saveable] [--topology v5e-8]
 
 Builds `--blocks` real `MetaFormerBlock`s of `--model` at one stage's shapes (224 px input:
 stage 1 is 56x56 at the variant's first width ... stage 4 is 7x7), bfloat16 compute (`--dtype`),
-and compiles their forward and backward (or forward only with --eval) for one TPU v4 chip at
-`--batch` images, in seconds instead of the minutes of the whole step. `--part` keeps one half
-of each block: `mix` (norm, token mixer, scales, residual) or `mlp` (norm, MLP, scales,
-residual); where the bytes of a block go. It lowers them under a one-chip TPU mesh, as the
+and compiles their forward and backward (or forward only with --eval) for one chip of
+`--topology` (default a v4) at `--batch` images, in seconds instead of the minutes of the whole
+step. `--part` keeps one half of each block: `mix` (norm, token mixer, scales, residual) or
+`mlp` (norm, MLP, scales, residual); where the bytes of a block go. It lowers them under a one-chip TPU mesh, as the
 trainer does, so the blocks take their TPU training kernels (`poolformer_jax/mlp_kernel.py`)
 where those fit. Prints XLA's bytes accessed per image and block, also in units of one bfloat16
 copy of the block's input map (u). This is how each change to `poolformer_jax/ops.py` and
@@ -33,7 +33,7 @@ PARTS = {"block": "__call__", "mix": "mix", "mlp": "channel_mlp"}  # MetaFormerB
 
 def measure(stage: int, *, blocks: int, batch: int, train: bool, remat: str | None,
             hlo_dir: str | None = None, dtype: str = "bfloat16", model: str = "poolformer_s12",
-            part: str = "block") -> dict:
+            part: str = "block", topology: str = "v4-8") -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -41,7 +41,7 @@ def measure(stage: int, *, blocks: int, batch: int, train: bool, remat: str | No
   from poolformer_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   from poolformer_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
 
-  device = tpu_compile.topology_devices(tpu_compile.parse_topology("v4-8"))[0]
+  device = tpu_compile.topology_devices(tpu_compile.parse_topology(topology))[0]
   sharding = jax.sharding.SingleDeviceSharding(device)
   mesh = sharding_lib.make_mesh(1, [device])
   kernels = mlp_kernel.for_mesh(mesh, sharding_lib.BATCH_AXES)  # as the trainer chooses them
@@ -78,7 +78,7 @@ def measure(stage: int, *, blocks: int, batch: int, train: bool, remat: str | No
   cost = measure_lib.program_cost(compiled).per(batch * blocks)
   per_block_image = cost.bytes_accessed
   result = {
-      "model": model, "part": part, "mixer": cfg.stage_token_mixers[stage - 1], "stage": stage,
+      "model": model, "topology": topology, "part": part, "mixer": cfg.stage_token_mixers[stage - 1], "stage": stage,
       "blocks": blocks, "batch": batch, "train": train, "remat": remat,
       "dtype": dtype, "kernels": compiled.as_text().count('custom_call_target="tpu_custom_call"'),
       "compile_s": round(compile_s, 1),
@@ -105,13 +105,14 @@ def main():
   parser.add_argument("--eval", action="store_true", help="forward only")
   parser.add_argument("--remat", help="'full' or a jax.checkpoint_policies name")
   parser.add_argument("--dtype", default="bfloat16", help="compute dtype (bfloat16, float32)")
+  parser.add_argument("--topology", default="v4-8", help="a chip of this slice")
   parser.add_argument("--hlo-dir", help="also write the optimized HLO of each program here")
   args = parser.parse_args()
-  tpu_compile.prepare_environment(tpu_compile.parse_topology("v4-8"))
+  tpu_compile.prepare_environment(tpu_compile.parse_topology(args.topology))
   for stage in args.stages:
     print(json.dumps(measure(stage, blocks=args.blocks, batch=args.batch, train=not args.eval,
                              remat=args.remat, hlo_dir=args.hlo_dir, dtype=args.dtype,
-                             model=args.model, part=args.part)),
+                             model=args.model, part=args.part, topology=args.topology)),
           flush=True)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-GiB = 2**30
+GiB, MiB = 2**30, 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +25,7 @@ class Chip:
   source: str
   host_vcpus: int | None = None  # TPUs: vCPUs of the TPU VM of a full host...
   host_chips: int | None = None  # ...which holds this many chips.
+  vmem_bytes: int | None = None  # TPUs: the vector memory of each TensorCore (Pallas blocks).
 
   @property
   def vcpus_per_chip(self) -> float | None:
@@ -37,13 +38,18 @@ _NVIDIA = "https://www.nvidia.com/en-us/data-center/"
 # that needs more than it can use, a little less (e.g. 15.75 GiB of a v5e's 16). The TPU VM of
 # each generation (vCPUs, chips) from the same page's VM / host properties: v4 240 vCPUs and 4
 # chips, v5e 224 and 8 (ct5lp-hightpu-8t), v5p 208 and 4, v6e 180 and 8 (ct6e-standard-8t).
+# VMEM per TensorCore from JAX's Pallas TPU hardware reference (`pltpu.get_tpu_info_for_chip`).
 # GPUs: the SXM parts' datasheets (HBM in the datasheet's GB, 10^9 bytes; bandwidth in TB/s);
 # a PCIe card of the same name has lower figures.
 CHIPS = {
-    "v4": Chip("TPU v4", "TPU v4", 275e12, 1200e9, 32 * GiB, _TPU_DOCS + "v4", 240, 4),
-    "v5e": Chip("TPU v5e", "TPU v5 lite", 197e12, 819e9, 16 * GiB, _TPU_DOCS + "v5e", 224, 8),
-    "v5p": Chip("TPU v5p", "TPU v5", 459e12, 2765e9, 95 * GiB, _TPU_DOCS + "v5p", 208, 4),
-    "v6e": Chip("TPU v6e", "TPU v6 lite", 918e12, 1638e9, 32 * GiB, _TPU_DOCS + "v6e", 180, 8),
+    "v4": Chip("TPU v4", "TPU v4", 275e12, 1200e9, 32 * GiB, _TPU_DOCS + "v4", 240, 4,
+               16 * MiB),
+    "v5e": Chip("TPU v5e", "TPU v5 lite", 197e12, 819e9, 16 * GiB, _TPU_DOCS + "v5e", 224, 8,
+                128 * MiB),
+    "v5p": Chip("TPU v5p", "TPU v5", 459e12, 2765e9, 95 * GiB, _TPU_DOCS + "v5p", 208, 4,
+                64 * MiB),
+    "v6e": Chip("TPU v6e", "TPU v6 lite", 918e12, 1638e9, 32 * GiB, _TPU_DOCS + "v6e", 180, 8,
+                128 * MiB),
     "h100": Chip("NVIDIA H100 SXM", "NVIDIA H100", 989e12, 3.35e12, 80e9, _NVIDIA + "h100/"),
     "h200": Chip("NVIDIA H200 SXM", "NVIDIA H200", 989e12, 4.8e12, 141e9, _NVIDIA + "h200/"),
     "a100": Chip("NVIDIA A100 SXM 80GB", "NVIDIA A100", 312e12, 2.039e12, 80e9,

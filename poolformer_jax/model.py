@@ -512,8 +512,8 @@ class MetaFormerBlock(nnx.Module):
   Each half computes that formula. Its faster forms are chosen here, once, from the config and
   from `kernels` (what the caller lowers for; None: XLA everywhere), never from the ambient
   mesh: a pooling mixer after a one-group norm with a plain skip is one fused op
-  (`fused_pooling`), and a v1 MLP half trains on the TPU kernels (`mlp_kernel`) where its
-  shape fits them.
+  (`fused_pooling`), and every MLP half (v1's GELU MLP or the baselines' StarReLU one, after
+  either norm) trains on the TPU kernels (`mlp_kernel`) where its shape fits them.
   """
 
   def __init__(self, dim: int, cfg: MetaFormerConfig, stage: int, drop_rate: float, *,
@@ -532,11 +532,11 @@ class MetaFormerBlock(nnx.Module):
     self.mlp = mlp_cls(dim, int(dim * cfg.mlp_ratio), **kw)
     self.layer_scale2 = _maybe_scale(dim, cfg.layer_scale_init, param_dtype)
     self.res_scale2 = _maybe_scale(dim, res_init, param_dtype)
-    one_group = cfg.norm == "group"
     pooling = cfg.stage_token_mixers[stage] == "pooling"
-    self.fused_pooling = pooling and one_group and res_init is None
-    # The kernels compute v1's MLP half: Mlp with biases after a one-group norm with a bias.
-    self.kernels = kernels if cfg.version == 1 and one_group and res_init is None else None
+    self.fused_pooling = pooling and cfg.norm == "group" and res_init is None
+    self.kernels = kernels
+    self.mlp_form = mlp_kernel.MlpForm(norm=cfg.norm, act="gelu" if cfg.version == 1
+                                       else "starrelu", eps=cfg.norm_eps)
 
   def mix(self, x, key: jax.Array | None = None):
     """`x + drop_path(ls1 * token_mixer(norm1(x)))`: the token-mixing half of the block.
@@ -588,14 +588,25 @@ class MetaFormerBlock(nnx.Module):
     return ops.materialize_grad(self.channel_mlp(x, k2))
 
   def _mlp_kernel(self, x, key):
-    """`channel_mlp` in training as two Pallas kernels: `TpuKernels.mlp_residual`."""
+    """`channel_mlp` in training as two Pallas kernels: `TpuKernels.mlp_residual`, the terms
+    this block lacks at their neutral values."""
     keep = drop_path_factor(x.shape, self.drop_rate, key)
     keep = jnp.ones(x.shape[:1], jnp.float32) if keep is None else keep.reshape(-1)
-    ls = (jnp.ones((x.shape[-1],), jnp.float32) if self.layer_scale2 is None
-          else self.layer_scale2.scale[...])
-    return self.kernels.mlp_residual(
-        x, keep, self.norm2.scale[...], self.norm2.bias[...],
-        *self.mlp.weights(self.mlp.dtype or x.dtype), ls, self.norm2.eps)
+    dim, mlp, dtype = x.shape[-1], self.mlp, self.mlp.fc1.dtype or x.dtype
+    zeros, ones = jnp.zeros((dim,), jnp.float32), jnp.ones((dim,), jnp.float32)
+    value = lambda module, absent: absent if module is None else module.scale[...]
+    if isinstance(mlp, Mlp):
+      w1, b1, w2, b2 = mlp.weights(dtype)
+      act = jnp.zeros((2,), jnp.float32)
+    else:
+      w1, w2 = (fc.kernel[...].astype(dtype) for fc in (mlp.fc1, mlp.fc2))
+      b1, b2 = jnp.zeros((w1.shape[1],), jnp.float32), zeros
+      act = jnp.concatenate([mlp.act.scale[...], mlp.act.bias[...]])
+    beta = zeros if self.norm2.bias is None else self.norm2.bias[...]
+    params = mlp_kernel.MlpParams(
+        gamma=self.norm2.scale[...], beta=beta, w1=w1, b1=b1, w2=w2, b2=b2,
+        ls=value(self.layer_scale2, ones), rs=value(self.res_scale2, ones), act=act)
+    return self.kernels.mlp_residual(x, keep, params, self.mlp_form)
 
 
 class Stage(nnx.Module):

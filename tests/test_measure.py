@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.experimental.pallas import tpu as pltpu
 
 from poolformer_jax import chips
 from poolformer_jax import measure
@@ -80,6 +81,10 @@ def test_one_chip_table_for_mfu_compile_mode_and_the_benchmarks():
     assert chips.chip_of(Device(chip.device_kind)) is chip  # MFU, as the trainer looks it up.
     assert chips.peak_flops(Device(chip.device_kind)) == chip.peak_flops
     assert chip.vcpus_per_chip > 0 and chip.source.startswith("https://")
+    # Each TensorCore's VMEM (what the Pallas kernels' blocks are sized by), as JAX's own
+    # hardware table gives it.
+    version = pltpu.ChipVersion(generation)
+    assert chip.vmem_bytes == pltpu.get_tpu_info_for_chip(version, 1).vmem_capacity_bytes
   # The longest prefix wins: "TPU v5 lite" is a v5e, "TPU v5" a v5p.
   assert chips.chip_of(Device("TPU v5 lite")) is chips.CHIPS["v5e"]
   assert chips.chip_of(Device("TPU v5")) is chips.CHIPS["v5p"]

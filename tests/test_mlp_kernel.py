@@ -12,76 +12,104 @@ import pytest
 from flax import nnx
 
 from conftest import load_config
-from poolformer_jax import mlp_kernel, ops, sharding, train
+from poolformer_jax import chips, mlp_kernel, ops, sharding, train
 from poolformer_jax import model as model_lib
 
 N = mlp_kernel._LANES  # one lane block of samples  # pylint: disable=protected-access
 
 
-def block_and_inputs(width=16, res=4, dtype=jnp.float32, seed=0):
-  cfg = model_lib.get_config("poolformer_s12")
-  block = model_lib.MetaFormerBlock(width, cfg, 0, 0.2, dtype=dtype, param_dtype=jnp.float32,
-                                    rngs=nnx.Rngs(seed))
-  keys = jax.random.split(jax.random.key(seed), 8)
-  # Parameters away from their init (ones / zeros / 1e-5) so every term matters.
-  for i, p in enumerate((block.norm2.scale, block.norm2.bias, block.layer_scale2.scale,
-                         block.mlp.fc1.bias, block.mlp.fc2.bias)):
-    p[...] = p[...] + 0.3 * jax.random.normal(keys[i], p.shape)
-  x = (2 * jax.random.normal(keys[5], (N, res, res, width)) + 0.5).astype(dtype)
-  cotangent = jax.random.normal(keys[6], x.shape).astype(dtype)
-  keep = model_lib.drop_path_factor(x.shape, 0.2, keys[7]).reshape(-1)
-  return block, x, cotangent, keep
+def block_and_inputs(width=16, res=4, dtype=jnp.float32, seed=0, variant="poolformer_s12",
+                     stage=0):
+  """A block of `variant`'s `stage` (its norm, MLP and scales) at a small width, an input, a
+  cotangent and a drop-path key that drops some samples."""
+  cfg = model_lib.get_config(variant)
+  block = model_lib.MetaFormerBlock(width, cfg, stage, 0.2, dtype=dtype,
+                                    param_dtype=jnp.float32, rngs=nnx.Rngs(seed))
+  keys = jax.random.split(jax.random.key(seed), 4)
+  # Every norm gain, bias, scale and StarReLU scalar away from its init (ones / zeros / 1e-5)
+  # so every term matters.
+  graphdef, state = nnx.split(block)
+  leaves, tree = jax.tree.flatten(state)
+  noise = jax.random.split(keys[0], len(leaves))
+  state = jax.tree.unflatten(tree, [
+      v + 0.3 * jax.random.normal(k, v.shape) if v.ndim == 1 else v
+      for v, k in zip(leaves, noise)])
+  block = nnx.merge(graphdef, state)
+  x = (2 * jax.random.normal(keys[1], (N, res, res, width)) + 0.5).astype(dtype)
+  cotangent = jax.random.normal(keys[2], x.shape).astype(dtype)
+  return block, x, cotangent, keys[3]
 
 
 INTERPRETED = mlp_kernel.TpuKernels(mesh=None, interpret=True)  # one device, Pallas' interpreter
 
 
-def xla_path(block, x, keep):
-  """The MLP half's formula: x + keep * ls * mlp(norm2(x)), the MLP as its reference."""
+def xla_path(block, x, key):
+  """The MLP half's formula, x + keep * ls * mlp(norm2(x)): v1's MLP as its one reference,
+  the baselines' as the block's own XLA path (norm2, StarReLU MLP, res-scaled skip)."""
+  if not isinstance(block.mlp, model_lib.Mlp):
+    block.kernels = None
+    return block.channel_mlp(x, key)
+  keep = model_lib.drop_path_factor(x.shape, block.drop_rate, key).reshape(-1)
   h = block.norm2(x)
   ls = block.layer_scale2.scale[...].astype(h.dtype)  # the compute dtype, as Mlp does
   branch = ops.mlp_reference(h, *block.mlp.weights(h.dtype), ls)
   return x + branch * keep[:, None, None, None].astype(branch.dtype)
 
 
-def kernel_path(block, x, keep, kernels=INTERPRETED):
-  return kernels.mlp_residual(
-      x, keep, block.norm2.scale[...], block.norm2.bias[...], *block.mlp.weights(block.mlp.dtype),
-      block.layer_scale2.scale[...], block.norm2.eps)
+def kernel_path(block, x, key, kernels=INTERPRETED):
+  block.kernels = kernels
+  assert kernels.fits(x.shape, block.mlp.fc1.out_features, x.dtype)
+  return block.channel_mlp(x, key)
 
 
-def value_and_grads(path, block, x, cotangent, keep):
+def value_and_grads(path, block, x, cotangent, key):
   graphdef, params = nnx.split(block)
 
   def loss(params, x):
-    out = path(nnx.merge(graphdef, params), x, keep)
+    out = path(nnx.merge(graphdef, params), x, key)
     return jnp.sum(out.astype(jnp.float32) * cotangent.astype(jnp.float32)), out
 
   (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
   return out, grads
 
 
+# (variant, stage): what the MLP half has there, and how many parameters it has.
+FORMS = {("poolformer_s12", 0): 7,  # one-group norm with bias, GELU MLP with biases, layer scale
+         ("poolformerv2_s12", 2): 6,  # one-group norm, StarReLU MLP, res-scaled skip
+         ("convformer_s18", 0): 5,  # channel LayerNorm, StarReLU MLP, plain skip
+         ("convformer_s18", 2): 6}  # channel LayerNorm, StarReLU MLP, res-scaled skip
+
+
+@pytest.mark.parametrize("variant,stage", list(FORMS))
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-2)])
-def test_kernels_match_the_reference_values_and_every_gradient(dtype, tol):
-  """Against the formula in float32 on the same inputs and parameters (in bfloat16 the
-  kernels round once per stored value; the tolerance is bfloat16's)."""
-  block, x, cotangent, keep = block_and_inputs(dtype=dtype)
-  exact = block_and_inputs(dtype=jnp.float32)[0]  # the same parameters, float32 compute
+def test_kernels_match_the_reference_values_and_every_gradient(variant, stage, dtype, tol):
+  """Against the formula in float32 on the same inputs and parameters, for each form of MLP
+  half the MetaFormers have. In bfloat16 the kernels round once per stored value: each tensor
+  within bfloat16's tolerance, or (a sum with cancellation, like StarReLU's scalar gradients)
+  no further than twice the XLA path's own bfloat16 result."""
+  block, x, cotangent, key = block_and_inputs(dtype=dtype, variant=variant, stage=stage)
+  exact = block_and_inputs(dtype=jnp.float32, variant=variant, stage=stage)[0]
+  keep = model_lib.drop_path_factor(x.shape, block.drop_rate, key)
   assert 0 < int((keep == 0).sum()) < N  # some samples dropped, some kept
-  out_k, (params_k, dx_k) = value_and_grads(kernel_path, block, x, cotangent, keep)
   f32 = lambda v: v.astype(jnp.float32)
-  out_x, (params_x, dx_x) = value_and_grads(xla_path, exact, f32(x), f32(cotangent), keep)
-  assert out_k.dtype == dx_k.dtype == dtype and out_k.shape == out_x.shape
-  assert mlp_kernel.relative_difference(out_k, out_x) < tol
-  assert mlp_kernel.relative_difference(dx_k, dx_x) < tol
-  flat_k, flat_x = nnx.to_flat_state(params_k), nnx.to_flat_state(params_x)
+  kernel = value_and_grads(kernel_path, block, x, cotangent, key)
+  reference = value_and_grads(xla_path, exact, f32(x), f32(cotangent), key)
+  xla = value_and_grads(xla_path, block, x, cotangent, key)
+  assert kernel[0].dtype == kernel[1][1].dtype == dtype and kernel[0].shape == x.shape
+
+  def tensors(result):  # the output, dx and the MLP half's parameter gradients
+    out, (params, dx) = result
+    grads = [(path, g.get_value()) for path, g in nnx.to_flat_state(params)
+             if path[0] in ("norm2", "mlp", "layer_scale2", "res_scale2")]
+    return [("out", out), ("dx", dx)] + grads
+
   compared = 0
-  for (path, gk), (_, gx) in zip(flat_k, flat_x):
-    if path[0] in ("norm2", "mlp", "layer_scale2"):
-      assert gk.get_value().dtype == gx.get_value().dtype, path
-      assert mlp_kernel.relative_difference(gk.get_value(), gx.get_value()) < tol, path
-      compared += 1
-  assert compared == 7  # norm2 scale/bias, fc1 and fc2 kernel/bias, layer scale
+  for (name, k), (_, r), (_, same) in zip(tensors(kernel), tensors(reference), tensors(xla)):
+    assert k.dtype == same.dtype, name  # the XLA path's dtypes, in the same compute dtype
+    bound = max(tol, 2 * mlp_kernel.relative_difference(same, r))
+    assert mlp_kernel.relative_difference(k, r) < bound, name
+    compared += 1
+  assert compared == 2 + FORMS[variant, stage]
 
 
 def test_on_a_mesh_each_device_runs_its_samples_and_weight_gradients_are_summed():
@@ -90,12 +118,13 @@ def test_on_a_mesh_each_device_runs_its_samples_and_weight_gradients_are_summed(
   mesh = sharding.make_mesh(1, jax.devices()[:2])
   kernels = mlp_kernel.for_mesh(mesh, sharding.BATCH_AXES, interpret=True)
   assert kernels.batch_axes and kernels.mesh is mesh
-  block, x, cotangent, keep = block_and_inputs()
-  x, cotangent, keep = (jnp.concatenate([v, v[::-1]]) for v in (x, cotangent, keep))
-  single = value_and_grads(kernel_path, block, x, cotangent, keep)
-  path = lambda block, x, keep: kernel_path(block, x, keep, kernels)
-  sharded = value_and_grads(path, block, x, cotangent, keep)
-  text = jax.jit(jax.grad(lambda x: jnp.sum(path(block, x, keep)))).lower(x).as_text()
+  block, x, cotangent, key = block_and_inputs(variant="convformer_s18", stage=2)
+  x, cotangent = (jnp.concatenate([v, v[::-1]]) for v in (x, cotangent))
+  single = value_and_grads(kernel_path, block, x, cotangent, key)
+  path = lambda block, x, key: kernel_path(block, x, key, kernels)
+  sharded = value_and_grads(path, block, x, cotangent, key)
+  block.kernels = kernels
+  text = jax.jit(jax.grad(lambda x: jnp.sum(block.channel_mlp(x, key)))).lower(x).as_text()
   assert "shard_map" in text or "sdy.manual_computation" in text
   for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
     assert mlp_kernel.relative_difference(a, b) < 2e-6
@@ -124,7 +153,12 @@ def test_the_kernels_are_chosen_once_by_the_caller_never_by_an_ambient_mesh():
   assert runs_kernels(INTERPRETED)
   assert not runs_kernels(INTERPRETED, train=False)  # eval keeps XLA's fused forward
   assert not runs_kernels(INTERPRETED, shape=(N // 2, 4, 4, 16))  # not a whole lane block
-  assert not runs_kernels(INTERPRETED, config=model_lib.get_config("poolformerv2_s12"))
+  for name in ("poolformerv2_s12", "convformer_s18", "caformer_s18"):  # every MLP half
+    assert runs_kernels(INTERPRETED, config=model_lib.get_config(name))
+  # Blocks sized by the core's VMEM: a 512-wide stage 4 fits a v5e or v6e core, not a v4's.
+  stage4 = ((256, 7, 7, 512), 2048, jnp.bfloat16)
+  assert not mlp_kernel.TpuKernels(None, vmem=chips.CHIPS["v4"].vmem_bytes).fits(*stage4)
+  assert mlp_kernel.TpuKernels(None, vmem=chips.CHIPS["v5e"].vmem_bytes).fits(*stage4)
 
   def fused_pooling(name, stage):
     return model_lib.MetaFormerBlock(64, model_lib.get_config(name), stage, 0.0,
@@ -150,8 +184,8 @@ def break_the_forward_kernel(monkeypatch):
   """A deliberately wrong kernel: the block's output off by half the residual branch."""
   real = mlp_kernel._forward_kernel  # pylint: disable=protected-access
 
-  def wrong(x_ref, *refs, chunk):
-    real(x_ref, *refs, chunk=chunk)
+  def wrong(x_ref, *refs, **static):
+    real(x_ref, *refs, **static)
     out_ref = refs[6]
     out_ref[...] = out_ref[...] + 0.5 * (out_ref[...] - x_ref[...])
 

@@ -266,6 +266,21 @@ def test_float32_training_sizes_the_kernel_blocks_for_float32():
 
 
 @needs_libtpu
+@pytest.mark.parametrize("model,stage,topology", [
+    ("convformer_s18", 1, "v4-8"), ("poolformerv2_s12", 3, "v4-8"), ("caformer_s18", 4, "v5e-8")])
+def test_every_metaformer_mlp_half_compiles_to_the_kernels(model, stage, topology):
+  """Mosaic compiles both kernels for each form of MLP half: a channel LayerNorm before a
+  StarReLU MLP (ConvFormer, CAFormer), a bias-free one-group norm with a res-scaled skip
+  (PoolFormerV2), and a 512-wide stage 4 in a v5e core's 128 MiB of VMEM."""
+  sys.path.insert(0, str(REPO / "benchmarks"))
+  import tpu_block_proxy  # pylint: disable=g-import-not-at-top
+  tpu_compile.prepare_environment(tpu_compile.parse_topology(topology))
+  result = tpu_block_proxy.measure(stage, blocks=1, batch=256, train=True, remat=None,
+                                   model=model, part="mlp", topology=topology)
+  assert result["kernels"] == 2, result
+
+
+@needs_libtpu
 def test_block_proxy_measures_any_variant_and_each_half_of_its_blocks():
   """The proxy that found where the baselines' bytes go: CAFormer's stage-4 attention block and
   its two halves compile for a v4 chip; each half moves less than the block and the two
