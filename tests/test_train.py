@@ -208,6 +208,19 @@ def test_mixup_and_cutmix_mix_images_and_targets_with_the_same_lambda(mode):
     np.testing.assert_array_equal(np.asarray(mixup.partner(jnp.arange(6))), [1, 0, 3, 2, 5, 4])
 
 
+def test_mixup_and_cutmix_lambdas_follow_their_beta_distributions():
+  """One draw per batch of each lambda, Beta(alpha, alpha) as timm draws it (numpy's
+  beta): a Kolmogorov-Smirnov test against scipy's Beta on 4000 fixed keys; an alpha of 0
+  gives exactly 1."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  keys = jax.random.split(jax.random.key(0), 4000)
+  lam_mix, lam_cut = jax.vmap(lambda k: mixup.beta_pair(k, 0.8, 1.0))(keys)
+  for lams, alpha in ((lam_mix, 0.8), (lam_cut, 1.0)):
+    assert stats.kstest(np.asarray(lams), stats.beta(alpha, alpha).cdf).pvalue > 0.01
+  assert abs(stats.pearsonr(np.asarray(lam_mix), np.asarray(lam_cut))[0]) < 0.05  # independent
+  assert mixup.beta_pair(keys[0], 0.8, 0.0)[1] == 1.0
+
+
 def test_mixup_off_returns_images_and_smoothed_targets():
   images = jnp.ones((4, 8, 8, 3))
   mixed, targets = mixup.mix(jax.random.key(0), images, jnp.array([0, 1, 2, 3]), num_classes=4,
