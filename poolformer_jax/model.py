@@ -511,8 +511,7 @@ class MetaFormerBlock(nnx.Module):
 
   Each half computes that formula. Its faster forms are chosen here, once, from the config and
   from `kernels` (what the caller lowers for; None: XLA everywhere), never from the ambient
-  mesh: a pooling mixer after a one-group norm with a plain skip is one fused op
-  (`fused_pooling`), and every MLP half (v1's GELU MLP or the baselines' StarReLU one, after
+  mesh: a pooling mixer after a one-group norm is one fused op (`fused_pooling`), and every MLP half (v1's GELU MLP or the baselines' StarReLU one, after
   either norm) trains on the TPU kernels (`mlp_kernel`) where its shape fits them.
   """
 
@@ -533,7 +532,7 @@ class MetaFormerBlock(nnx.Module):
     self.layer_scale2 = _maybe_scale(dim, cfg.layer_scale_init, param_dtype)
     self.res_scale2 = _maybe_scale(dim, res_init, param_dtype)
     pooling = cfg.stage_token_mixers[stage] == "pooling"
-    self.fused_pooling = pooling and cfg.norm == "group" and res_init is None
+    self.fused_pooling = pooling and cfg.norm == "group"
     self.kernels = kernels
     self.mlp_form = mlp_kernel.MlpForm(norm=cfg.norm, act="gelu" if cfg.version == 1
                                        else "starrelu", eps=cfg.norm_eps)
@@ -544,8 +543,8 @@ class MetaFormerBlock(nnx.Module):
     `fused_pooling`: the norm is a per-channel affine map of x and the pool averages with
     weights that sum to 1, so the norm's mean and bias cancel in
     `pool(norm(x)) - norm(x) = rstd * scale * (pool(x) - x)`, and `ops.pooling_residual`
-    computes statistics, pool, layer scale, drop path and residual add as one loop over x;
-    the normalised map is never materialised. (A channel LayerNorm has per-position
+    computes statistics, pool, layer scale, drop path, res scale and residual add as one loop
+    over x; the normalised map is never materialised. (A channel LayerNorm has per-position
     statistics, which do not cancel.)
     """
     if not self.fused_pooling:
@@ -558,7 +557,9 @@ class MetaFormerBlock(nnx.Module):
     keep = drop_path_factor(x.shape, self.drop_rate, key)
     if keep is not None:
       scale = scale * keep
-    return ops.pooling_residual(x, scale, self.norm1.eps, self.token_mixer.size)
+    skip = (jnp.ones_like(scale[:1]) if self.res_scale1 is None
+            else self.res_scale1.scale[...].astype(jnp.float32).reshape(1, 1, 1, -1))
+    return ops.pooling_residual(x, scale, skip, self.norm1.eps, self.token_mixer.size)
 
   def channel_mlp(self, x, key: jax.Array | None = None):
     """`x + drop_path(ls2 * mlp(norm2(x)))` (res-scaled skip where the config has one): the

@@ -188,9 +188,11 @@ def moments(x: jax.Array, axes: tuple[int, ...], eps: float):
   return mean, lax.rsqrt(var + eps)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def pooling_residual(x: jax.Array, scale: jax.Array, eps: float, size: int = 3) -> jax.Array:
-  """`x + (avg_pool(n) - n) * ls` with `n = GroupNorm1(x)`: PoolFormer's token-mixing step.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def pooling_residual(x: jax.Array, scale: jax.Array, skip: jax.Array, eps: float,
+                     size: int = 3) -> jax.Array:
+  """`skip * x + (avg_pool(n) - n) * ls` with `n = GroupNorm1(x)`: PoolFormer's token-mixing
+  step (`skip`: the baselines' res scale, [1, 1, 1, C] float32; ones for v1's plain skip).
 
   The norm is a per-sample affine map of x with a per-channel gain and the pool averages
   with weights that sum to 1, so the norm's mean and bias cancel:
@@ -203,19 +205,19 @@ def pooling_residual(x: jax.Array, scale: jax.Array, eps: float, size: int = 3) 
   per-sample statistics and the incoming gradient: two passes over them (one reduction,
   one elementwise), where autodiff stores float32 intermediates.
   """
-  return _pooling_residual_fwd(x, scale, eps, size)[0]
+  return _pooling_residual_fwd(x, scale, skip, eps, size)[0]
 
 
-def _pooling_residual_fwd(x, scale, eps, size):
+def _pooling_residual_fwd(x, scale, skip, eps, size):
   xf = x.astype(jnp.float32)
   mean, rstd = moments(xf, tuple(range(1, x.ndim)), eps)
   inv = _inverse_counts(x.shape[1], x.shape[2], size)
   mixed = _window_sum_f32(x, size) * inv - xf
-  return (xf + mixed * (rstd * scale)).astype(x.dtype), (x, scale, mean, rstd)
+  return (xf * skip + mixed * (rstd * scale)).astype(x.dtype), (x, scale, skip, mean, rstd)
 
 
 def _pooling_residual_bwd_impl(size, res, dy):
-  x, scale, mean, rstd = res
+  x, scale, skip, mean, rstd = res
   xf, dyf = x.astype(jnp.float32), dy.astype(jnp.float32)
   inv = _inverse_counts(x.shape[1], x.shape[2], size)
   mixed = _window_sum_f32(x, size) * inv - xf
@@ -226,8 +228,9 @@ def _pooling_residual_bwd_impl(size, res, dy):
   per_sample = -drstd * rstd ** 3 / (x.shape[1] * x.shape[2] * x.shape[3])
   # The pool's transpose: window sums of dy / count (the window is symmetric).
   pooled_t = _window_sum_f32(dy, size, inv) * scale
-  dx = dyf + rstd * (pooled_t - dyf * scale) + per_sample * (xf - mean)
-  return dx.astype(x.dtype), dscale.astype(scale.dtype)
+  dx = dyf * skip + rstd * (pooled_t - dyf * scale) + per_sample * (xf - mean)
+  dskip = jnp.sum(dyf * xf, axis=(0, 1, 2), keepdims=True)
+  return dx.astype(x.dtype), dscale.astype(scale.dtype), dskip.astype(skip.dtype)
 
 
 def _pooling_residual_bwd(eps, size, res, dy):

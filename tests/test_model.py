@@ -493,6 +493,42 @@ def test_pooling_residual_equals_the_unfused_block_half_values_and_gradients(dro
   np.testing.assert_allclose(fast[1], ref[1], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_pooling_residual_of_the_baselines_equals_their_unfused_block_half(stage):
+  """PoolFormerV2's pooling half, a bias-free one-group norm and (stage 3) a res-scaled skip,
+  `rs1 * x + drop_path(pool(norm1(x)) - norm1(x))`: the fused op against the block's own
+  unfused formula, values and gradients."""
+  cfg = pf.get_config("poolformerv2_s12")
+  block = pf.MetaFormerBlock(16, cfg, stage, 0.5, dtype=jnp.float32, param_dtype=jnp.float32,
+                             rngs=nnx.Rngs(0))
+  assert block.fused_pooling and (block.res_scale1 is not None) == (stage == 2)
+  rng = np.random.default_rng(0)
+  block.norm1.scale[...] = jnp.asarray(rng.normal(size=16), jnp.float32)
+  if block.res_scale1 is not None:
+    block.res_scale1.scale[...] = jnp.asarray(rng.normal(size=16), jnp.float32)
+  x = jnp.asarray(3.0 + rng.normal(size=(8, 6, 7, 16)), jnp.float32)
+  cot = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  key = jax.random.key(1)
+  graphdef, params = nnx.split(block, nnx.Param)
+
+  def loss(p, x, fused):
+    b = nnx.merge(graphdef, p)
+    b.fused_pooling = fused
+    out = b.mix(x, key)
+    return jnp.sum(out * cot), out
+
+  with jax.default_matmul_precision("highest"):
+    (_, fast), fast_grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(params, x, True)
+    (_, ref), ref_grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(params, x, False)
+  np.testing.assert_allclose(fast, ref, rtol=1e-5, atol=1e-5)
+  flat = lambda g: nnx.traversals.flatten_mapping(nnx.to_pure_dict(g))
+  assert flat(ref_grads[0]).keys() == flat(fast_grads[0]).keys()
+  for path, g in flat(ref_grads[0]).items():
+    np.testing.assert_allclose(flat(fast_grads[0])[path], g, rtol=1e-4,
+                               atol=1e-5 * max(1.0, float(np.abs(g).max())), err_msg=str(path))
+  np.testing.assert_allclose(fast_grads[1], ref_grads[1], rtol=1e-4, atol=1e-5)
+
+
 def test_mlp_apply_gradients_equal_autodiff_of_the_reference():
   """`ops.mlp_reference` is the MLP's one reference (checked here against jax.nn.gelu's own
   formula); `mlp_apply`'s values and written-out backward must equal its autodiff."""
