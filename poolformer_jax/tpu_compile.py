@@ -188,6 +188,8 @@ def _step_report(compiled, *, images_per_chip: int, repeats: int, chip: chips_li
       "bound_by": "HBM bandwidth" if memory_s >= compute_s else "compute",
       "img_per_s_per_chip_bound": images / step_s,
       "compile_s": round(compile_s, 1),
+      # Per call; a gradient-accumulation loop's body counted once.
+      "collective_bytes": measure.collective_bytes(compiled),
   }
 
 
@@ -408,6 +410,10 @@ def format_report(r: dict) -> str:
                  f"{_si(aug['flops_per_image'], 'FLOP')} per image "
                  f"({aug['bytes_per_image'] / train['bytes_per_image']:.1%} of the bytes, "
                  f"{aug['flops_per_image'] / train['flops_per_image']:.1%} of the FLOPs)")
+  collectives = r["steps"]["train"].get("collective_bytes")
+  if collectives:
+    lines.append("collectives of the train step per chip (the arrays they produce): " + ", ".join(
+        f"{kind} {_si(n, 'B')}" for kind, n in sorted(collectives.items())))
   host = r.get("host")
   train_rate = r["steps"]["train"]["img_per_s_per_chip_bound"]
   if host:

@@ -70,6 +70,20 @@ class Device:
     self.device_kind = kind
 
 
+def test_collective_bytes_are_read_from_the_compiled_program():
+  """A sum over a sharded axis is one all-reduce of the result; a replicated copy of a
+  sharded array one all-gather of the whole array (the 8 fake CPU devices)."""
+  mesh = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.devices()[:8])
+  x = jax.ShapeDtypeStruct((8, 1024), jnp.float32,
+                           sharding=jax.sharding.NamedSharding(mesh, jax.P("d")))
+  replicated = jax.sharding.NamedSharding(mesh, jax.P())
+  compiled = lambda fn: jax.jit(fn, out_shardings=replicated).lower(x).compile()
+  assert measure.collective_bytes(compiled(lambda x: x.sum(0))) == {"all-reduce": 4 * 1024}
+  assert measure.collective_bytes(compiled(lambda x: 2 * x)) == {"all-gather": 4 * 8 * 1024}
+  assert measure.collective_bytes(jax.jit(lambda x: 2 * x).lower(x).compile()) == {}
+
+
 def test_one_chip_table_for_mfu_compile_mode_and_the_benchmarks():
   # No second table left beside it.
   assert not hasattr(metrics, "PEAK_FLOPS") and not hasattr(metrics, "peak_flops")
