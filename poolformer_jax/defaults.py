@@ -29,6 +29,7 @@ def default_config() -> ml_collections.ConfigDict:
   # 'auto': the TPU training kernels (poolformer_jax/mlp_kernel.py) where they fit; 'xla': none.
   c.kernels = "auto"
   c.remat = False  # Recompute each block's activations in the backward pass: less memory.
+  c.remat_stages = ()  # With remat: only these stages (1-4), e.g. (1, 2); (): every stage.
   c.matmul_precision = "default"  # 'highest' for float32-exact matmuls (parity checks).
 
   # Data (poolformer_jax.input_pipeline): ImageNet-1k with timm's train/eval transforms.

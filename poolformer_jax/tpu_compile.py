@@ -293,6 +293,7 @@ def compile_report(config) -> dict:
       "eval_batch_size": config.eval_batch_size,
       "fsdp": config.fsdp,
       "remat": bool(config.remat),
+      "remat_stages": list(config.get("remat_stages", ())) if config.remat else [],
       "image_size": config.data.image_size,
       "steps": steps,
       "peak_hbm_bytes": peak,
@@ -388,7 +389,8 @@ def format_report(r: dict) -> str:
       + " x ".join(f"{k}={v}" for k, v in r["mesh"].items()),
       f"batch {r['batch_size']} ({r['batch_size'] // r['chips']} per chip"
       + (f", {r['grad_accum_steps']} micro-batches" if r["grad_accum_steps"] > 1 else "")
-      + f"), eval batch {r['eval_batch_size']}, fsdp {r['fsdp']}, remat {r['remat']}",
+      + f"), eval batch {r['eval_batch_size']}, fsdp {r['fsdp']}, remat {r['remat']}"
+      + (f" (stages {', '.join(map(str, r['remat_stages']))})" if r.get("remat_stages") else ""),
       "",
       "| step | images/chip | peak HBM/chip | fits | FLOPs/chip-step | bytes/chip-step | "
       "bytes/image | roofline img/s/chip | bound by |",

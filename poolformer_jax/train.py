@@ -96,6 +96,10 @@ def validate_config(config, *, workdir: str | None, num_devices: int,
     model_config = model_lib.get_config(config.model, **config.model_overrides.to_dict())
   except ValueError as e:
     raise ConfigError(f"config.model_overrides: {e}") from None
+  stages = len(model_config.depths)
+  if not set(config.get("remat_stages", ())) <= set(range(1, stages + 1)):
+    raise ConfigError(f"config.remat_stages={tuple(config.remat_stages)}: the model's stages "
+                      f"are 1-{stages}, e.g. --config.remat_stages='(1, 2)'")
   optimizer_lib.check_optimizer(config.optimizer)
   if config.data.randaugment:
     augment.parse_randaugment(config.data.randaugment, mean=config.data.mean)
@@ -234,6 +238,7 @@ class Trainer:
 
   def _new_model(self, rngs):
     return model_lib.MetaFormer(self.model_config, dtype=self.dtype, remat=self.config.remat,
+                                remat_stages=tuple(self.config.get("remat_stages", ())),
                                 kernels=self.kernels, rngs=rngs)
 
   def _init(self, seed):

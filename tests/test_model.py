@@ -592,21 +592,26 @@ def test_remat_recomputes_every_block_and_gives_the_same_loss_and_gradients():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64, 64, 3)), jnp.float32)
   key = jax.random.key(3)
   grads = []
-  for remat in (False, True):
-    m = tiny_model(drop_path_rate=0.3, layer_scale_init=0.5, remat=remat)
+  # No remat, every stage, stages 1 and 3 only: the same loss and gradients.
+  for remat, stages in ((False, None), (True, None), (True, (1, 3))):
+    m = tiny_model(drop_path_rate=0.3, layer_scale_init=0.5, remat=remat, remat_stages=stages)
     graphdef, params = nnx.split(m, nnx.Param)
 
     def loss(params):
       return jnp.sum(nnx.merge(graphdef, params)(x, train=True, key=key) ** 2)
 
-    # The rematerialisation is in the differentiated program (one per block), or absent.
+    # The rematerialisation is in the differentiated program (one per block it covers).
     jaxpr = jax.make_jaxpr(jax.value_and_grad(loss))(params).jaxpr
-    assert count_primitive(jaxpr, remat_p) == (sum(TINY["depths"]) if remat else 0)
+    covered = [d for s, d in enumerate(TINY["depths"], 1) if remat and (not stages or s in stages)]
+    assert count_primitive(jaxpr, remat_p) == sum(covered)
     grads.append(jax.jit(jax.value_and_grad(loss))(params))
-  (l0, g0), (l1, g1) = grads
-  np.testing.assert_allclose(l1, l0, rtol=1e-6)
-  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+  (l0, g0), *others = grads
+  for l1, g1 in others:
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+      np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match=r"remat_stages=\(5,\): stages are numbered 1-4"):
+    tiny_model(remat=True, remat_stages=(5,))
 
 
 def test_bfloat16_gradients_are_finite_and_close_to_float32():

@@ -331,6 +331,15 @@ def test_state_is_donated_and_flops_come_from_xla():
   assert flops[32] < accum.step_flops(accum.compile_train_step()) < 1.25 * flops[32]
 
 
+def test_remat_of_some_stages_is_checked_before_anything_starts():
+  c = tiny_config(remat=True, remat_stages=(1, 2))
+  train.validate_config(c, workdir=None, num_devices=1, process_count=1)  # S12: stages 1-4
+  c.remat_stages = (0, 5)
+  with pytest.raises(train.ConfigError, match=r"remat_stages=\(0, 5\): the model's stages "
+                     r"are 1-4, e.g. --config.remat_stages='\(1, 2\)'"):
+    train.validate_config(c, workdir=None, num_devices=1, process_count=1)
+
+
 def test_ema_and_gradient_clipping():
   c = tiny_config(ema_decay=0.75, grad_clip_norm=1e-3)
   trainer = make_trainer(c, jax.devices()[:1])
