@@ -50,7 +50,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from poolformer_jax import chips, ops
+from poolformer_jax import attention_kernel, chips, ops
 from poolformer_jax.ops import INV_SQRT2, INV_SQRT_2PI
 
 KERNEL_OPTIONS = ("auto", "xla")  # config.kernels: 'auto' takes them where they fit
@@ -259,6 +259,23 @@ class TpuKernels:
             and c % 8 == 0 and hidden % 8 == 0
             and _pixels_per_step(h * w, c, hidden, jnp.dtype(dtype).itemsize,
                                  self.vmem) is not None)
+
+  def fits_attention(self, tokens: int, channels: int, dtype) -> bool:
+    """Whether attention over `tokens` with `channels` (all heads) takes its kernels: one
+    sample's blocks and one head's scores fit in VMEM (CAFormer's 196 and 49 tokens do)."""
+    return (attention_kernel.vmem_bytes(tokens, channels, jnp.dtype(dtype).itemsize)
+            <= self.vmem - _VMEM_RESERVE)
+
+  def attention(self, qkv, heads: int):
+    """`attention_kernel.attention` of qkv [N, T, 3C] on each device's samples -> [N, T, C].
+    Call only where `fits_attention(T, C, qkv.dtype)` (or interpreted)."""
+    params = None if self.interpret else _compiler_params(self.vmem, "parallel")
+    fn = lambda qkv: attention_kernel.attention(qkv, heads, self.interpret, params)
+    if self.mesh is None or not self.batch_axes:
+      return fn(qkv)
+    split = jax.sharding.PartitionSpec(self.batch_axes)
+    return jax.shard_map(fn, mesh=self.mesh, in_specs=split, out_specs=split,
+                         check_vma=False)(qkv)
 
   def mlp_residual(self, x, keep, params: MlpParams, form: MlpForm):
     """`rs * x + keep * ls * mlp(norm(x))` for x [N, H, W, C] (see `MlpParams`).

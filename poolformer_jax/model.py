@@ -353,11 +353,16 @@ class Attention(nnx.Module):
     self.qkv = _dense(dim, 3 * inner, **kw)
     self.proj = _dense(inner, dim, **kw)
 
-  def __call__(self, x):
+  def __call__(self, x, kernels: mlp_kernel.TpuKernels | None = None):
+    """`kernels` (the block's): the attention core as its TPU kernels where they fit."""
     b, h, w, c = x.shape
-    qkv = self.qkv(x.reshape(b, h * w, c)).reshape(b, h * w, 3, self.num_heads, self.head_dim)
-    # Scale 1/sqrt(head_dim); logits and softmax in float32 whatever the compute dtype.
-    out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    qkv = self.qkv(x.reshape(b, h * w, c))
+    if kernels is not None and kernels.fits_attention(h * w, qkv.shape[-1] // 3, qkv.dtype):
+      out = kernels.attention(qkv, self.num_heads)
+    else:
+      qkv = qkv.reshape(b, h * w, 3, self.num_heads, self.head_dim)
+      # Scale 1/sqrt(head_dim); logits and softmax in float32 whatever the compute dtype.
+      out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
     return self.proj(out.reshape(b, h * w, -1)).reshape(b, h, w, c)
 
 
@@ -511,8 +516,10 @@ class MetaFormerBlock(nnx.Module):
 
   Each half computes that formula. Its faster forms are chosen here, once, from the config and
   from `kernels` (what the caller lowers for; None: XLA everywhere), never from the ambient
-  mesh: a pooling mixer after a one-group norm is one fused op (`fused_pooling`), and every MLP half (v1's GELU MLP or the baselines' StarReLU one, after
-  either norm) trains on the TPU kernels (`mlp_kernel`) where its shape fits them.
+  mesh: a pooling mixer after a one-group norm is one fused op (`fused_pooling`), every MLP
+  half (v1's GELU MLP or the baselines' StarReLU one, after either norm) trains on the TPU
+  kernels (`mlp_kernel`) where its shape fits them, and attention's core runs as its kernels
+  (`attention_kernel`) where they fit, in training and evaluation.
   """
 
   def __init__(self, dim: int, cfg: MetaFormerConfig, stage: int, drop_rate: float, *,
@@ -548,8 +555,10 @@ class MetaFormerBlock(nnx.Module):
     statistics, which do not cancel.)
     """
     if not self.fused_pooling:
-      return self._residual(x, self.token_mixer(self.norm1(x)), self.layer_scale1,
-                            self.res_scale1, self.drop_rate, key)
+      h = self.norm1(x)
+      branch = (self.token_mixer(h, self.kernels) if isinstance(self.token_mixer, Attention)
+                else self.token_mixer(h))
+      return self._residual(x, branch, self.layer_scale1, self.res_scale1, self.drop_rate, key)
     scale = self.norm1.scale[...].astype(jnp.float32)
     if self.layer_scale1 is not None:
       scale = scale * self.layer_scale1.scale[...].astype(jnp.float32)

@@ -314,11 +314,11 @@ class Trainer:
     """How far the TPU kernels are from the XLA path, before they are trusted with a run.
 
     On one device, `images` (a slice of the first batch: one device's lane blocks) go through
-    the model on the XLA path; at the first block of each stage whose MLP half takes the
-    kernels, that half runs both ways with the same drop-path draw and its layer scale at 1:
-    its output, and the gradients of its input and of every parameter under one random
-    cotangent. Returns the largest difference relative to each tensor's largest value (0.0 if
-    no block takes them).
+    the model on the XLA path; at the first block of each stage, each half that takes kernels
+    (attention's core in the token-mixing half, the MLP half) runs both ways with the same
+    drop-path draw and its layer scale at 1: its output, and the gradients of its input and
+    of every parameter under one random cotangent. Returns the largest difference relative
+    to each tensor's largest value (0.0 if no block takes them).
     """
     single = dataclasses.replace(self.kernels, mesh=None, batch_axes=())
     if jax.process_count() > 1:  # FSDP shards may live on other hosts
@@ -332,27 +332,35 @@ class Trainer:
     for stage in model.stages:
       if stage.downsample is not None:
         x = stage.downsample(x)
+      for b in stage.blocks:
+        b.kernels = None  # the XLA path from here on
       block = stage.blocks[0]
+      if block.layer_scale2 is not None:  # 1e-5 at init: it would hide a wrong branch
+        block.layer_scale2.scale[...] = jnp.ones_like(block.layer_scale2.scale[...])
+      mixer = block.token_mixer
       h = block.mix(x)
-      if block.kernels is not None and single.fits(h.shape, block.mlp.fc1.out_features, h.dtype):
-        block.kernels = single
-        if block.layer_scale2 is not None:  # 1e-5 at init: it would hide a wrong branch
-          block.layer_scale2.scale[...] = jnp.ones_like(block.layer_scale2.scale[...])
-        graphdef, state = nnx.split(block)
-        cotangent = jax.random.normal(key, h.shape, h.dtype)
+      halves = []
+      if isinstance(mixer, model_lib.Attention) and single.fits_attention(
+          x.shape[1] * x.shape[2], mixer.num_heads * mixer.head_dim, x.dtype):
+        halves.append(("mix", x))
+      if single.fits(h.shape, block.mlp.fc1.out_features, h.dtype):
+        halves.append(("channel_mlp", h))
+      graphdef, state = nnx.split(block)
+      for name, inp in halves:
+        cotangent = jax.random.normal(key, inp.shape, inp.dtype)
 
-        def half(state, h, kernels):
+        def half(state, inp, kernels, name=name):
           b = nnx.merge(graphdef, state)
           b.kernels = kernels
-          return b.channel_mlp(h, key)
+          return getattr(b, name)(inp, key)
 
         results = []
         for kernels in (single, None):
-          out, vjp = jax.vjp(lambda s, h: half(s, h, kernels), state, h)  # pylint: disable=cell-var-from-loop
+          out, vjp = jax.vjp(lambda s, i: half(s, i, kernels), state, inp)  # pylint: disable=cell-var-from-loop
           results.append(jax.tree.leaves((out, vjp(cotangent))))
         worst = max([worst, *map(mlp_kernel.relative_difference, *results)])
       for b in stage.blocks:
-        x = b(x)  # no key: the XLA path
+        x = b(x)  # no key, no kernels: the XLA path
     return worst
 
   def without_kernels(self) -> "Trainer":

@@ -117,6 +117,33 @@ def test_kernels_match_the_reference_values_and_every_gradient(variant, stage, d
   assert compared == 2 + FORMS[variant, stage]
 
 
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-2)])
+def test_attention_kernels_match_xla_values_and_gradients(dtype, tol):
+  """CAFormer's attention mixer (3 heads of 32 over 7x7 tokens) with its core as the two
+  kernels, against `jax.nn.dot_product_attention` on the same parameters: the output and the
+  gradients of the input and both projections, float32 exactly, bfloat16 within its tolerance
+  or no further than twice XLA's own bfloat16 result."""
+  def grads(dtype, kernels):
+    mixer = model_lib.Attention(96, 32, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(mixer)
+    x = jax.random.normal(jax.random.key(1), (4, 7, 7, 96)).astype(dtype)
+    cot = jax.random.normal(jax.random.key(2), x.shape).astype(jnp.float32)
+
+    def loss(params, x):
+      out = nnx.merge(graphdef, params)(x, kernels)
+      return jnp.sum(out.astype(jnp.float32) * cot), out
+
+    (_, out), (dp, dx) = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(params, x)
+    return [out, dx] + [g.get_value() for _, g in nnx.to_flat_state(dp)]
+
+  kernel, same, exact = grads(dtype, INTERPRETED), grads(dtype, None), grads(jnp.float32, None)
+  assert len(kernel) == 4  # the output, dx, the qkv and output projections
+  for k, s, r in zip(kernel, same, exact):
+    assert k.dtype == s.dtype
+    bound = max(tol, 2 * mlp_kernel.relative_difference(s, r))
+    assert mlp_kernel.relative_difference(k, r) < bound
+
+
 def test_on_a_mesh_each_device_runs_its_samples_and_weight_gradients_are_summed():
   """On a mesh that splits the batch, the kernels run per device (shard_map) and the weight
   gradients are the sums over all devices: the same numbers as on one device."""
@@ -132,6 +159,12 @@ def test_on_a_mesh_each_device_runs_its_samples_and_weight_gradients_are_summed(
   text = jax.jit(jax.grad(lambda x: jnp.sum(block.channel_mlp(x, key)))).lower(x).as_text()
   assert "shard_map" in text or "sdy.manual_computation" in text
   for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
+    assert mlp_kernel.relative_difference(a, b) < 2e-6
+  # Attention: each device its own samples.
+  qkv = jax.random.normal(jax.random.key(0), (4, 49, 192))
+  attention = lambda kernels: jax.jit(jax.value_and_grad(
+      lambda q: jnp.sum(kernels.attention(q, 2) ** 2)))(qkv)
+  for a, b in zip(attention(kernels), attention(INTERPRETED)):
     assert mlp_kernel.relative_difference(a, b) < 2e-6
 
 
@@ -160,6 +193,17 @@ def test_the_kernels_are_chosen_once_by_the_caller_never_by_an_ambient_mesh():
   assert not runs_kernels(INTERPRETED, shape=(N // 2, 4, 4, 16))  # not a whole lane block
   for name in ("poolformerv2_s12", "convformer_s18", "caformer_s18"):  # every MLP half
     assert runs_kernels(INTERPRETED, config=model_lib.get_config(name))
+
+  def attention_kernels(kernels, train):
+    block = model_lib.MetaFormerBlock(64, model_lib.get_config("caformer_s18"), 2, 0.1,
+                                      dtype=jnp.float32, param_dtype=jnp.float32,
+                                      rngs=nnx.Rngs(0), kernels=kernels)
+    jaxpr = jax.make_jaxpr(lambda x: block.mix(x, key if train else None))(
+        jnp.ones((2, 7, 7, 64)))
+    return str(jaxpr).count("pallas_call")
+  # Attention's core takes its kernels in training and evaluation, at any batch size.
+  assert attention_kernels(INTERPRETED, True) == attention_kernels(INTERPRETED, False) == 1
+  assert attention_kernels(None, True) == 0
   # Blocks sized by the core's VMEM: a 512-wide stage 4 fits a v5e or v6e core, not a v4's.
   stage4 = ((256, 7, 7, 512), 2048, jnp.bfloat16)
   assert not mlp_kernel.TpuKernels(None, vmem=chips.CHIPS["v4"].vmem_bytes).fits(*stage4)
@@ -218,6 +262,27 @@ def test_the_trainer_measures_its_kernels_against_the_xla_path(monkeypatch):
   assert trainer.without_kernels().kernels is None
   config.kernels = "xla"
   assert smoke_trainer(config).kernels is None
+
+
+def test_the_self_check_covers_the_attention_kernels(monkeypatch):
+  """A CAFormer's attention halves are checked too: a wrong attention kernel is caught with
+  the MLP kernels right."""
+  interpreted_everywhere(monkeypatch)
+  config = load_config("demo.py:smoke")
+  config.model = "caformer_s18"
+  trainer = smoke_trainer(config)
+  params = trainer.init_state(0).params
+  images = np.random.default_rng(0).integers(0, 256, (N, 32, 32, 3), np.uint8)
+  assert trainer.kernel_difference(params, images) < 1e-4
+  from poolformer_jax import attention_kernel  # pylint: disable=g-import-not-at-top
+  real = attention_kernel._forward_kernel  # pylint: disable=protected-access
+
+  def wrong(qkv_ref, o_ref, **static):
+    real(qkv_ref, o_ref, **static)
+    o_ref[...] = 1.5 * o_ref[...]
+
+  monkeypatch.setattr(attention_kernel, "_forward_kernel", wrong)
+  assert trainer.kernel_difference(params, images) > 2 * train.KERNEL_TOLERANCE
 
 
 @pytest.mark.slow
