@@ -209,7 +209,9 @@ def _knobs(config, num_chips: int) -> str:
   per_chip = config.batch_size // config.grad_accum_steps // num_chips
   return (f"now {per_chip} images per chip and micro-batch: --config.batch_size="
           f"{config.batch_size} --config.grad_accum_steps={config.grad_accum_steps} "
-          f"--config.fsdp={config.fsdp} --config.remat={config.remat}")
+          f"--config.fsdp={config.fsdp} --config.remat={config.remat}"
+          + (f" --config.remat_stages='{tuple(config.remat_stages)}'"
+             if config.remat and config.get("remat_stages") else ""))
 
 
 def compile_report(config) -> dict:
