@@ -286,7 +286,8 @@ def test_every_metaformer_mlp_half_compiles_to_the_kernels(model, stage, topolog
 @needs_libtpu
 def test_block_proxy_measures_any_variant_and_each_half_of_its_blocks():
   """The proxy that found where the baselines' bytes go: CAFormer's stage-4 attention block and
-  its two halves compile for a v4 chip; each half moves less than the block and the two
+  its two halves compile for a v4 chip, attention's core as its two kernels (16 images: too
+  few for the MLP kernels' lane blocks); each half moves less than the block and the two
   together about as much (the halves each read and write the map once more)."""
   sys.path.insert(0, str(REPO / "benchmarks"))
   import tpu_block_proxy  # pylint: disable=g-import-not-at-top
@@ -295,9 +296,12 @@ def test_block_proxy_measures_any_variant_and_each_half_of_its_blocks():
   for part in ("block", "mix", "mlp"):
     result = tpu_block_proxy.measure(4, blocks=1, batch=16, train=True, remat=None,
                                      model="caformer_s18", part=part)
-    assert result["mixer"] == "attention" and result["kernels"] == 0, result
+    assert result["mixer"] == "attention", result
+    assert result["kernels"] == (0 if part == "mlp" else 2), result
     mb[part] = result["MB_per_image_block"]
-  assert mb["mix"] > mb["mlp"] > 0, mb  # 49 tokens of attention outweigh the MLP half
+  # With its kernels, attention over 49 tokens moves less than the MLP half (5.0 against 5.9
+  # MB per image; 16.1 against 2.9 at 256 images before them).
+  assert mb["mlp"] > mb["mix"] > 0, mb
   assert max(mb["mix"], mb["mlp"]) < mb["block"] < 1.3 * (mb["mix"] + mb["mlp"]), mb
 
 
