@@ -34,7 +34,8 @@ everywhere). The model then takes the kernels in training for the shapes that fi
 (`TpuKernels.fits`): per chip, a multiple of 128 samples and at least 128 per TensorCore (256
 on v4 and v5p), and blocks that fit the core's VMEM (`chips`: 16 MiB on v4, where a 512-wide
 stage's weight gradients do not fit next to its blocks; 64-128 MiB on v5e, v5p and v6e, where
-every stage fits). Nothing here reads an ambient mesh.
+every stage fits). Nothing here reads an ambient mesh. `TpuKernels` carries attention's
+kernels (`attention_kernel`) the same way.
 """
 
 from __future__ import annotations
