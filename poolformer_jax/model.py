@@ -662,9 +662,10 @@ class MetaFormer(nnx.Module):
   `remat=True` wraps every block in jax.checkpoint: the backward pass recomputes a block's
   activations from its input instead of storing them, trading about a third more compute
   for memory on TPU and GPU. `remat_stages` limits that to some stages (1-4): the early,
-  high-resolution ones hold most of the activations. On XLA:CPU it saves nothing (the CPU compiler drops the
-  optimization barriers jax.checkpoint relies on and hoists the recomputation; measured
-  1.0 GB of buffers instead of 0.8 GB for S12 at batch 16), hence off by default.
+  high-resolution ones hold most of the activations. On XLA:CPU it saves nothing (the CPU
+  compiler drops the optimization barriers jax.checkpoint relies on and hoists the
+  recomputation; measured 1.0 GB of buffers instead of 0.8 GB for S12 at batch 16), hence off
+  by default.
 
   `kernels` (`mlp_kernel.for_mesh`): the TPU training kernels the blocks may use, chosen by
   whoever lowers the program for its mesh (the trainer); None (default): XLA only.
