@@ -8,11 +8,12 @@ stage 1 is 56x56 at the variant's first width ... stage 4 is 7x7), bfloat16 comp
 and compiles their forward and backward (or forward only with --eval) for one chip of
 `--topology` (default a v4) at `--batch` images, in seconds instead of the minutes of the whole
 step. `--part` keeps one half of each block: `mix` (norm, token mixer, scales, residual) or
-`mlp` (norm, MLP, scales, residual); where the bytes of a block go. It lowers them under a one-chip TPU mesh, as the
-trainer does, so the blocks take their TPU training kernels (`poolformer_jax/mlp_kernel.py`)
-where those fit. Prints XLA's bytes accessed per image and block, also in units of one bfloat16
-copy of the block's input map (u). This is how each change to `poolformer_jax/ops.py` and
-`mlp_kernel.py` was tried (benchmarks/results/tpu_ablations.md). Needs libtpu, no TPU.
+`mlp` (norm, MLP, scales, residual); where the bytes of a block go. It lowers them under a
+one-chip TPU mesh, as the trainer does, so the blocks take their TPU kernels
+(`poolformer_jax/mlp_kernel.py`, `attention_kernel.py`) where those fit. Prints XLA's bytes
+accessed per image and block, also in units of one bfloat16 copy of the block's input map
+(u). This is how each change to `poolformer_jax/ops.py` and the kernels was tried
+(benchmarks/results/tpu_ablations.md). Needs libtpu, no TPU.
 """
 
 from __future__ import annotations
@@ -78,8 +79,9 @@ def measure(stage: int, *, blocks: int, batch: int, train: bool, remat: str | No
   cost = measure_lib.program_cost(compiled).per(batch * blocks)
   per_block_image = cost.bytes_accessed
   result = {
-      "model": model, "topology": topology, "part": part, "mixer": cfg.stage_token_mixers[stage - 1], "stage": stage,
-      "blocks": blocks, "batch": batch, "train": train, "remat": remat,
+      "model": model, "topology": topology, "part": part,
+      "mixer": cfg.stage_token_mixers[stage - 1], "stage": stage, "blocks": blocks,
+      "batch": batch, "train": train, "remat": remat,
       "dtype": dtype, "kernels": compiled.as_text().count('custom_call_target="tpu_custom_call"'),
       "compile_s": round(compile_s, 1),
       "MB_per_image_block": round(per_block_image / 1e6, 3),

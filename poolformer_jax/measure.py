@@ -51,7 +51,8 @@ def program_cost(stage, loop_trips: int = 1) -> Cost:
 _COLLECTIVE = re.compile(r"^\s*(?:ROOT )?%[\w.-]+ = (.*?) (all-reduce|all-gather|reduce-scatter|"
                          r"all-to-all|collective-permute)(?:-start)?\(")
 # A reduce-scatter that XLA:TPU writes as a fusion of an all-reduce and a slice.
-_FUSED_REDUCE_SCATTER = re.compile(r"^\s*(?:ROOT )?%[\w.-]+ = (.*?) fusion\(.*calls=%all-reduce-scatter")
+_FUSED_REDUCE_SCATTER = re.compile(
+    r"^\s*(?:ROOT )?%[\w.-]+ = (.*?) fusion\(.*calls=%all-reduce-scatter")
 _ARRAY = re.compile(r"\b(pred|[suf](?:8|16|32|64)|bf16)\[([0-9,]*)\]")
 
 

@@ -23,6 +23,7 @@ Design points:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import os
 import signal
@@ -356,7 +357,7 @@ class Trainer:
 
         results = []
         for kernels in (single, None):
-          out, vjp = jax.vjp(lambda s, i: half(s, i, kernels), state, inp)  # pylint: disable=cell-var-from-loop
+          out, vjp = jax.vjp(functools.partial(half, kernels=kernels), state, inp)
           results.append(jax.tree.leaves((out, vjp(cotangent))))
         worst = max([worst, *map(mlp_kernel.relative_difference, *results)])
       for b in stage.blocks:

@@ -174,7 +174,8 @@ def test_compile_mode_prints_the_table_and_writes_json(tmp_path):
   assert report["host"]["input_bound"]
   assert report["recipe"]["train_hours_bound"] == pytest.approx(40 * 64 / (120 * 4) / 3600)
   # Data parallel: every parameter's gradient is all-reduced across the 4 chips.
-  assert "collectives of the train step per chip (the arrays they produce): all-reduce" in out.stdout
+  assert ("collectives of the train step per chip (the arrays they produce): all-reduce"
+          in out.stdout)
   assert report["steps"]["train"]["collective_bytes"]["all-reduce"] >= 2 * report["params"]
 
 
