@@ -317,8 +317,8 @@ class Trainer:
     On one device, `images` (a slice of the first batch: one device's lane blocks) go through
     the model on the XLA path; at the first block of each stage, each half that takes kernels
     (attention's core in the token-mixing half, the MLP half) runs both ways with the same
-    drop-path draw and its layer scale at 1: its output, and the gradients of its input and
-    of every parameter under one random cotangent. Returns the largest difference relative
+    drop-path draw and its layer scale at 1: its increment (output minus input), and the
+    gradients of its input and of every parameter under one random cotangent. Returns the largest difference relative
     to each tensor's largest value (0.0 if no block takes them).
     """
     single = dataclasses.replace(self.kernels, mesh=None, batch_axes=())
@@ -358,7 +358,9 @@ class Trainer:
         results = []
         for kernels in (single, None):
           out, vjp = jax.vjp(functools.partial(half, kernels=kernels), state, inp)
-          results.append(jax.tree.leaves((out, vjp(cotangent))))
+          # The half's increment, not its output: a skip that dominates the output (a small
+          # branch at init) would hide a wrong branch.
+          results.append(jax.tree.leaves((out - inp, vjp(cotangent))))
         worst = max([worst, *map(mlp_kernel.relative_difference, *results)])
       for b in stage.blocks:
         x = b(x)  # no key, no kernels: the XLA path

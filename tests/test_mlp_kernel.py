@@ -247,33 +247,22 @@ def smoke_trainer(config):
 
 
 def test_the_trainer_measures_its_kernels_against_the_xla_path(monkeypatch):
-  """`kernel_difference` on a slice of a batch: ~1e-6 for the real kernels (float32), far
-  beyond the tolerance for a wrong one; the XLA-only trainer has none to check."""
+  """`kernel_difference` on a slice of a batch, for a CAFormer (MLP kernels after a channel
+  LayerNorm, and attention kernels): ~1e-6 for the real kernels (float32), far beyond the
+  tolerance for a wrong MLP kernel and for a wrong attention kernel; the XLA-only trainer has
+  none to check. (PoolFormer v1's wrong MLP kernel: the end-to-end run below.)"""
   interpreted_everywhere(monkeypatch)
   config = load_config("demo.py:smoke")
+  config.model = "caformer_s18"
   trainer = smoke_trainer(config)
   assert trainer.kernels is not None and trainer.kernels.interpret
   params = trainer.init_state(0).params
   images = np.random.default_rng(0).integers(0, 256, (N, 32, 32, 3), np.uint8)
   assert trainer.kernel_difference(params, images) < 1e-4
   assert train._checked_kernels(trainer, params, images) is trainer  # pylint: disable=protected-access
-  break_the_forward_kernel(monkeypatch)
-  assert trainer.kernel_difference(params, images) > 2 * train.KERNEL_TOLERANCE
-  assert trainer.without_kernels().kernels is None
-  config.kernels = "xla"
-  assert smoke_trainer(config).kernels is None
-
-
-def test_the_self_check_covers_the_attention_kernels(monkeypatch):
-  """A CAFormer's attention halves are checked too: a wrong attention kernel is caught with
-  the MLP kernels right."""
-  interpreted_everywhere(monkeypatch)
-  config = load_config("demo.py:smoke")
-  config.model = "caformer_s18"
-  trainer = smoke_trainer(config)
-  params = trainer.init_state(0).params
-  images = np.random.default_rng(0).integers(0, 256, (N, 32, 32, 3), np.uint8)
-  assert trainer.kernel_difference(params, images) < 1e-4
+  with pytest.MonkeyPatch.context() as patch:
+    break_the_forward_kernel(patch)
+    assert trainer.kernel_difference(params, images) > 2 * train.KERNEL_TOLERANCE
   from poolformer_jax import attention_kernel  # pylint: disable=g-import-not-at-top
   real = attention_kernel._forward_kernel  # pylint: disable=protected-access
 
@@ -283,6 +272,9 @@ def test_the_self_check_covers_the_attention_kernels(monkeypatch):
 
   monkeypatch.setattr(attention_kernel, "_forward_kernel", wrong)
   assert trainer.kernel_difference(params, images) > 2 * train.KERNEL_TOLERANCE
+  assert trainer.without_kernels().kernels is None
+  config.kernels = "xla"
+  assert smoke_trainer(config).kernels is None
 
 
 @pytest.mark.slow
