@@ -117,8 +117,7 @@ def _pixel_stats(x, stats_ref, form: MlpForm):
   """Mean and 1/std [1, L]: per sample (given) or, for a channel LayerNorm, of this pixel."""
   if form.norm == "group":
     return stats_ref[0:1], stats_ref[1:2]
-  mean = jnp.mean(x, axis=0, keepdims=True)
-  return mean, lax.rsqrt(jnp.mean(jnp.square(x - mean), axis=0, keepdims=True) + form.eps)
+  return ops.moments(x, (0,), form.eps)
 
 
 # ---------------------------------------------------------------------------
@@ -271,12 +270,8 @@ class TpuKernels:
     """`attention_kernel.attention` of qkv [N, T, 3C] on each device's samples -> [N, T, C].
     Call only where `fits_attention(T, C, qkv.dtype)` (or interpreted)."""
     params = None if self.interpret else _compiler_params(self.vmem, "parallel")
-    fn = lambda qkv: attention_kernel.attention(qkv, heads, self.interpret, params)
-    if self.mesh is None or not self.batch_axes:
-      return fn(qkv)
-    split = jax.sharding.PartitionSpec(self.batch_axes)
-    return jax.shard_map(fn, mesh=self.mesh, in_specs=split, out_specs=split,
-                         check_vma=False)(qkv)
+    fn = lambda qkv: (attention_kernel.attention(qkv, heads, self.interpret, params),)
+    return _on_mesh(self, fn, 1, 1, batch_dim=0)(qkv)[0]
 
   def mlp_residual(self, x, keep, params: MlpParams, form: MlpForm):
     """`rs * x + keep * ls * mlp(norm(x))` for x [N, H, W, C] (see `MlpParams`).
@@ -377,24 +372,28 @@ def _backward_local(xt, at, dt, stats, keep, cols, w1, hcols, w2, *, form, vmem,
   return t, r, dw1.sum(0), hacc.sum(0), m.sum(0), cacc.sum(0)
 
 
-def _on_mesh(kernels: TpuKernels, fn, n_split_in: int, n_split_out: int):
-  """fn on each device's samples (the last axis of the first `n_split_in` arguments and
-  `n_split_out` results); other arguments replicated, other results summed over devices."""
+def _on_mesh(kernels: TpuKernels, fn, n_split_in: int, n_split_out: int, batch_dim: int = -1):
+  """fn on each device's samples (axis `batch_dim`, by default the last, of the first
+  `n_split_in` arguments and `n_split_out` results); other arguments replicated, other results
+  summed over devices."""
   mesh, axes = kernels.mesh, kernels.batch_axes
   if mesh is None or not axes:
     return fn
-  split, whole = jax.sharding.PartitionSpec, jax.sharding.PartitionSpec()
+  whole = jax.sharding.PartitionSpec()
+
+  def split(ndim):
+    dims = [None] * ndim
+    dims[batch_dim] = axes
+    return jax.sharding.PartitionSpec(*dims)
 
   def local(*args):
     out = fn(*args)
     return tuple(out[:n_split_out]) + tuple(lax.psum(o, axes) for o in out[n_split_out:])
 
   def wrapped(*args):
-    in_specs = tuple(split(*([None] * (a.ndim - 1)), axes) if i < n_split_in else whole
-                     for i, a in enumerate(args))
+    in_specs = tuple(split(a.ndim) if i < n_split_in else whole for i, a in enumerate(args))
     outs = jax.eval_shape(fn, *args)
-    out_specs = tuple(split(*([None] * (o.ndim - 1)), axes) if i < n_split_out else whole
-                      for i, o in enumerate(outs))
+    out_specs = tuple(split(o.ndim) if i < n_split_out else whole for i, o in enumerate(outs))
     return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
                          check_vma=False)(*args)
 

@@ -354,10 +354,10 @@ class Attention(nnx.Module):
     self.proj = _dense(inner, dim, **kw)
 
   def __call__(self, x, kernels: mlp_kernel.TpuKernels | None = None):
-    """`kernels` (the block's): the attention core as its TPU kernels where they fit."""
+    """`kernels`: the attention core as its TPU kernels (the block decides where they fit)."""
     b, h, w, c = x.shape
     qkv = self.qkv(x.reshape(b, h * w, c))
-    if kernels is not None and kernels.fits_attention(h * w, qkv.shape[-1] // 3, qkv.dtype):
+    if kernels is not None:
       out = kernels.attention(qkv, self.num_heads)
     else:
       qkv = qkv.reshape(b, h * w, 3, self.num_heads, self.head_dim)
@@ -556,8 +556,11 @@ class MetaFormerBlock(nnx.Module):
     """
     if not self.fused_pooling:
       h = self.norm1(x)
-      branch = (self.token_mixer(h, self.kernels) if isinstance(self.token_mixer, Attention)
-                else self.token_mixer(h))
+      if isinstance(self.token_mixer, Attention):
+        kernels = self.kernels if "mix" in self.kernel_halves(x) else None
+        branch = self.token_mixer(h, kernels)
+      else:
+        branch = self.token_mixer(h)
       return self._residual(x, branch, self.layer_scale1, self.res_scale1, self.drop_rate, key)
     scale = self.norm1.scale[...].astype(jnp.float32)
     if self.layer_scale1 is not None:
@@ -574,8 +577,7 @@ class MetaFormerBlock(nnx.Module):
     """`x + drop_path(ls2 * mlp(norm2(x)))` (res-scaled skip where the config has one): the
     MLP half. v1's layer scale goes inside the MLP's op, whose backward computes its
     gradient more cheaply than autodiff outside it."""
-    if key is not None and self.kernels is not None and self.kernels.fits(
-        x.shape, self.mlp.fc1.out_features, x.dtype):
+    if key is not None and "channel_mlp" in self.kernel_halves(x):
       return self._mlp_kernel(x, key)
     h = self.norm2(x)
     if isinstance(self.mlp, Mlp):
@@ -584,6 +586,23 @@ class MetaFormerBlock(nnx.Module):
     else:
       branch, scale = self.mlp(h), self.layer_scale2
     return self._residual(x, branch, scale, self.res_scale2, self.drop_rate, key)
+
+  def kernel_halves(self, x, kernels: mlp_kernel.TpuKernels | None = None) -> tuple[str, ...]:
+    """The halves ('mix', 'channel_mlp') that run on `kernels` (default: the block's) for an
+    input shaped like `x`: attention's core where its blocks fit, the MLP half (in training)
+    where its shape fits. The one place that decides."""
+    kernels = kernels or self.kernels
+    if kernels is None:
+      return ()
+    _, h, w, _ = x.shape
+    mixer = self.token_mixer
+    halves = []
+    if isinstance(mixer, Attention) and kernels.fits_attention(
+        h * w, mixer.num_heads * mixer.head_dim, x.dtype):
+      halves.append("mix")
+    if kernels.fits(x.shape, self.mlp.fc1.out_features, x.dtype):
+      halves.append("channel_mlp")
+    return tuple(halves)
 
   @staticmethod
   def _residual(x, branch, scale: Scale | None, res_scale: Scale | None, rate, key):

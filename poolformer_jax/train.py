@@ -318,8 +318,8 @@ class Trainer:
     the model on the XLA path; at the first block of each stage, each half that takes kernels
     (attention's core in the token-mixing half, the MLP half) runs both ways with the same
     drop-path draw and its layer scale at 1: its increment (output minus input), and the
-    gradients of its input and of every parameter under one random cotangent. Returns the largest difference relative
-    to each tensor's largest value (0.0 if no block takes them).
+    gradients of its input and of every parameter under one random cotangent. Returns the
+    largest difference relative to each tensor's largest value (0.0 if no block takes them).
     """
     single = dataclasses.replace(self.kernels, mesh=None, batch_axes=())
     if jax.process_count() > 1:  # FSDP shards may live on other hosts
@@ -338,16 +338,10 @@ class Trainer:
       block = stage.blocks[0]
       if block.layer_scale2 is not None:  # 1e-5 at init: it would hide a wrong branch
         block.layer_scale2.scale[...] = jnp.ones_like(block.layer_scale2.scale[...])
-      mixer = block.token_mixer
-      h = block.mix(x)
-      halves = []
-      if isinstance(mixer, model_lib.Attention) and single.fits_attention(
-          x.shape[1] * x.shape[2], mixer.num_heads * mixer.head_dim, x.dtype):
-        halves.append(("mix", x))
-      if single.fits(h.shape, block.mlp.fc1.out_features, h.dtype):
-        halves.append(("channel_mlp", h))
+      inputs = {"mix": x, "channel_mlp": block.mix(x)}
       graphdef, state = nnx.split(block)
-      for name, inp in halves:
+      for name in block.kernel_halves(x, single):
+        inp = inputs[name]
         cotangent = jax.random.normal(key, inp.shape, inp.dtype)
 
         def half(state, inp, kernels, name=name):
