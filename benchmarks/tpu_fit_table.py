@@ -8,7 +8,9 @@ compile takes minutes of one core and GBs of memory). Where the recipe's batch d
 in one step it keeps the global batch and raises `grad_accum_steps` (2, 4, 8, ...: the same
 updates in smaller micro-batches) until it fits, and records what the first try needed.
 Writes the JSON (every compile mode report) and, next to it, the markdown table; needs
-libtpu (requirements-tpu.txt), no TPU. `--table-only` rewrites the table from the JSON.
+libtpu (requirements-tpu.txt), no TPU. `--table-only` rewrites the table from the JSON. Rows
+already in the JSON are kept, not compiled again (so an interrupted run resumes where it stopped);
+`--recompile` compiles them afresh.
 """
 
 from __future__ import annotations
@@ -27,8 +29,13 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from poolformer_jax import measure  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+# One S-size and one M-size model of each MetaFormer baselines family.
+BASELINES = ("poolformerv2_s12", "poolformerv2_m36", "identityformer_s12", "identityformer_m36",
+             "randformer_s12", "randformer_m36", "convformer_s18", "convformer_m36",
+             "caformer_s18", "caformer_m36")
 ROWS = ([(v, "v4-8") for v in ("s12", "s24", "s36", "m36", "m48")]
-        + [(v, t) for t in ("v5e-8", "v5p-8") for v in ("s12", "m48")])
+        + [(v, t) for t in ("v5e-8", "v5p-8") for v in ("s12", "m48")]
+        + [(v, t) for t in ("v4-8", "v5e-8") for v in BASELINES])
 MAX_ACCUM = 64
 
 
@@ -96,7 +103,7 @@ def markdown(rows: list[dict]) -> str:
   ]
   for row in rows:
     first, last = row["tries"][0], row["tries"][-1]
-    name = f"poolformer_{row['variant']}"
+    name = row["variant"] if "_" in row["variant"] else f"poolformer_{row['variant']}"
     if "error" in last:
       lines.append(f"| {name} | {row['topology']} | | needs {_needed(last['error'])} | no "
                    f"(not even with grad_accum_steps={last['grad_accum_steps']}) | | | | | | |")
@@ -127,21 +134,31 @@ def main():
   parser.add_argument("--rows", nargs="*", help="VARIANT:TOPOLOGY (default: the README's)")
   parser.add_argument("--table-only", action="store_true",
                       help="rewrite the markdown table from --out's JSON, compiling nothing")
+  parser.add_argument("--recompile", action="store_true",
+                      help="compile rows that --out's JSON already holds again")
   args = parser.parse_args()
+  out = pathlib.Path(args.out)
+  done = json.loads(out.read_text())["rows"] if out.exists() else []
   if args.table_only:
-    out = pathlib.Path(args.out)
-    table = markdown(json.loads(out.read_text())["rows"])
-    out.with_suffix(".md").write_text(table + "\n")
-    print(table)
+    write_table(out, done)
     return
   rows = ROWS if not args.rows else [tuple(r.split(":")) for r in args.rows]
-  out = pathlib.Path(args.out)
+  if args.recompile:
+    done = [r for r in done if (r["variant"], r["topology"]) not in rows]
   out.parent.mkdir(parents=True, exist_ok=True)
-  results = []
   for variant, topology in rows:
-    results.append(fit_row(variant, topology))
-    out.write_text(json.dumps({"command": " ".join(sys.argv), "rows": results}, indent=2))
-  table = markdown(results)
+    if any((r["variant"], r["topology"]) == (variant, topology) for r in done):
+      continue
+    done.append(fit_row(variant, topology))
+    out.write_text(json.dumps({"command": " ".join(sys.argv), "rows": done}, indent=2))
+  write_table(out, done)
+
+
+def write_table(out: pathlib.Path, rows: list[dict]) -> None:
+  """The markdown table next to the JSON, rows in ROWS' order (then any others)."""
+  order = {row: i for i, row in enumerate(ROWS)}
+  rows = sorted(rows, key=lambda r: order.get((r["variant"], r["topology"]), len(order)))
+  table = markdown(rows)
   out.with_suffix(".md").write_text(table + "\n")
   print(table)
 
