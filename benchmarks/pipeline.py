@@ -9,9 +9,9 @@ core, and times tf.data pipelines that stop after each stage (cumulative: each a
   train  read -> decode the crop window (random-resized crop) -> resize (PIL, antialiased,
          random bilinear / bicubic) -> flip: uint8, what the host hands over with RandAugment
          on the device -> RandAugment on the host (the default) -> batch:
-         `input_pipeline.create_train_iterator` itself, RandAugment on the host or on the device
+         `input_pipeline.Dataset.train_iterator` itself, RandAugment on the host or on the device
          -> host-to-device (device_put)
-  eval   read -> decode -> resize + center crop (PIL): uint8 -> batch: `create_eval_iterator`
+  eval   read -> decode -> resize + center crop (PIL): uint8 -> batch: `Dataset.eval_iterator`
   reference  the bare decode-and-crop pipeline: read, decode_and_crop_jpeg on the same window,
          TF bilinear resize (not antialiased), flip, uint8
   before the former host pipeline: TF's antialiased resize, then RandAugment, normalisation and
@@ -165,8 +165,8 @@ def stages(root, image_size):
     return lambda data, seed: tf.cast(tf.reshape(fn(data, seed), [-1])[0], tf.int32)
 
   def train_iterator(config=cfg):
-    return ip.create_train_iterator(config, global_batch_size=BATCH, seed=0, process_index=0,
-                                    process_count=1)
+    return ip.Dataset(config, process_index=0, process_count=1).train_iterator(
+        global_batch_size=BATCH, seed=0)
 
   def to_device(make):
     def make_put():
@@ -175,8 +175,8 @@ def stages(root, image_size):
     return make_put
 
   def eval_iterator():  # One pass covers a measurement (see make_jpegs' val_repeats).
-    iterable, _ = ip.create_eval_iterator(cfg, global_batch_size=BATCH, process_index=0,
-                                          process_count=1)
+    iterable, _ = ip.Dataset(cfg, process_index=0, process_count=1).eval_iterator(
+        global_batch_size=BATCH)
     return iter(iterable)
 
   return {
@@ -187,7 +187,7 @@ def stages(root, image_size):
           lambda data, seed: train_pre_device(data, 0, seed)["image"])),
       "train: + RandAugment on the host (default)": ("train", per_image(
           lambda data, seed: train_pre(data, 0, seed)["image"])),
-      "train: + batch (create_train_iterator, default)": ("train", train_iterator),
+      "train: + batch (Dataset.train_iterator, default)": ("train", train_iterator),
       "train: + batch, RandAugment on the device": ("train", lambda: train_iterator(device_cfg)),
       "train: + host-to-device (default)": ("train", to_device(train_iterator)),
       "reference: decode-and-crop, bilinear, flip": ("reference", per_image(reference)),
@@ -198,7 +198,7 @@ def stages(root, image_size):
       "eval: + decode": ("eval", per_image(touch(lambda data, seed: ip._decode(data)))),  # pylint: disable=protected-access
       "eval: + resize, crop (PIL) = uint8 handed over": ("eval", per_image(
           lambda data, seed: eval_pre(data, 0)["image"])),
-      "eval: + batch (create_eval_iterator)": ("eval", eval_iterator),
+      "eval: + batch (Dataset.eval_iterator)": ("eval", eval_iterator),
       "eval before: TF decode, antialiased bicubic, normalise": ("eval before",
                                                                  per_image(eval_before)),
   }
@@ -276,10 +276,10 @@ def main():
   ref = s["reference: decode-and-crop, bilinear, flip"]["images_per_s_per_core"]
   results["train_vs_reference"] = {
       name: s[name]["images_per_s_per_core"] / ref
-      for name in ("train: + batch (create_train_iterator, default)",
+      for name in ("train: + batch (Dataset.train_iterator, default)",
                    "train: + batch, RandAugment on the device",
                    "before: + normalise, erasing (float32)")}
-  results["eval_now_vs_before"] = (s["eval: + batch (create_eval_iterator)"]["images_per_s_per_core"]
+  results["eval_now_vs_before"] = (s["eval: + batch (Dataset.eval_iterator)"]["images_per_s_per_core"]
                                    / s["eval before: TF decode, antialiased bicubic, normalise"]
                                    ["images_per_s_per_core"])
   with open(args.out, "w") as f:

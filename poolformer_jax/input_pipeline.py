@@ -24,7 +24,6 @@ owns all device memory.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from typing import Iterable, Iterator
@@ -36,6 +35,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from poolformer_jax import folder_scan
+from poolformer_jax.dataset_info import DatasetInfo, local_batch
 from poolformer_jax import tf_augment
 from poolformer_jax.errors import ConfigError, DatasetError
 
@@ -48,14 +48,6 @@ for _kind in ("GPU", "TPU"):
 
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 _IMAGENET_NAMES = ("imagenet2012",)
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  num_classes: int
-  num_train_examples: int
-  num_eval_examples: int
-  label_names: tuple[str, ...] | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -321,16 +313,6 @@ def _source(cfg):
   return _FolderSource(cfg) if cfg.dataset == "folder" else _TfdsSource(cfg)
 
 
-def get_dataset_info(data_config) -> DatasetInfo:
-  """Class count, split sizes and label names; raises DatasetError with preparation steps."""
-  src = _source(data_config)
-  return DatasetInfo(
-      num_classes=src.num_classes,
-      num_train_examples=src.check_split(data_config.train_split),
-      num_eval_examples=src.check_split(data_config.eval_split),
-      label_names=src.label_names)
-
-
 def check_folder(data_config, splits) -> None:
   """Folder datasets: every file of `splits` decoded once, before training.
 
@@ -516,54 +498,95 @@ def _process(process_index, process_count):
   return process_index, process_count
 
 
-def _local_batch(global_batch_size, process_count):
-  if global_batch_size % process_count:
-    raise ConfigError(f"global_batch_size={global_batch_size} must be divisible by the number of "
-                      f"processes ({process_count}).")
-  return global_batch_size // process_count
-
-
 def _num_parallel(cfg):
   n = cfg.get("num_parallel_calls", -1)
   return tf.data.AUTOTUNE if n is None or n < 0 else n
 
 
-def create_train_iterator(data_config, *, global_batch_size: int, seed: int, start_step: int = 0,
-                          process_index: int | None = None,
-                          process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-  """Infinite stream of this process's batches {'image': uint8 [B, H, W, 3], 'label': i32 [B]}.
+class Dataset:
+  """A dataset opened once, for one process: its info, the batches of an epoch and both
+  iterators. Raises ConfigError / DatasetError (with the steps that prepare it) when it is
+  missing, unreadable or lacks a split."""
 
-  B = global_batch_size / process_count. A pure function of (seed, start_step, process):
-  start_step=k yields exactly what start_step=0 yields from its k-th batch on.
-  """
-  cfg = data_config
-  process_index, process_count = _process(process_index, process_count)
-  batch = _local_batch(global_batch_size, process_count)
-  src = _source(cfg)
-  src.check_split(cfg.train_split)
-  sub, n = src.part(cfg.train_split, process_index, process_count, drop_remainder=True)
-  steps_per_epoch = n // batch
-  if steps_per_epoch == 0:
-    raise ConfigError(f"Process {process_index} holds {n} training examples, fewer than one local "
-                      f"batch of {batch}; lower the batch size.")
-  epoch_records = src.epoch_fn(sub, cfg)
-  preprocess = make_train_preprocess(cfg)
-  start_epoch, skip_batches = divmod(int(start_step), steps_per_epoch)
-  process_key = tf.constant([seed, process_index], tf.int64)
+  def __init__(self, data_config, *, process_index: int | None = None,
+               process_count: int | None = None):
+    self.config = data_config
+    self.process_index, self.process_count = _process(process_index, process_count)
+    self._source = _source(data_config)
+    self.info = DatasetInfo(
+        num_classes=self._source.num_classes,
+        num_train_examples=self._source.check_split(data_config.train_split),
+        num_eval_examples=self._source.check_split(data_config.eval_split),
+        label_names=self._source.label_names)
 
-  @tf.autograph.experimental.do_not_convert
-  def epoch(e):
-    key = tf.random.experimental.stateless_fold_in(process_key, e)  # Per (seed, process, epoch).
-    ds = epoch_records(key).take(steps_per_epoch * batch).enumerate()
-    # Resume: skip the already-consumed records of the first epoch BEFORE decoding them.
-    ds = ds.skip(tf.where(tf.equal(e, start_epoch), tf.constant(skip_batches * batch, tf.int64), 0))
-    return ds.map(lambda i, rec: (rec[0], rec[1], tf.random.experimental.stateless_fold_in(key, i)))
+  def batches_per_epoch(self, global_batch_size: int) -> int:
+    return self.info.batches_per_epoch(global_batch_size, self.process_count)
 
-  # Whole epochs before start_epoch are skipped arithmetically; batches never straddle epochs.
-  ds = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch)
-  ds = ds.map(preprocess, num_parallel_calls=_num_parallel(cfg))
-  ds = ds.batch(batch, drop_remainder=True).prefetch(cfg.prefetch).with_options(_options())
-  return _named_errors(tfds.as_numpy(ds), cfg)
+  def train_iterator(self, *, global_batch_size: int, seed: int,
+                     start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Infinite stream of this process's batches {'image': uint8 [B, H, W, 3], 'label': i32 [B]}.
+
+    B = global_batch_size / process_count. A pure function of (seed, start_step, process):
+    start_step=k yields exactly what start_step=0 yields from its k-th batch on.
+    """
+    cfg, src = self.config, self._source
+    batch = local_batch(global_batch_size, self.process_count)
+    steps_per_epoch = self.batches_per_epoch(global_batch_size)
+    if steps_per_epoch == 0:
+      raise ConfigError(
+          f"Process {self.process_index} holds "
+          f"{self.info.num_train_examples // self.process_count} training examples, fewer than "
+          f"one local batch of {batch}; lower the batch size.")
+    sub, _ = src.part(cfg.train_split, self.process_index, self.process_count,
+                      drop_remainder=True)
+    epoch_records = src.epoch_fn(sub, cfg)
+    preprocess = make_train_preprocess(cfg)
+    start_epoch, skip_batches = divmod(int(start_step), steps_per_epoch)
+    process_key = tf.constant([seed, self.process_index], tf.int64)
+
+    @tf.autograph.experimental.do_not_convert
+    def epoch(e):
+      key = tf.random.experimental.stateless_fold_in(process_key, e)  # Per (seed, process, epoch).
+      ds = epoch_records(key).take(steps_per_epoch * batch).enumerate()
+      # Resume: skip the already-consumed records of the first epoch BEFORE decoding them.
+      ds = ds.skip(tf.where(tf.equal(e, start_epoch), tf.constant(skip_batches * batch, tf.int64),
+                            0))
+      return ds.map(lambda i, rec: (rec[0], rec[1], tf.random.experimental.stateless_fold_in(key, i)))
+
+    # Whole epochs before start_epoch are skipped arithmetically; batches never straddle epochs.
+    ds = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch)
+    ds = ds.map(preprocess, num_parallel_calls=_num_parallel(cfg))
+    ds = ds.batch(batch, drop_remainder=True).prefetch(cfg.prefetch).with_options(_options())
+    return _named_errors(tfds.as_numpy(ds), cfg)
+
+  def eval_iterator(self, *, global_batch_size: int
+                    ) -> tuple[Iterable[dict[str, np.ndarray]], int]:
+    """(iterable of this process's eval batches {'image', 'label', 'mask'}, num_steps).
+
+    Every example appears exactly once over all processes with mask 1.0; padding (zero images,
+    label 0) has mask 0.0 (float32). The number of batches is the same on every process (set by
+    the largest per-process shard). Build it once and iterate it at every evaluation.
+    """
+    cfg, src, count = self.config, self._source, self.process_count
+    batch = local_batch(global_batch_size, count)
+    sizes = [src.part(cfg.eval_split, i, count, drop_remainder=False)[1] for i in range(count)]
+    num_steps = -(-max(sizes) // batch)
+    sub, n = src.part(cfg.eval_split, self.process_index, count, drop_remainder=False)
+    preprocess = make_eval_preprocess(cfg)
+    size = int(cfg.image_size)
+
+    ds = src.dataset(sub)
+    ds = ds.map(lambda data, label: {**preprocess(data, label),
+                                     "mask": tf.constant(1.0, tf.float32)},
+                num_parallel_calls=_num_parallel(cfg))
+    pad = tf.data.Dataset.from_tensors({
+        "image": tf.zeros([size, size, 3], tf.uint8), "label": tf.constant(0, tf.int32),
+        "mask": tf.constant(0.0, tf.float32)}).repeat(num_steps * batch - n)
+    ds = ds.concatenate(pad)
+    if cfg.cache:
+      ds = ds.cache()
+    ds = ds.batch(batch, drop_remainder=True).prefetch(cfg.prefetch).with_options(_options())
+    return _EvalIterable(ds, cfg), num_steps
 
 
 def _named_errors(iterator, cfg, _error=tf.errors.InvalidArgumentError):
@@ -583,45 +606,3 @@ class _EvalIterable:
 
   def __iter__(self):
     return _named_errors(tfds.as_numpy(self._ds), self._cfg)
-
-
-def create_eval_iterator(data_config, *, global_batch_size: int, process_index: int | None = None,
-                         process_count: int | None = None) -> tuple[Iterable[dict[str, np.ndarray]], int]:
-  """(iterable of this process's eval batches {'image', 'label', 'mask'}, num_steps).
-
-  Every example appears exactly once over all processes with mask 1.0; padding (zero images,
-  label 0) has mask 0.0 (float32). The number of batches is the same on every process (set by
-  the largest per-process shard). Build it once and iterate it at every evaluation.
-  """
-  cfg = data_config
-  process_index, process_count = _process(process_index, process_count)
-  batch = _local_batch(global_batch_size, process_count)
-  src = _source(cfg)
-  src.check_split(cfg.eval_split)
-  sizes = [src.part(cfg.eval_split, i, process_count, drop_remainder=False)[1]
-           for i in range(process_count)]
-  num_steps = -(-max(sizes) // batch)
-  sub, n = src.part(cfg.eval_split, process_index, process_count, drop_remainder=False)
-  preprocess = make_eval_preprocess(cfg)
-  size = int(cfg.image_size)
-
-  ds = src.dataset(sub)
-  ds = ds.map(lambda data, label: {**preprocess(data, label), "mask": tf.constant(1.0, tf.float32)},
-              num_parallel_calls=_num_parallel(cfg))
-  pad = tf.data.Dataset.from_tensors({
-      "image": tf.zeros([size, size, 3], tf.uint8), "label": tf.constant(0, tf.int32),
-      "mask": tf.constant(0.0, tf.float32)}).repeat(num_steps * batch - n)
-  ds = ds.concatenate(pad)
-  if cfg.cache:
-    ds = ds.cache()
-  ds = ds.batch(batch, drop_remainder=True).prefetch(cfg.prefetch).with_options(_options())
-  return _EvalIterable(ds, cfg), num_steps
-
-
-def batches_per_epoch(data_config, *, global_batch_size: int, process_count: int | None = None) -> int:
-  """Training steps in one epoch (the epoch remainder is dropped, see the module docstring)."""
-  process_index, process_count = _process(None if process_count is None else 0, process_count)
-  src = _source(data_config)
-  src.check_split(data_config.train_split)
-  _, n = src.part(data_config.train_split, process_index, process_count, drop_remainder=True)
-  return n // _local_batch(global_batch_size, process_count)

@@ -29,11 +29,12 @@ from etils import epath  # An Orbax dependency: local and gs:// paths alike.
 import jax
 
 from poolformer_jax import chips as chips_lib
+from poolformer_jax import dataset_info
 from poolformer_jax import errors
 from poolformer_jax import measure
 
 # The host pipeline's training images/s on one vCPU: benchmarks/pipeline.py's
-# create_train_iterator figure with the recipe's settings, RandAugment on the host
+# Dataset.train_iterator figure with the recipe's settings, RandAugment on the host
 # (benchmarks/results/pipeline_cpu.json: one core of a 2-core AMD EPYC, ImageNet-sized JPEGs).
 # --config.host_images_per_s_per_vcpu gives the real host's.
 HOST_IMAGES_PER_S_PER_VCPU = 196.0
@@ -158,13 +159,6 @@ def topology_devices(topology: Topology, num_slices: int = 1) -> list:
 # Compile and measure.
 # ---------------------------------------------------------------------------
 
-# Training and eval sizes of the datasets compile mode knows without reading them.
-KNOWN_DATASETS = {  # name: (classes, train examples, eval examples of the default eval split)
-    "imagenet2012": (1000, 1_281_167, 50_000),
-    "digits": (10, 1437, 360),
-}
-
-
 def _step_report(compiled, *, images_per_chip: int, repeats: int, chip: chips_lib.Chip,
                  compile_s: float) -> dict:
   """Memory and cost of one compiled step per chip; `repeats` micro-batches per step."""
@@ -220,8 +214,6 @@ def compile_report(config) -> dict:
   Raises errors.ConfigError for a config that cannot work there (including one that does not
   fit in HBM) and when libtpu is missing.
   """
-  from poolformer_jax import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
-  from poolformer_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from poolformer_jax import train  # pylint: disable=g-import-not-at-top
 
   try:
@@ -233,18 +225,16 @@ def compile_report(config) -> dict:
   chip = topology.chip
   devices = topology_devices(topology, config.num_slices)
   hosts = _hosts(devices)
-  train.validate_config(config, workdir=None, num_devices=len(devices), process_count=len(hosts))
-  if config.matmul_precision != "default":
-    jax.config.update("jax_default_matmul_precision", config.matmul_precision)
-  num_classes, train_examples, eval_examples = KNOWN_DATASETS.get(config.data.dataset,
-                                                                  (0, 0, 0))
-  num_classes = config.num_classes or num_classes
-  if not num_classes:
-    raise errors.ConfigError(f"compile mode does not read the data: set --config.num_classes "
-                             f"for dataset {config.data.dataset!r}")
-  steps_per_epoch = max(train_examples // config.batch_size, 1) if train_examples else 0
-  total_steps = optimizer_lib.total_steps(config, steps_per_epoch)
-  mesh = sharding_lib.make_mesh(config.fsdp, devices)
+  known = dataset_info.KNOWN.get(config.data.dataset)
+  if known is None:  # The epoch size stays unknown (0): so does the recipe's time.
+    if not config.num_classes:
+      raise errors.ConfigError(f"compile mode does not read the data: set --config.num_classes "
+                               f"for dataset {config.data.dataset!r}")
+    known = dataset_info.DatasetInfo(config.num_classes, 0, 0)
+  run = train.setup(config, None, (), devices=devices, process_count=len(hosts), info=known)
+  config, mesh, steps_per_epoch, total_steps = (run.config, run.mesh, run.steps_per_epoch,
+                                                run.total_steps)
+  num_classes, eval_examples = known.num_classes, known.num_eval_examples
   trainer = train.Trainer(config, mesh, num_classes, max(steps_per_epoch, 1),
                           max(total_steps, 1))
 

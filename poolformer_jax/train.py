@@ -47,6 +47,7 @@ from poolformer_jax import augment
 from poolformer_jax import checkpointing
 from poolformer_jax import chips
 from poolformer_jax import cpu_tuning
+from poolformer_jax import dataset_info
 from poolformer_jax import defaults
 from poolformer_jax import hub
 from poolformer_jax import measure
@@ -488,23 +489,45 @@ def _eval_record(trainer, eval_step, eval_batches, **param_sets) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def _setup(config, workdir: str | None, splits: tuple[str, ...]):
-  """Validation, data checks, precision, mesh, dataset info: everything before compiling.
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What a run settles before compiling anything."""
 
-  Returns the config the run uses: for a folder dataset, with data.manifest_dir set.
+  config: ml_collections.ConfigDict  # As the run uses it (a folder's data.manifest_dir set).
+  mesh: jax.sharding.Mesh
+  info: dataset_info.DatasetInfo
+  dataset: input_pipeline.Dataset | None  # None where the data is not read (compile mode).
+  steps_per_epoch: int
+  total_steps: int
+
+
+def setup(config, workdir: str | None, splits: tuple[str, ...], *, devices=None,
+          process_count: int | None = None,
+          info: dataset_info.DatasetInfo | None = None) -> Setup:
+  """Validation, data checks, matmul precision, mesh, dataset sizes and the run's length: all
+  that comes before compiling, for training, evaluation and compile mode alike.
+
+  `devices` and `process_count` (default: this run's) and `info` (default: the dataset's,
+  opened here) let compile mode set up a slice it does not have, from known dataset sizes.
   """
-  validate_config(config, workdir=workdir, num_devices=jax.device_count(),
-                  process_count=jax.process_count())
-  config = _with_checked_folder(defaults.with_model_defaults(config), workdir, splits)
+  devices = jax.devices() if devices is None else list(devices)
+  process_count = jax.process_count() if process_count is None else process_count
+  validate_config(config, workdir=workdir, num_devices=len(devices), process_count=process_count)
+  config = defaults.with_model_defaults(config)
+  dataset = None
+  if info is None:
+    config = _with_checked_folder(config, workdir, splits)
+    dataset = input_pipeline.Dataset(config.data)
+    info = dataset.info
   if config.matmul_precision != "default":
     jax.config.update("jax_default_matmul_precision", config.matmul_precision)
-  mesh = sharding_lib.make_mesh(config.fsdp)
-  info = input_pipeline.get_dataset_info(config.data)
-  num_classes = config.num_classes or info.num_classes
-  if num_classes != info.num_classes:
-    raise ConfigError(f"config.num_classes={num_classes} but dataset {config.data.dataset!r} "
-                      f"has {info.num_classes} classes")
-  return config, mesh, info, num_classes
+  mesh = sharding_lib.make_mesh(config.fsdp, devices)
+  if config.num_classes and config.num_classes != info.num_classes:
+    raise ConfigError(f"config.num_classes={config.num_classes} but dataset "
+                      f"{config.data.dataset!r} has {info.num_classes} classes")
+  steps_per_epoch = info.batches_per_epoch(config.batch_size, process_count)
+  return Setup(config, mesh, info, dataset, steps_per_epoch,
+               optimizer_lib.total_steps(config, steps_per_epoch))
 
 
 def _with_checked_folder(config, workdir: str | None, splits: tuple[str, ...]):
@@ -640,11 +663,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 def _train_and_evaluate(config, workdir: str, sigterm: _SigtermFlag) -> dict:
   # --- Validate, mesh, data sizes -----------------------------------------
-  config, mesh, info, num_classes = _setup(
-      config, workdir, (config.data.train_split, config.data.eval_split))
-  steps_per_epoch = input_pipeline.batches_per_epoch(config.data,
-                                                     global_batch_size=config.batch_size)
-  total = optimizer_lib.total_steps(config, steps_per_epoch)
+  run = setup(config, workdir, (config.data.train_split, config.data.eval_split))
+  config, mesh, info, num_classes = run.config, run.mesh, run.info, run.info.num_classes
+  steps_per_epoch, total = run.steps_per_epoch, run.total_steps
   eval_every = config.eval_every_steps or steps_per_epoch
   trainer = Trainer(config, mesh, num_classes, steps_per_epoch, total)
   sigterm.stop_if_set()
@@ -676,8 +697,7 @@ def _train_and_evaluate(config, workdir: str, sigterm: _SigtermFlag) -> dict:
   writer = metrics_lib.MetricWriter(workdir, resume_step=start)
 
   # --- Data and compiled steps ---------------------------------------------
-  eval_batches, _ = input_pipeline.create_eval_iterator(
-      config.data, global_batch_size=config.eval_batch_size)
+  eval_batches, _ = run.dataset.eval_iterator(global_batch_size=config.eval_batch_size)
   eval_step = trainer.compile_eval_step()
   if start >= total:
     ckpt.close()
@@ -686,8 +706,8 @@ def _train_and_evaluate(config, workdir: str, sigterm: _SigtermFlag) -> dict:
     metrics_lib.log(f"Training was already complete at step {start}: {_format_eval(record)}")
     return {"step": start, **record}
   train_batches = sharding_lib.prefetch_to_device(
-      input_pipeline.create_train_iterator(config.data, global_batch_size=config.batch_size,
-                                           seed=config.seed, start_step=start),
+      run.dataset.train_iterator(global_batch_size=config.batch_size, seed=config.seed,
+                                 start_step=start),
       trainer.batch_sharding)
   if trainer.kernels is not None:  # Checked on the first batch before the run relies on them.
     first = next(train_batches)
@@ -775,9 +795,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   with _SigtermFlag(sigterm) as flag:
     flag.stop_if_set()
-    config, mesh, info, num_classes = _setup(config, workdir, (config.data.eval_split,))
+    run = setup(config, workdir, (config.data.eval_split,))
     flag.stop_if_set()
-  trainer = Trainer(config, mesh, num_classes, steps_per_epoch=1, total_steps=1)
+  config = run.config
+  trainer = Trainer(config, run.mesh, run.info.num_classes, steps_per_epoch=1, total_steps=1)
   if config.init_from:
     params, source, step = trainer.load_params(config.init_from), config.init_from, 0
     pre = hub.read_info(config.init_from)[0].preprocessing
@@ -798,8 +819,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                         "--config.init_from")
     params, step = restored[0]["params"], restored[1]["step"]
     source = f"{workdir} step {step}"
-  eval_batches, _ = input_pipeline.create_eval_iterator(
-      config.data, global_batch_size=config.eval_batch_size)
+  eval_batches, _ = run.dataset.eval_iterator(global_batch_size=config.eval_batch_size)
   record = _eval_record(trainer, trainer.compile_eval_step(), eval_batches, eval=params)
   writer = metrics_lib.MetricWriter(workdir)
   writer.write(step, {**record, "source": source})

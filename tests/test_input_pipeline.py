@@ -1,6 +1,7 @@
 """Input pipeline: datasets, determinism and exact resume, process split, masked eval, ImageNet builder."""
 
 import collections
+import dataclasses
 import hashlib
 import io
 import math
@@ -13,6 +14,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from poolformer_jax import dataset_info
 from poolformer_jax import defaults
 from poolformer_jax import errors
 from poolformer_jax import input_pipeline as ip
@@ -89,9 +91,11 @@ def _encode(array, fmt):
 
 def test_digits_builder_prepares_and_holds_every_sklearn_image_once(digits_dir):
   from sklearn.datasets import load_digits
-  info = ip.get_dataset_info(_digits_config(digits_dir))  # Prepares on first use.
+  info = ip.Dataset(_digits_config(digits_dir)).info  # Prepares on first use.
   assert (info.num_classes, info.num_train_examples, info.num_eval_examples) == (10, 1437, 360)
   assert info.label_names == tuple(str(i) for i in range(10))
+  # Compile mode, which reads no data, works from the same sizes.
+  assert dataclasses.replace(info, label_names=None) == dataset_info.KNOWN["digits"]
 
   ref = load_digits()
   ref_images = np.round(ref.images * 255 / 16).astype(np.uint8)
@@ -113,7 +117,7 @@ def test_digits_builder_prepares_and_holds_every_sklearn_image_once(digits_dir):
 
 def test_digits_train_batches_have_the_promised_shapes(digits_dir):
   c = _digits_config(digits_dir, hflip=True)
-  it = ip.create_train_iterator(c, global_batch_size=32, seed=0)  # Process split from jax (1 process).
+  it = ip.Dataset(c).train_iterator(global_batch_size=32, seed=0)  # Process split from jax (1 process).
   b = next(it)
   # uint8 to the device (a quarter of float32's bytes): augmentation and normalisation are there.
   assert b["image"].shape == (32, 16, 16, 3) and b["image"].dtype == np.uint8
@@ -134,24 +138,25 @@ def test_digits_train_batches_have_the_promised_shapes(digits_dir):
 def test_train_stream_is_deterministic_and_resumes_exactly(digits_dir, cache):
   c = _digits_config(digits_dir, cache=cache)
   batch = 128  # 1437 // 128 = 11 steps per epoch.
-  steps = ip.batches_per_epoch(c, global_batch_size=batch, process_count=1)
+  data = ip.Dataset(c, process_index=0, process_count=1)
+  steps = data.batches_per_epoch(batch)
   assert steps == 11
-  kw = dict(global_batch_size=batch, process_index=0, process_count=1)
-  full = _take(ip.create_train_iterator(c, seed=3, **kw), steps + 3)
-  _assert_same_batches(full[:2], _take(ip.create_train_iterator(c, seed=3, **kw), 2))
+  kw = dict(global_batch_size=batch)
+  full = _take(data.train_iterator(seed=3, **kw), steps + 3)
+  _assert_same_batches(full[:2], _take(data.train_iterator(seed=3, **kw), 2))
   # Resume mid-epoch (then crossing the epoch boundary), and inside a later epoch (whole epochs
   # skipped arithmetically, then records within the epoch).
   for k in (9, steps + 2):
-    resumed = _take(ip.create_train_iterator(c, seed=3, start_step=k, **kw), len(full) - k)
+    resumed = _take(data.train_iterator(seed=3, start_step=k, **kw), len(full) - k)
     _assert_same_batches(full[k:], resumed)
-  other = next(ip.create_train_iterator(c, seed=4, **kw))
+  other = next(data.train_iterator(seed=4, **kw))
   assert not np.array_equal(other["image"], full[0]["image"])
 
 
 def test_each_epoch_is_a_fresh_permutation_without_repeats(digits_dir):
   c = _digits_config(digits_dir, augmented=False)
   batch, steps = 128, 11
-  it = ip.create_train_iterator(c, global_batch_size=batch, seed=0, process_index=0, process_count=1)
+  it = ip.Dataset(c, process_index=0, process_count=1).train_iterator(global_batch_size=batch, seed=0)
   epochs = [_take(it, steps) for _ in range(2)]
   ids = [_hashes(np.concatenate([b["image"] for b in e])) for e in epochs]
   labels = [np.concatenate([b["label"] for b in e]) for e in epochs]
@@ -169,8 +174,9 @@ def test_processes_get_disjoint_shards_of_equal_length(digits_dir):
   c = _digits_config(digits_dir, augmented=False)
   seen = []
   for p in range(2):
-    assert ip.batches_per_epoch(c, global_batch_size=64, process_count=2) == 1437 // 2 // 32
-    it = ip.create_train_iterator(c, global_batch_size=64, seed=0, process_index=p, process_count=2)
+    data = ip.Dataset(c, process_index=p, process_count=2)
+    assert data.batches_per_epoch(64) == 1437 // 2 // 32
+    it = data.train_iterator(global_batch_size=64, seed=0)
     batches = _take(it, 1437 // 2 // 32)
     assert all(b["image"].shape[0] == 32 for b in batches)
     seen.append(collections.Counter(_hashes(np.concatenate([b["image"] for b in batches]))))
@@ -187,8 +193,8 @@ def _eval_examples(c, global_batch_size, process_count):
   """(image hash, label) of each real example over all processes, and the step counts."""
   found, step_counts = [], []
   for p in range(process_count):
-    it, steps = ip.create_eval_iterator(c, global_batch_size=global_batch_size, process_index=p,
-                                        process_count=process_count)
+    it, steps = ip.Dataset(c, process_index=p, process_count=process_count).eval_iterator(
+        global_batch_size=global_batch_size)
     batches = list(it)
     assert len(batches) == steps
     step_counts.append(steps)
@@ -235,11 +241,11 @@ def test_fake_imagenet_through_the_real_builder(fake_imagenet_dir):
   c.image_size = 32
   c.crop_pct = 0.875
   c.shuffle_buffer = 64
-  info = ip.get_dataset_info(c)
+  info = ip.Dataset(c).info
   assert info.num_classes == 1000 and len(info.label_names) == 1000
   assert (info.num_train_examples, info.num_eval_examples) == (24, 13)
 
-  it = ip.create_train_iterator(c, global_batch_size=8, seed=0, process_index=1, process_count=2)
+  it = ip.Dataset(c, process_index=1, process_count=2).train_iterator(global_batch_size=8, seed=0)
   train_labels = set(expected["train"].values())
   for b in _take(it, 4):  # 12 examples per process: one step per epoch, so this spans 4 epochs.
     assert b["image"].shape == (4, 32, 32, 3)
@@ -272,15 +278,15 @@ def test_folder_mode(tmp_path):
   _make_folder(tmp_path, np.random.default_rng(0))
   c = _digits_config(None, augmented=False, dataset="folder", folder=str(tmp_path), eval_split="val",
                      mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-  info = ip.get_dataset_info(c)
+  info = ip.Dataset(c).info
   assert info.label_names == ("ant", "bee", "cat")  # Sorted alphabetically.
   assert (info.num_classes, info.num_train_examples, info.num_eval_examples) == (3, 15, 9)
-  it = ip.create_train_iterator(c, global_batch_size=5, seed=0, process_index=0, process_count=1)
+  it = ip.Dataset(c, process_index=0, process_count=1).train_iterator(global_batch_size=5, seed=0)
   for b in _take(it, 4):
     shade = b["image"].mean(axis=(1, 2, 3))
     # Label i was painted 40 * (index in ('cat', 'ant', 'bee') + 1): ant=80, bee=120, cat=40.
     np.testing.assert_allclose(shade, np.array([80, 120, 40])[b["label"]], atol=2)
-  it, steps = ip.create_eval_iterator(c, global_batch_size=4, process_index=0, process_count=1)
+  it, steps = ip.Dataset(c, process_index=0, process_count=1).eval_iterator(global_batch_size=4)
   batches = list(it)
   assert steps == 3 and sum(b["mask"].sum() for b in batches) == 9
 
@@ -290,7 +296,7 @@ def test_folder_mode_names_an_unreadable_file(tmp_path):
   bad = tmp_path / "val" / "bee" / "broken.jpg"
   bad.write_bytes(b"<html>404</html>")
   c = _digits_config(None, dataset="folder", folder=str(tmp_path), eval_split="val")
-  it, _ = ip.create_eval_iterator(c, global_batch_size=4, process_index=0, process_count=1)
+  it, _ = ip.Dataset(c, process_index=0, process_count=1).eval_iterator(global_batch_size=4)
   with pytest.raises(ValueError, match="broken.jpg"):
     list(it)
 
@@ -321,9 +327,9 @@ def test_folder_scan_leaves_out_undecodable_files_and_keeps_odd_formats(tmp_path
   assert sorted(line.split("\t")[0] for line in report) == sorted(bad)
   assert not (tmp_path / "m" / "val_bad_files.txt").exists()
   # The pipeline reads the list: every kept file, no broken one, each once per epoch.
-  info = ip.get_dataset_info(c)
+  info = ip.Dataset(c).info
   assert (info.num_train_examples, info.num_eval_examples) == (95, 11)
-  it, _ = ip.create_eval_iterator(c, global_batch_size=4, process_index=0, process_count=1)
+  it, _ = ip.Dataset(c, process_index=0, process_count=1).eval_iterator(global_batch_size=4)
   assert sum(b["mask"].sum() for b in it) == 11
 
 
@@ -355,8 +361,8 @@ def test_folder_manifest_fixes_the_epochs_when_the_folder_changes(tmp_path):
   ip.check_folder(c, ["train", "val"])
 
   def batches(cfg, start_step):
-    it = ip.create_train_iterator(cfg, global_batch_size=4, seed=0, start_step=start_step,
-                                  process_index=0, process_count=1)
+    it = ip.Dataset(cfg, process_index=0, process_count=1).train_iterator(
+        global_batch_size=4, seed=0, start_step=start_step)
     return _take(it, 6)
 
   before = batches(c, 0)
@@ -364,11 +370,11 @@ def test_folder_manifest_fixes_the_epochs_when_the_folder_changes(tmp_path):
   os.makedirs(root / "train" / "dog")
   (root / "train" / "dog" / "0.jpg").write_bytes(open(root / "train" / "cat" / "000.jpg", "rb").read())
   ip.check_folder(c, ["train", "val"])  # Reused, not rescanned.
-  assert ip.get_dataset_info(c).num_classes == 3
+  assert ip.Dataset(c).info.num_classes == 3
   _assert_same_batches(batches(c, 0), before)
   _assert_same_batches(batches(c, 2)[:4], before[2:])
   listed = _folder_config(root, tmp_path / "none")  # No list there: reads the folder.
-  assert ip.get_dataset_info(listed).num_classes == 4
+  assert ip.Dataset(listed).info.num_classes == 4
   with pytest.raises(errors.BadImagesError, match="lists the files of"):
     ip.check_folder(_folder_config(tmp_path, tmp_path / "m"), ["train"])
 
@@ -404,7 +410,7 @@ def test_missing_imagenet_says_how_to_prepare_it(tmp_path):
   c = defaults.default_config().data
   c.data_dir = str(tmp_path)
   with pytest.raises(errors.DatasetError) as e:
-    ip.get_dataset_info(c)
+    ip.Dataset(c)
   msg = str(e.value)
   for needle in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "tfds build imagenet2012",
                  "download_and_prepare", "manual_dir", str(tmp_path)):
@@ -416,23 +422,23 @@ def test_other_bad_datasets_raise_clear_errors(tmp_path):
   c.data_dir = str(tmp_path)
   c.dataset = "cifar10"
   with pytest.raises(errors.DatasetError, match="tfds build cifar10"):
-    ip.get_dataset_info(c)
+    ip.Dataset(c)
   c.dataset = "no_such_dataset_xyz"
   with pytest.raises(errors.DatasetError, match="Unknown dataset"):
-    ip.get_dataset_info(c)
+    ip.Dataset(c)
   c.dataset = "folder"
   c.folder = str(tmp_path / "missing")
   with pytest.raises(errors.DatasetError, match="<split>/<label>"):
-    ip.get_dataset_info(c)
+    ip.Dataset(c)
 
 
 def test_bad_split_and_batch_size(digits_dir):
   c = _digits_config(digits_dir, eval_split="validation")
   with pytest.raises(ValueError, match="available"):
-    ip.get_dataset_info(c)
+    ip.Dataset(c)
   c = _digits_config(digits_dir)
   with pytest.raises(ValueError, match="divisible"):
-    ip.create_train_iterator(c, global_batch_size=9, seed=0, process_index=0, process_count=2)
+    ip.Dataset(c, process_index=0, process_count=2).train_iterator(global_batch_size=9, seed=0)
 
 
 # ---------------------------------------------------------------------------

@@ -287,7 +287,7 @@ def test_nan_stops_naming_the_step_and_never_saves_a_poisoned_checkpoint(
   first image) that the device-side preprocessing turns into NaN."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from poolformer_jax import augment, input_pipeline  # pylint: disable=g-import-not-at-top
-  real = input_pipeline.create_train_iterator
+  real = input_pipeline.Dataset.train_iterator
   real_augment = augment.augment_batch
 
   def poisoned(*args, **kwargs):
@@ -301,7 +301,7 @@ def test_nan_stops_naming_the_step_and_never_saves_a_poisoned_checkpoint(
     out = real_augment(key, images, data_config)
     return jnp.where(jnp.all(images[0] == 255), jnp.nan, out)
 
-  monkeypatch.setattr(input_pipeline, "create_train_iterator", poisoned)
+  monkeypatch.setattr(input_pipeline.Dataset, "train_iterator", poisoned)
   monkeypatch.setattr(augment, "augment_batch", augment_with_nan)
   config = load_config("demo.py:smoke")
   config.data.data_dir = digits_data_dir
