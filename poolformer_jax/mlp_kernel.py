@@ -35,7 +35,8 @@ everywhere). The model then takes the kernels in training for the shapes that fi
 on v4 and v5p), and blocks that fit the core's VMEM (`chips`: 16 MiB on v4, where a 512-wide
 stage's weight gradients do not fit next to its blocks; 64-128 MiB on v5e, v5p and v6e, where
 every stage fits). Nothing here reads an ambient mesh. `TpuKernels` carries attention's
-kernels (`attention_kernel`) the same way.
+kernels (`attention_kernel`) and ConvFormer's token-mixing half (`sepconv_kernel`) the same
+way.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from poolformer_jax import attention_kernel, chips, ops
+from poolformer_jax import attention_kernel, chips, ops, sepconv_kernel
 from poolformer_jax.ops import INV_SQRT2, INV_SQRT_2PI
 
 KERNEL_OPTIONS = ("auto", "xla")  # config.kernels: 'auto' takes them where they fit
@@ -266,6 +267,21 @@ class TpuKernels:
     return (attention_kernel.vmem_bytes(tokens, channels, jnp.dtype(dtype).itemsize)
             <= self.vmem - _VMEM_RESERVE)
 
+  def fits_sepconv(self, shape: tuple[int, ...], hidden: int, size: int, dtype) -> bool:
+    """Whether ConvFormer's token-mixing half of a [N, H, W, C] map (SepConv with `hidden`
+    channels and a `size` x `size` depthwise conv) takes its kernels: each device's samples
+    split evenly between its TensorCores, and one sample's maps fit in VMEM."""
+    n, h, w, c = shape
+    devices = 1 if self.mesh is None else math.prod(self.mesh.shape[a] for a in self.batch_axes)
+    return (n % (devices * self.cores) == 0 and sepconv_kernel.fits(
+        h, w, c, hidden, size, jnp.dtype(dtype).itemsize, self.vmem))
+
+  def sepconv_residual(self, x, keep, params: sepconv_kernel.SepConvParams, eps: float):
+    """`rs * x + keep * ls * sepconv(layernorm(x))` for x [N, H, W, C] (see
+    `sepconv_kernel.SepConvParams`); keep as for `mlp_residual`. Call only where
+    `fits_sepconv` (or interpreted)."""
+    return _sepconv_residual(self, eps, x, keep, params)
+
   def attention(self, qkv, heads: int):
     """`attention_kernel.attention` of qkv [N, T, 3C] on each device's samples -> [N, T, C].
     Call only where `fits_attention(T, C, qkv.dtype)` (or interpreted)."""
@@ -469,3 +485,35 @@ def _mlp_residual_bwd(kernels, form, res, dout):
 
 
 _mlp_residual.defvjp(_mlp_residual_fwd, _mlp_residual_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _sepconv_residual(kernels, eps, x, keep, params):
+  return _sepconv_residual_fwd(kernels, eps, x, keep, params)[0]
+
+
+def _sepconv_residual_fwd(kernels, eps, x, keep, params):
+  _, h, w, _ = x.shape
+  operands = sepconv_kernel.operands(x, keep, params)
+  params_ = None if kernels.interpret else _compiler_params(kernels.vmem, "parallel")
+  fwd = _on_mesh(kernels, lambda *a: (sepconv_kernel.forward(
+      a, h, w, eps=eps, interpret=kernels.interpret, compiler_params=params_),), 2, 1,
+                 batch_dim=0)
+  return fwd(*operands)[0].reshape(x.shape), (operands, x.shape, keep, params)
+
+
+def _sepconv_residual_bwd(kernels, eps, res, dout):
+  operands, shape, keep, params = res
+  _, h, w, _ = shape
+  params_ = (None if kernels.interpret
+             else _compiler_params(kernels.vmem, "parallel", "arbitrary"))
+  bwd = _on_mesh(kernels, lambda xf, dout, *rest: sepconv_kernel.backward(
+      (xf,) + rest, dout, h, w, kernels.cores, eps=eps, interpret=kernels.interpret,
+      compiler_params=params_), 3, 1, batch_dim=0)
+  xf, keep_col, *rest = operands
+  dx, *accumulators = bwd(xf, dout.reshape(xf.shape).astype(xf.dtype), keep_col, *rest)
+  return (dx.reshape(shape), jnp.zeros_like(keep),
+          sepconv_kernel.gradients(params, *accumulators))
+
+
+_sepconv_residual.defvjp(_sepconv_residual_fwd, _sepconv_residual_bwd)

@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from poolformer_jax import mlp_kernel, ops
+from poolformer_jax import mlp_kernel, ops, sepconv_kernel
 
 Dtype = Any
 
@@ -328,6 +328,7 @@ class SepConv(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     mid = expansion * dim
     p = size // 2
+    self.size = size
     self.pwconv1 = _dense(dim, mid, **kw)
     self.act1 = StarReLU(param_dtype=param_dtype)
     self.dwconv = nnx.Conv(mid, mid, (size, size), padding=((p, p), (p, p)),
@@ -518,8 +519,9 @@ class MetaFormerBlock(nnx.Module):
   from `kernels` (what the caller lowers for; None: XLA everywhere), never from the ambient
   mesh: a pooling mixer after a one-group norm is one fused op (`fused_pooling`), every MLP
   half (v1's GELU MLP or the baselines' StarReLU one, after either norm) trains on the TPU
-  kernels (`mlp_kernel`) where its shape fits them, and attention's core runs as its kernels
-  (`attention_kernel`) where they fit, in training and evaluation.
+  kernels (`mlp_kernel`) where its shape fits them, and attention's core
+  (`attention_kernel`) and ConvFormer's whole token-mixing half (`sepconv_kernel`) run as
+  their kernels where they fit, in training and evaluation.
   """
 
   def __init__(self, dim: int, cfg: MetaFormerConfig, stage: int, drop_rate: float, *,
@@ -554,6 +556,8 @@ class MetaFormerBlock(nnx.Module):
     over x; the normalised map is never materialised. (A channel LayerNorm has per-position
     statistics, which do not cancel.)
     """
+    if isinstance(self.token_mixer, SepConv) and "mix" in self.kernel_halves(x):
+      return self._sepconv_kernel(x, key)
     if not self.fused_pooling:
       h = self.norm1(x)
       if isinstance(self.token_mixer, Attention):
@@ -589,8 +593,8 @@ class MetaFormerBlock(nnx.Module):
 
   def kernel_halves(self, x, kernels: mlp_kernel.TpuKernels | None = None) -> tuple[str, ...]:
     """The halves ('mix', 'channel_mlp') that run on `kernels` (default: the block's) for an
-    input shaped like `x`: attention's core where its blocks fit, the MLP half (in training)
-    where its shape fits. The one place that decides."""
+    input shaped like `x`: attention's core or a SepConv half where its blocks fit, the MLP
+    half (in training) where its shape fits. The one place that decides."""
     kernels = kernels or self.kernels
     if kernels is None:
       return ()
@@ -599,6 +603,9 @@ class MetaFormerBlock(nnx.Module):
     halves = []
     if isinstance(mixer, Attention) and kernels.fits_attention(
         h * w, mixer.num_heads * mixer.head_dim, x.dtype):
+      halves.append("mix")
+    if isinstance(mixer, SepConv) and kernels.fits_sepconv(
+        x.shape, mixer.pwconv1.out_features, mixer.size, x.dtype):
       halves.append("mix")
     if kernels.fits(x.shape, self.mlp.fc1.out_features, x.dtype):
       halves.append("channel_mlp")
@@ -615,6 +622,25 @@ class MetaFormerBlock(nnx.Module):
     k1, k2 = jax.random.split(key) if key is not None else (None, None)
     x = ops.materialize_grad(self.mix(x, k1))
     return ops.materialize_grad(self.channel_mlp(x, k2))
+
+  def _sepconv_kernel(self, x, key):
+    """`mix` with a SepConv mixer as two Pallas kernels: `TpuKernels.sepconv_residual`, the
+    terms this block lacks at their neutral values."""
+    keep = drop_path_factor(x.shape, self.drop_rate, key)
+    keep = jnp.ones(x.shape[:1], jnp.float32) if keep is None else keep.reshape(-1)
+    dim, mixer = x.shape[-1], self.token_mixer
+    dtype = mixer.pwconv1.dtype or x.dtype
+    ones = jnp.ones((dim,), jnp.float32)
+    value = lambda module: ones if module is None else module.scale[...]
+    params = sepconv_kernel.SepConvParams(
+        gamma=self.norm1.scale[...],
+        beta=jnp.zeros((dim,), jnp.float32) if self.norm1.bias is None else self.norm1.bias[...],
+        w1=mixer.pwconv1.kernel[...].astype(dtype),
+        act=jnp.concatenate([mixer.act1.scale[...], mixer.act1.bias[...]]),
+        dw=mixer.dwconv.kernel[...][:, :, 0, :].astype(dtype),
+        w2=mixer.pwconv2.kernel[...].astype(dtype),
+        ls=value(self.layer_scale1), rs=value(self.res_scale1))
+    return self.kernels.sepconv_residual(x, keep, params, self.norm1.eps)
 
   def _mlp_kernel(self, x, key):
     """`channel_mlp` in training as two Pallas kernels: `TpuKernels.mlp_residual`, the terms

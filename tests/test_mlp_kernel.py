@@ -19,9 +19,12 @@ N = mlp_kernel._LANES  # one lane block of samples  # pylint: disable=protected-
 
 
 def block_and_inputs(width=16, res=4, dtype=jnp.float32, seed=0, variant="poolformer_s12",
-                     stage=0):
-  """A block of `variant`'s `stage` (its norm, MLP and scales) at a small width, an input, a
-  cotangent and a drop-path key that drops some samples."""
+                     stage=0, shape=None):
+  """A block of `variant`'s `stage` (its norm, MLP and scales) at a small width, an input
+  (`shape`, default [N, res, res, width]), a cotangent and a drop-path key that drops some
+  samples."""
+  shape = shape or (N, res, res, width)
+  width = shape[-1]
   cfg = model_lib.get_config(variant)
   block = model_lib.MetaFormerBlock(width, cfg, stage, 0.2, dtype=dtype,
                                     param_dtype=jnp.float32, rngs=nnx.Rngs(seed))
@@ -35,7 +38,7 @@ def block_and_inputs(width=16, res=4, dtype=jnp.float32, seed=0, variant="poolfo
       v + 0.3 * jax.random.normal(k, v.shape) if v.ndim == 1 else v
       for v, k in zip(leaves, noise)])
   block = nnx.merge(graphdef, state)
-  x = (2 * jax.random.normal(keys[1], (N, res, res, width)) + 0.5).astype(dtype)
+  x = (2 * jax.random.normal(keys[1], shape) + 0.5).astype(dtype)
   cotangent = jax.random.normal(keys[2], x.shape).astype(dtype)
   return block, x, cotangent, keys[3]
 
@@ -144,6 +147,53 @@ def test_attention_kernels_match_xla_values_and_gradients(dtype, tol):
     assert mlp_kernel.relative_difference(k, r) < bound
 
 
+def half_tensors(result, half: str):
+  """The output, dx and the gradients of one half's parameters, from `value_and_grads`."""
+  modules = {"mix": ("norm1", "token_mixer", "layer_scale1", "res_scale1"),
+             "channel_mlp": ("norm2", "mlp", "layer_scale2", "res_scale2")}[half]
+  out, (params, dx) = result
+  return [("out", out), ("dx", dx)] + [(path, g.get_value()) for path, g in
+                                        nnx.to_flat_state(params) if path[0] in modules]
+
+
+def sepconv_path(kernels):
+  def path(block, x, key):
+    block.kernels = kernels
+    assert ("mix" in block.kernel_halves(x)) == (kernels is not None)
+    return block.mix(x, key)
+  return path
+
+
+# (stage, map): one chunk of 35 pixels (no aligned divisor); a loop over aligned chunks of 40
+# pixels that start mid-row (rows of 12), before a res-scaled skip (stage 3).
+SEPCONV_CASES = [(0, (4, 5, 7, 16), jnp.float32, 1e-5), (2, (2, 10, 12, 8), jnp.float32, 1e-5),
+                 (2, (2, 10, 12, 8), jnp.bfloat16, 2e-2)]
+
+
+@pytest.mark.parametrize("stage,shape,dtype,tol", SEPCONV_CASES)
+def test_sepconv_kernels_match_the_xla_path_values_and_every_gradient(stage, shape, dtype, tol):
+  """ConvFormer's token-mixing half (channel LayerNorm, pointwise, StarReLU, 7x7 depthwise,
+  pointwise, scales, drop path) as its two kernels, against the block's XLA path in float32
+  on the same parameters: the output, dx and the gradients of the norm, both pointwise convs,
+  the taps, StarReLU's scalars and the res scale; bfloat16 within its tolerance or no further
+  than twice XLA's own bfloat16 result."""
+  block, x, cotangent, key = block_and_inputs(dtype=dtype, variant="convformer_s18",
+                                              stage=stage, shape=shape)
+  exact = block_and_inputs(dtype=jnp.float32, variant="convformer_s18", stage=stage,
+                           shape=shape)[0]
+  f32 = lambda v: v.astype(jnp.float32)
+  kernel = half_tensors(value_and_grads(sepconv_path(INTERPRETED), block, x, cotangent, key),
+                        "mix")
+  reference = half_tensors(value_and_grads(sepconv_path(None), exact, f32(x), f32(cotangent),
+                                           key), "mix")
+  xla = half_tensors(value_and_grads(sepconv_path(None), block, x, cotangent, key), "mix")
+  assert len(kernel) == 2 + 6 + (stage >= 2)  # norm, 2 pointwise, taps, s, b (+ res scale)
+  for (name, k), (_, r), (_, same) in zip(kernel, reference, xla):
+    assert k.dtype == same.dtype and k.shape == same.shape, name
+    bound = max(tol, 2 * mlp_kernel.relative_difference(same, r))
+    assert mlp_kernel.relative_difference(k, r) < bound, name
+
+
 def test_on_a_mesh_each_device_runs_its_samples_and_weight_gradients_are_summed():
   """On a mesh that splits the batch, the kernels run per device (shard_map) and the weight
   gradients are the sums over all devices: the same numbers as on one device."""
@@ -158,6 +208,13 @@ def test_on_a_mesh_each_device_runs_its_samples_and_weight_gradients_are_summed(
   block.kernels = kernels
   text = jax.jit(jax.grad(lambda x: jnp.sum(block.channel_mlp(x, key)))).lower(x).as_text()
   assert "shard_map" in text or "sdy.manual_computation" in text
+  for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
+    assert mlp_kernel.relative_difference(a, b) < 2e-6
+  # SepConv: each device its own samples, the parameters' gradients summed.
+  block, x, cotangent, key = block_and_inputs(variant="convformer_s18", stage=2,
+                                              shape=(4, 6, 6, 8))
+  single = value_and_grads(sepconv_path(INTERPRETED), block, x, cotangent, key)
+  sharded = value_and_grads(sepconv_path(kernels), block, x, cotangent, key)
   for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
     assert mlp_kernel.relative_difference(a, b) < 2e-6
   # Attention: each device its own samples.
@@ -248,9 +305,10 @@ def smoke_trainer(config):
 
 def test_the_trainer_measures_its_kernels_against_the_xla_path(monkeypatch):
   """`kernel_difference` on a slice of a batch, for a CAFormer (MLP kernels after a channel
-  LayerNorm, and attention kernels): ~1e-6 for the real kernels (float32), far beyond the
-  tolerance for a wrong MLP kernel and for a wrong attention kernel; the XLA-only trainer has
-  none to check. (PoolFormer v1's wrong MLP kernel: the end-to-end run below.)"""
+  LayerNorm, SepConv kernels in stages 1-2, attention kernels in 3-4): float32 rounding for the
+  real kernels, far beyond the tolerance for a wrong MLP kernel, a wrong attention kernel
+  and a wrong SepConv kernel; the XLA-only trainer has none to check. (PoolFormer v1's wrong
+  MLP kernel: the end-to-end run below.)"""
   interpreted_everywhere(monkeypatch)
   config = load_config("demo.py:smoke")
   config.model = "caformer_s18"
@@ -258,7 +316,8 @@ def test_the_trainer_measures_its_kernels_against_the_xla_path(monkeypatch):
   assert trainer.kernels is not None and trainer.kernels.interpret
   params = trainer.init_state(0).params
   images = np.random.default_rng(0).integers(0, 256, (N, 32, 32, 3), np.uint8)
-  assert trainer.kernel_difference(params, images) < 1e-4
+  # float32 rounding, relative to the smallest increments (stage 1's, ~6e-4 at init): 2e-4.
+  assert trainer.kernel_difference(params, images) < 1e-3
   assert train._checked_kernels(trainer, params, images) is trainer  # pylint: disable=protected-access
   with pytest.MonkeyPatch.context() as patch:
     break_the_forward_kernel(patch)
@@ -270,7 +329,18 @@ def test_the_trainer_measures_its_kernels_against_the_xla_path(monkeypatch):
     real(qkv_ref, o_ref, **static)
     o_ref[...] = 1.5 * o_ref[...]
 
-  monkeypatch.setattr(attention_kernel, "_forward_kernel", wrong)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(attention_kernel, "_forward_kernel", wrong)
+    assert trainer.kernel_difference(params, images) > 2 * train.KERNEL_TOLERANCE
+  from poolformer_jax import sepconv_kernel  # pylint: disable=g-import-not-at-top
+  real_sepconv = sepconv_kernel._forward_kernel  # pylint: disable=protected-access
+
+  def wrong_sepconv(x_ref, *refs, **static):
+    real_sepconv(x_ref, *refs, **static)
+    out_ref = refs[5]
+    out_ref[...] = out_ref[...] + 0.5 * (out_ref[...] - x_ref[...])
+
+  monkeypatch.setattr(sepconv_kernel, "_forward_kernel", wrong_sepconv)
   assert trainer.kernel_difference(params, images) > 2 * train.KERNEL_TOLERANCE
   assert trainer.without_kernels().kernels is None
   config.kernels = "xla"

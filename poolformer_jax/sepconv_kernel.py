@@ -1,0 +1,361 @@
+"""ConvFormer's token-mixing half, `rs * x + keep * ls * sepconv(layernorm(x))`, as two Pallas
+kernels for TPU, training and evaluation.
+
+The SepConv (pointwise to 2C, StarReLU, 7x7 depthwise, pointwise back) after a channel
+LayerNorm: XLA writes each 2C-channel map between its ops (the first matmul's output, the
+activation's, the depthwise conv's) and reads them back, in the backward pass again with their
+gradients: ~53 activation-sized transfers per block (benchmarks/results/tpu_ablations.md).
+One sample's maps fit in VMEM. Here the forward kernel reads x and writes the half's output;
+the backward kernel reads x and the output's gradient, recomputes the forward on chip and
+writes the input's gradient, accumulating every parameter's gradient as it goes: ~5 transfers.
+
+Layout: one grid step per sample, its map as [H*W, C] (pixels on sublanes, channels on lanes),
+so both matmuls are plain [H*W, C] x [C, 2C] products. The depthwise conv reads its input from
+a zero-padded copy in VMEM at the 49 offsets `(dy - 3) * W + (dx - 3)` of the flattened map;
+a tap whose column falls outside the row is masked (the zero padding takes care of the rows).
+Its backward is the same conv with the offsets negated and the masks mirrored.
+
+Numerics: the XLA path's (`model.SepConv` after `model.LayerNorm`): compute-dtype (bf16)
+matmul operands, float32 accumulation and elementwise maths, the values XLA stores rounded to
+the compute dtype. Tested in Pallas' interpreter against the block's XLA path (values and
+every gradient) and compiled for TPU ahead of time; not yet run on a TPU. Chosen like the MLP
+kernels, by `mlp_kernel.TpuKernels`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from poolformer_jax import ops
+
+
+class SepConvParams(NamedTuple):
+  """`rs * x + keep * ls * (w2^T dw(act(w1^T norm(x))))`, `norm(x) = yhat * gamma + beta`
+  per pixel, `act(h) = s * relu(h)^2 + b` with act = [s, b], dw the depthwise taps
+  [k, k, 2C]. A variant without a term passes its neutral value (zero bias, unit scales)."""
+
+  gamma: jax.Array
+  beta: jax.Array
+  w1: jax.Array
+  act: jax.Array
+  dw: jax.Array
+  w2: jax.Array
+  ls: jax.Array
+  rs: jax.Array
+
+
+def _f32(x):
+  return x.astype(jnp.float32)
+
+
+def _dot(a, b, contract_a: int = 1, contract_b: int = 0):
+  return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())),
+                         preferred_element_type=jnp.float32)
+
+
+def _rows_sum(v):
+  return jnp.sum(v, axis=0, keepdims=True)
+
+
+def _pad_rows(width: int, size: int) -> int:
+  """Zero rows above the flattened map in the padded copies: a tap's furthest reach, 8-aligned."""
+  reach = (size // 2) * width + size // 2
+  return -(-reach // 8) * 8
+
+
+def _padded_rows(hw: int, width: int, size: int) -> int:
+  """Rows of a padded copy: the map between two pads, and an aligned load's slack below."""
+  return hw + 2 * _pad_rows(width, size) + 8
+
+
+def _chunk_rows(hw: int) -> int:
+  """Pixels per step of the kernels' loops: a multiple of 8 that divides the map, at most 64,
+  so that a chunk's values stay small; a map without one (14x14, 7x7) is one chunk. (Unrolled
+  chunks would each keep their own weight-sized temporaries.)"""
+  aligned = [r for r in range(8, 65, 8) if hw % r == 0]
+  return max(aligned) if aligned else hw
+
+
+def _for_chunks(hw: int, body) -> None:
+  """body(start, rows) over the map's chunks; `start` is the int 0 for a single chunk."""
+  rows = _chunk_rows(hw)
+  if rows == hw:
+    body(0, hw)
+    return
+
+  def step(i, carry):
+    body(pl.multiple_of(i * rows, 8), rows)
+    return carry
+
+  lax.fori_loop(0, hw // rows, step, 0)
+
+
+def _shifted(pad_ref, start, rows: int, width: int, size: int, dy: int, dx: int):
+  """Pixels start..start+rows of the padded map shifted by tap (dy, dx)'s offset
+  `(dy - k//2) * width + (dx - k//2)`: read at that offset where `start` is static, else by an
+  aligned load and a static slice (Mosaic loads at dynamic offsets only when aligned)."""
+  half, top = size // 2, _pad_rows(width, size)
+  base = top + (dy - half) * width + (dx - half)
+  if isinstance(start, int):
+    return pad_ref[start + base:start + base + rows, :]
+  aligned = base // 8 * 8
+  window = pad_ref[pl.ds(start + aligned, rows + 8), :]
+  return window[base - aligned:base - aligned + rows]
+
+
+def _column_inside(start, rows: int, width: int, size: int):
+  """For each dx, whether the tap's column falls inside the image row, [rows, 1]."""
+  column = (lax.broadcasted_iota(jnp.int32, (rows, 1), 0) + start) % width
+  half = size // 2
+  return [(column + dx - half >= 0) & (column + dx - half < width) for dx in range(size)]
+
+
+def _depthwise(pad_ref, taps_ref, start, rows: int, width: int, size: int, flip: bool):
+  """The depthwise conv, at pixels start..start+rows, of the map held in pad_ref. Its
+  transpose (flip=True) is the same conv with the taps mirrored."""
+  inside = _column_inside(start, rows, width, size)
+  out = None
+  for dx in range(size):
+    part = None
+    for dy in range(size):
+      tap = (size - 1 - dy) * size + (size - 1 - dx) if flip else dy * size + dx
+      term = _shifted(pad_ref, start, rows, width, size, dy, dx) * taps_ref[tap:tap + 1, :]
+      part = term if part is None else part + term
+    part = jnp.where(inside[dx], part, 0.0)
+    out = part if out is None else out + part
+  return out
+
+
+def _zero_pads(pad_ref, hw: int, width: int, size: int):
+  top = _pad_rows(width, size)
+  pad_ref[0:top, :] = jnp.zeros((top, pad_ref.shape[1]), pad_ref.dtype)
+  bottom = pad_ref.shape[0] - top - hw
+  pad_ref[top + hw:, :] = jnp.zeros((bottom, pad_ref.shape[1]), pad_ref.dtype)
+
+
+def _hidden(x_ref, cols_ref, w1_ref, start, rows: int, eps: float):
+  """w1^T norm(x) at pixels start..start+rows (as XLA stores it: in the compute dtype), with
+  the norm's yhat, 1/std and output."""
+  x = _f32(x_ref[0, pl.ds(start, rows), :])
+  mean, rstd = ops.moments(x, (1,), eps)
+  yhat = (x - mean) * rstd
+  xn = (yhat * cols_ref[0:1, :] + cols_ref[1:2, :]).astype(w1_ref.dtype)
+  return _f32(_dot(xn, w1_ref[...]).astype(w1_ref.dtype)), yhat, rstd, xn
+
+
+def _activations(x_ref, cols_ref, w1_ref, hrows_ref, pad_ref, *, width, size, eps):
+  """StarReLU(w1^T norm(x)) of every pixel into pad_ref, between its zero pads."""
+  hw, k2 = x_ref.shape[1], size * size
+  top = _pad_rows(width, size)
+  s, b = hrows_ref[k2:k2 + 1, :], hrows_ref[k2 + 1:k2 + 2, :]
+  _zero_pads(pad_ref, hw, width, size)
+
+  def body(start, rows):
+    r = jnp.maximum(_hidden(x_ref, cols_ref, w1_ref, start, rows, eps)[0], 0.0)
+    pad_ref[pl.ds(top + start, rows), :] = _f32((s * r * r + b).astype(w1_ref.dtype))
+
+  _for_chunks(hw, body)
+
+
+def _forward_kernel(x_ref, keep_ref, cols_ref, w1_ref, hrows_ref, w2_ref, out_ref, pad_ref, *,
+                    width: int, size: int, eps: float):
+  dtype = w2_ref.dtype
+  _activations(x_ref, cols_ref, w1_ref, hrows_ref, pad_ref, width=width, size=size, eps=eps)
+  scale, rs = keep_ref[0] * cols_ref[2:3, :], cols_ref[3:4, :]
+
+  def body(start, rows):
+    conv = _depthwise(pad_ref, hrows_ref, start, rows, width, size, flip=False)
+    y = _f32(_dot(conv.astype(dtype), w2_ref[...]).astype(dtype))
+    x = _f32(x_ref[0, pl.ds(start, rows), :])
+    out_ref[0, pl.ds(start, rows), :] = (rs * x + scale * y).astype(out_ref.dtype)
+
+  _for_chunks(x_ref.shape[1], body)
+
+
+def _backward_kernel(x_ref, dout_ref, keep_ref, cols_ref, w1_ref, hrows_ref, w2_ref,
+                     dx_ref, dw1_ref, dw2_ref, dhrows_ref, dcols_ref, pad_ref, grad_ref,
+                     *, width: int, size: int, eps: float):
+  @pl.when(pl.program_id(1) == 0)
+  def _():
+    for ref in (dw1_ref, dw2_ref, dhrows_ref, dcols_ref):
+      ref[...] = jnp.zeros(ref.shape, ref.dtype)
+
+  dtype = w1_ref.dtype
+  hw, k2 = x_ref.shape[1], size * size
+  top = _pad_rows(width, size)
+  keep = keep_ref[0]
+  gamma, ls, rs = cols_ref[0:1, :], cols_ref[2:3, :], cols_ref[3:4, :]
+  _activations(x_ref, cols_ref, w1_ref, hrows_ref, pad_ref, width=width, size=size, eps=eps)
+  _zero_pads(grad_ref, hw, width, size)
+
+  def through_conv(start, rows):  # the second matmul and the conv, backwards
+    conv = _depthwise(pad_ref, hrows_ref, start, rows, width, size, flip=False).astype(dtype)
+    y = _f32(_dot(conv, w2_ref[...]).astype(dtype))
+    x = _f32(x_ref[0, pl.ds(start, rows), :])
+    dout = _f32(dout_ref[0, pl.ds(start, rows), :])
+    dk = dout * keep  # the gradient of the branch before the layer scale
+    dcols_ref[0, 0:1, :] += _rows_sum(dk * y)
+    dcols_ref[0, 1:2, :] += _rows_sum(dout * x)
+    dyb = (dk * ls).astype(dtype)
+    dw2_ref[0] += _dot(conv, dyb, 0, 0)  # [2C, C]
+    dconv = _dot(dyb, w2_ref[...], 1, 1)  # [rows, 2C]
+    grad_ref[pl.ds(top + start, rows), :] = dconv
+    for dx, inside in enumerate(_column_inside(start, rows, width, size)):
+      masked = jnp.where(inside, dconv, 0.0)
+      for dy in range(size):  # each tap's gradient: its input (the activation) times dconv
+        tap = dy * size + dx
+        dhrows_ref[0, tap:tap + 1, :] += _rows_sum(
+            _shifted(pad_ref, start, rows, width, size, dy, dx) * masked)
+
+  def through_mlp(start, rows):  # StarReLU, the first matmul and the norm, backwards
+    da = _depthwise(grad_ref, hrows_ref, start, rows, width, size, flip=True)
+    h, yhat, rstd, xn = _hidden(x_ref, cols_ref, w1_ref, start, rows, eps)  # recomputed
+    r = jnp.maximum(h, 0.0)
+    dhrows_ref[0, k2:k2 + 1, :] += _rows_sum(da * r * r)
+    dhrows_ref[0, k2 + 1:k2 + 2, :] += _rows_sum(da)
+    dh = (da * (2.0 * hrows_ref[k2:k2 + 1, :] * r)).astype(dtype)
+    dw1_ref[0] += _dot(xn, dh, 0, 0)  # [C, 2C]
+    dxn = _dot(dh, w1_ref[...], 1, 1)  # [rows, C]
+    dcols_ref[0, 2:3, :] += _rows_sum(dxn * yhat)
+    dcols_ref[0, 3:4, :] += _rows_sum(dxn)
+    g = dxn * gamma
+    g = g - jnp.mean(g, axis=1, keepdims=True) - yhat * jnp.mean(g * yhat, axis=1,
+                                                                  keepdims=True)
+    dout = _f32(dout_ref[0, pl.ds(start, rows), :])
+    dx_ref[0, pl.ds(start, rows), :] = (rs * dout + rstd * g).astype(dx_ref.dtype)
+
+  _for_chunks(hw, through_conv)  # every dconv is in grad_ref before the transposed conv
+  _for_chunks(hw, through_mlp)
+
+
+# ---------------------------------------------------------------------------
+# Sizing and the calls.
+# ---------------------------------------------------------------------------
+
+
+# Measured against Mosaic's allocation on a v4 core (16 MiB): ConvFormer-S18's four stages,
+# M36's first three and B36's first two compile within 16 MiB, and the estimate below admits
+# them; M36's stage 4 and B36's stages 3-4 need more, and it refuses them.
+_RESERVE = 2**19
+
+
+def vmem_bytes(height: int, width: int, channels: int, hidden: int, size: int,
+               itemsize: int) -> int:
+  """The backward kernel's VMEM (the larger), as Mosaic allocates it: double-buffered map
+  blocks; the weights, their float32 gradient accumulators, the matmuls' float32 weight-
+  gradient results and transposed copies; the two padded float32 hidden maps; ~6 float32
+  values of one chunk. Sublanes padded to 8, lanes to 128."""
+  lanes = lambda n: -(-n // 128) * 128
+  rows = lambda n: -(-n // 8) * 8
+  hw = height * width
+  maps = 2 * 3 * rows(hw) * lanes(channels) * itemsize
+  weights = ((2 * itemsize + 8) * (channels * lanes(hidden) + hidden * lanes(channels))
+             + 2 * 4 * rows(size * size + 2) * lanes(hidden))
+  scratch = 2 * 4 * _padded_rows(hw, width, size) * lanes(hidden)
+  temps = 6 * 4 * rows(_chunk_rows(hw)) * lanes(hidden)
+  return maps + weights + scratch + temps
+
+
+def fits(height: int, width: int, channels: int, hidden: int, size: int, itemsize: int,
+         vmem: int) -> bool:
+  """Whether one sample's maps fit a core's `vmem` bytes."""
+  return vmem_bytes(height, width, channels, hidden, size, itemsize) <= vmem - _RESERVE
+
+
+def operands(x, keep, p: SepConvParams):
+  """The kernels' operands: x as [N, H*W, C], keep [N, 1, 1], the per-channel rows [4, C]
+  (gamma, beta, ls, rs), w1, the hidden rows [k*k + 2, 2C] (the taps, StarReLU's s and b)
+  and w2."""
+  n, h, w, c = x.shape
+  size = p.dw.shape[0]
+  hidden = p.w1.shape[1]
+  cols = jnp.stack([_f32(v) for v in (p.gamma, p.beta, p.ls, p.rs)])  # [4, C]
+  act = _f32(p.act)
+  hrows = jnp.concatenate([_f32(p.dw).reshape(size * size, hidden),
+                           jnp.broadcast_to(act[:, None], (2, hidden))])  # [k*k + 2, 2C]
+  return (x.reshape(n, h * w, c), _f32(keep).reshape(n, 1, 1), cols, p.w1, hrows, p.w2)
+
+
+def _specs(n_split: int, shapes, index):
+  """Per-sample blocks for the first `n_split` operands, the whole array for the others."""
+  specs = []
+  for i, shape in enumerate(shapes):
+    if i < n_split:
+      specs.append(pl.BlockSpec((1,) + tuple(shape[1:]), lambda *g, i=i: (index(*g), 0, 0)))
+    else:
+      specs.append(pl.BlockSpec(tuple(shape), lambda *g, nd=len(shape): (0,) * nd,
+                                pipeline_mode=pl.Buffered(1)))
+  return specs
+
+
+def _scratch(height: int, width: int, hidden: int, size: int, maps: int):
+  """`maps` float32 zero-padded copies of a hidden map (the activation; its gradient)."""
+  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+  rows = _padded_rows(height * width, width, size)
+  return [pltpu.VMEM((rows, hidden), jnp.float32)] * maps
+
+
+def forward(operands, height: int, width: int, *, eps: float, interpret: bool, compiler_params):
+  xf, keep, cols, w1, hrows, w2 = operands
+  n, hw, c = xf.shape
+  hidden, size = w1.shape[1], int(round((hrows.shape[0] - 2) ** 0.5))
+  isz = xf.dtype.itemsize
+  return pl.pallas_call(
+      functools.partial(_forward_kernel, width=width, size=size, eps=eps),
+      grid=(n,),
+      in_specs=_specs(2, [a.shape for a in operands], lambda i: i),
+      out_specs=pl.BlockSpec((1, hw, c), lambda i: (i, 0, 0)),
+      out_shape=jax.ShapeDtypeStruct(xf.shape, xf.dtype),
+      scratch_shapes=_scratch(height, width, hidden, size, 1),
+      compiler_params=compiler_params, interpret=interpret,
+      cost_estimate=pl.CostEstimate(
+          flops=n * hw * (4 * c * hidden + 2 * size * size * hidden + 10 * c + 6 * hidden),
+          transcendentals=n * hw, bytes_accessed=2 * n * hw * c * isz + 4 * c * hidden * isz),
+  )(*operands)
+
+
+def backward(operands, dout, height: int, width: int, blocks: int, *, eps: float,
+             interpret: bool, compiler_params):
+  xf, keep, cols, w1, hrows, w2 = operands
+  n, hw, c = xf.shape
+  hidden, size = w1.shape[1], int(round((hrows.shape[0] - 2) ** 0.5))
+  per_block = n // blocks
+  isz = xf.dtype.itemsize
+  f32 = lambda *shape: jax.ShapeDtypeStruct((blocks,) + shape, jnp.float32)
+  partial = lambda *shape: pl.BlockSpec((1,) + shape, lambda j, i: (j,) + (0,) * len(shape),
+                                        pipeline_mode=pl.Buffered(1))
+  args = [xf, dout, keep, cols, w1, hrows, w2]
+  dx, dw1, dw2, dhrows, dcols = pl.pallas_call(
+      functools.partial(_backward_kernel, width=width, size=size, eps=eps),
+      grid=(blocks, per_block),
+      in_specs=_specs(3, [a.shape for a in args], lambda j, i: j * per_block + i),
+      out_specs=[pl.BlockSpec((1, hw, c), lambda j, i: (j * per_block + i, 0, 0)),
+                 partial(c, hidden), partial(hidden, c), partial(*hrows.shape),
+                 partial(*cols.shape)],
+      out_shape=[jax.ShapeDtypeStruct(xf.shape, xf.dtype), f32(c, hidden), f32(hidden, c),
+                 f32(*hrows.shape), f32(*cols.shape)],
+      scratch_shapes=_scratch(height, width, hidden, size, 2),
+      compiler_params=compiler_params, interpret=interpret,
+      cost_estimate=pl.CostEstimate(
+          flops=n * hw * (14 * c * hidden + 8 * size * size * hidden + 30 * c + 20 * hidden),
+          transcendentals=n * hw, bytes_accessed=3 * n * hw * c * isz + 4 * c * hidden * isz
+          + 4 * blocks * (2 * c * hidden + hrows.size + cols.size)),
+  )(*args)
+  return dx, dw1.sum(0), dw2.sum(0), dhrows.sum(0), dcols.sum(0)
+
+
+def gradients(p: SepConvParams, dw1, dw2, dhrows, dcols) -> SepConvParams:
+  """The parameters' gradients from the kernel's accumulators, in the parameters' dtypes."""
+  size, hidden = p.dw.shape[0], p.w1.shape[1]
+  k2 = size * size
+  grads = SepConvParams(
+      gamma=dcols[2], beta=dcols[3], w1=dw1,
+      act=jnp.stack([jnp.sum(dhrows[k2]), jnp.sum(dhrows[k2 + 1])]),
+      dw=dhrows[:k2].reshape(size, size, hidden), w2=dw2, ls=dcols[0], rs=dcols[1])
+  return SepConvParams(*(g.astype(v.dtype) for g, v in zip(grads, p)))
