@@ -30,7 +30,8 @@ Pallas' interpreter (values and every gradient), and compiled for TPU ahead of t
 
 The choice is explicit: whoever lowers the program decides once, with `for_mesh` (the trainer:
 from its mesh and `config.kernels`), and hands the model a `TpuKernels` (None: the XLA path
-everywhere). The model then takes the kernels in training for the shapes that fit on chip
+everywhere). The model then takes the kernels (in training both, in evaluation the forward,
+which then writes only the output) for the shapes that fit on chip
 (`TpuKernels.fits`): per chip, a multiple of 128 samples and at least 128 per TensorCore (256
 on v4 and v5p), and blocks that fit the core's VMEM (`chips`: 16 MiB on v4, where a 512-wide
 stage's weight gradients do not fit next to its blocks; 64-128 MiB on v5e, v5p and v6e, where
@@ -130,10 +131,11 @@ def _pixel_stats(x, stats_ref, form: MlpForm):
 
 
 def _forward_kernel(x_ref, stats_ref, keep_ref, cols_ref, w1t_ref, hcols_ref, w2t_ref,
-                    out_ref, a_ref, *, chunk: int, form: MlpForm):
+                    out_ref, a_ref=None, *, chunk: int, form: MlpForm):
+  """a_ref: where fc1's output is stored for the backward (None in evaluation)."""
   gamma, beta, b2, ls, rs = (cols_ref[:, k:k + 1] for k in range(5))
   scale = ls * keep_ref[...]  # [C, L]
-  hid = a_ref.shape[1]
+  hid = w1t_ref.shape[0]
 
   def pixel(p, carry):
     x = _f32(x_ref[p])
@@ -141,8 +143,9 @@ def _forward_kernel(x_ref, stats_ref, keep_ref, cols_ref, w1t_ref, hcols_ref, w2
     xn = ((x - mean) * rstd * gamma + beta).astype(w1t_ref.dtype)
     z = b2
     for k in range(0, hid, chunk):  # the hidden map, a chunk of channels at a time
-      a = _dot(w1t_ref[k:k + chunk], xn).astype(a_ref.dtype)
-      a_ref[p, k:k + chunk] = a
+      a = _dot(w1t_ref[k:k + chunk], xn).astype(out_ref.dtype)
+      if a_ref is not None:
+        a_ref[p, k:k + chunk] = a
       y, _, _ = _activation(_f32(a) + hcols_ref[k:k + chunk, 0:1], hcols_ref, k, chunk,
                             form.act)
       z = z + _dot(w2t_ref[:, k:k + chunk], y.astype(w2t_ref.dtype))
@@ -339,23 +342,28 @@ def _partial_spec(*shape):  # one accumulator per lane block, summed afterwards
                       pipeline_mode=pl.Buffered(1))
 
 
-def _forward_local(xt, stats, keep, cols, w1, hcols, w2, *, form, vmem, interpret):
+def _forward_local(xt, stats, keep, cols, w1, hcols, w2, *, form, vmem, interpret,
+                   store_hidden: bool = True):
+  """The forward kernel: (output, fc1's output) in training, (output,) with store_hidden
+  False (evaluation: x read once and the output written, nothing else)."""
   p, c, n = xt.shape
   hid = w1.shape[1]
   pixels = _pixels_per_step(p, c, hid, xt.dtype.itemsize, vmem)
   isz = xt.dtype.itemsize
   cost = pl.CostEstimate(  # matmuls, plus ~8 flops per hidden and per input element
       flops=4 * p * n * c * hid + 8 * p * n * (c + hid), transcendentals=p * n * hid,
-      bytes_accessed=isz * (2 * p * c * n + p * hid * n + 2 * c * hid)
+      bytes_accessed=isz * (2 * p * c * n + store_hidden * p * hid * n + 2 * c * hid)
       + 4 * (3 * n + 5 * c + 3 * hid))
+  outs = [(_map_spec(pixels, c), jax.ShapeDtypeStruct((p, c, n), xt.dtype))]
+  if store_hidden:
+    outs.append((_map_spec(pixels, hid), jax.ShapeDtypeStruct((p, hid, n), xt.dtype)))
   return pl.pallas_call(
       functools.partial(_forward_kernel, chunk=_chunk(hid), form=form),
       grid=(n // _LANES, p // pixels),
       in_specs=[_map_spec(pixels, c), _rows_spec(2), _rows_spec(1), _whole_spec(c, 5),
                 _whole_spec(hid, c), _whole_spec(hid, 3), _whole_spec(c, hid)],
-      out_specs=[_map_spec(pixels, c), _map_spec(pixels, hid)],
-      out_shape=[jax.ShapeDtypeStruct((p, c, n), xt.dtype),
-                 jax.ShapeDtypeStruct((p, hid, n), xt.dtype)],
+      out_specs=[spec for spec, _ in outs],
+      out_shape=[shape for _, shape in outs],
       compiler_params=None if interpret else _compiler_params(vmem, "parallel", "parallel"),
       cost_estimate=cost, interpret=interpret,
   )(xt, stats, keep, cols, w1.T, hcols, w2.T)
@@ -447,17 +455,25 @@ def _operands(form: MlpForm, x, keep, params: MlpParams):
   return stats, _f32(keep).reshape(1, -1), cols, hcols
 
 
+def _mlp_forward(kernels, form, x, keep, params, store_hidden: bool):
+  operands = _operands(form, x, keep, params)
+  stats, keep_row, cols, hcols = operands
+  fwd = _on_mesh(kernels, functools.partial(
+      _forward_local, form=form, vmem=kernels.vmem, interpret=kernels.interpret,
+      store_hidden=store_hidden), 3, 1 + store_hidden)
+  outs = fwd(_to_kernel(x), stats, keep_row, cols, params.w1, hcols, params.w2)
+  return _from_kernel(outs[0], x.shape), outs[1:], operands
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _mlp_residual(kernels, form, x, keep, params):
-  return _mlp_residual_fwd(kernels, form, x, keep, params)[0]
+  return _mlp_forward(kernels, form, x, keep, params, store_hidden=False)[0]  # not differentiated
 
 
 def _mlp_residual_fwd(kernels, form, x, keep, params):
-  stats, keep_row, cols, hcols = _operands(form, x, keep, params)
-  fwd = _on_mesh(kernels, functools.partial(_forward_local, form=form, vmem=kernels.vmem,
-                                            interpret=kernels.interpret), 3, 2)
-  out, a = fwd(_to_kernel(x), stats, keep_row, cols, params.w1, hcols, params.w2)
-  return _from_kernel(out, x.shape), (x, a, stats, keep_row, cols, hcols, keep, params)
+  out, (a,), (stats, keep_row, cols, hcols) = _mlp_forward(kernels, form, x, keep, params,
+                                                            store_hidden=True)
+  return out, (x, a, stats, keep_row, cols, hcols, keep, params)
 
 
 def _mlp_residual_bwd(kernels, form, res, dout):
@@ -497,8 +513,8 @@ def _sepconv_residual_fwd(kernels, eps, x, keep, params):
   operands = sepconv_kernel.operands(x, keep, params)
   params_ = None if kernels.interpret else _compiler_params(kernels.vmem, "parallel")
   fwd = _on_mesh(kernels, lambda *a: (sepconv_kernel.forward(
-      a, h, w, eps=eps, interpret=kernels.interpret, compiler_params=params_),), 2, 1,
-                 batch_dim=0)
+      a, h, w, eps=eps, layer_scale=params.ls is not None, interpret=kernels.interpret,
+      compiler_params=params_),), 2, 1, batch_dim=0)
   return fwd(*operands)[0].reshape(x.shape), (operands, x.shape, keep, params)
 
 
@@ -508,8 +524,8 @@ def _sepconv_residual_bwd(kernels, eps, res, dout):
   params_ = (None if kernels.interpret
              else _compiler_params(kernels.vmem, "parallel", "arbitrary"))
   bwd = _on_mesh(kernels, lambda xf, dout, *rest: sepconv_kernel.backward(
-      (xf,) + rest, dout, h, w, kernels.cores, eps=eps, interpret=kernels.interpret,
-      compiler_params=params_), 3, 1, batch_dim=0)
+      (xf,) + rest, dout, h, w, kernels.cores, eps=eps, layer_scale=params.ls is not None,
+      interpret=kernels.interpret, compiler_params=params_), 3, 1, batch_dim=0)
   xf, keep_col, *rest = operands
   dx, *accumulators = bwd(xf, dout.reshape(xf.shape).astype(xf.dtype), keep_col, *rest)
   return (dx.reshape(shape), jnp.zeros_like(keep),

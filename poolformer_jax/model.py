@@ -518,7 +518,7 @@ class MetaFormerBlock(nnx.Module):
   Each half computes that formula. Its faster forms are chosen here, once, from the config and
   from `kernels` (what the caller lowers for; None: XLA everywhere), never from the ambient
   mesh: a pooling mixer after a one-group norm is one fused op (`fused_pooling`), every MLP
-  half (v1's GELU MLP or the baselines' StarReLU one, after either norm) trains on the TPU
+  half (v1's GELU MLP or the baselines' StarReLU one, after either norm) runs on the TPU
   kernels (`mlp_kernel`) where its shape fits them, and attention's core
   (`attention_kernel`) and ConvFormer's whole token-mixing half (`sepconv_kernel`) run as
   their kernels where they fit, in training and evaluation.
@@ -581,7 +581,7 @@ class MetaFormerBlock(nnx.Module):
     """`x + drop_path(ls2 * mlp(norm2(x)))` (res-scaled skip where the config has one): the
     MLP half. v1's layer scale goes inside the MLP's op, whose backward computes its
     gradient more cheaply than autodiff outside it."""
-    if key is not None and "channel_mlp" in self.kernel_halves(x):
+    if "channel_mlp" in self.kernel_halves(x):
       return self._mlp_kernel(x, key)
     h = self.norm2(x)
     if isinstance(self.mlp, Mlp):
@@ -594,7 +594,7 @@ class MetaFormerBlock(nnx.Module):
   def kernel_halves(self, x, kernels: mlp_kernel.TpuKernels | None = None) -> tuple[str, ...]:
     """The halves ('mix', 'channel_mlp') that run on `kernels` (default: the block's) for an
     input shaped like `x`: attention's core or a SepConv half where its blocks fit, the MLP
-    half (in training) where its shape fits. The one place that decides."""
+    half where its shape fits. The one place that decides."""
     kernels = kernels or self.kernels
     if kernels is None:
       return ()
@@ -630,8 +630,7 @@ class MetaFormerBlock(nnx.Module):
     keep = jnp.ones(x.shape[:1], jnp.float32) if keep is None else keep.reshape(-1)
     dim, mixer = x.shape[-1], self.token_mixer
     dtype = mixer.pwconv1.dtype or x.dtype
-    ones = jnp.ones((dim,), jnp.float32)
-    value = lambda module: ones if module is None else module.scale[...]
+    value = lambda module, absent: absent if module is None else module.scale[...]
     params = sepconv_kernel.SepConvParams(
         gamma=self.norm1.scale[...],
         beta=jnp.zeros((dim,), jnp.float32) if self.norm1.bias is None else self.norm1.bias[...],
@@ -639,12 +638,14 @@ class MetaFormerBlock(nnx.Module):
         act=jnp.concatenate([mixer.act1.scale[...], mixer.act1.bias[...]]),
         dw=mixer.dwconv.kernel[...][:, :, 0, :].astype(dtype),
         w2=mixer.pwconv2.kernel[...].astype(dtype),
-        ls=value(self.layer_scale1), rs=value(self.res_scale1))
+        ls=value(self.layer_scale1, None),
+        rs=value(self.res_scale1, jnp.ones((dim,), jnp.float32)))
     return self.kernels.sepconv_residual(x, keep, params, self.norm1.eps)
 
   def _mlp_kernel(self, x, key):
-    """`channel_mlp` in training as two Pallas kernels: `TpuKernels.mlp_residual`, the terms
-    this block lacks at their neutral values."""
+    """`channel_mlp` as Pallas kernels (training: two; evaluation: the forward, which then
+    stores nothing for a backward): `TpuKernels.mlp_residual`, the terms this block lacks at
+    their neutral values."""
     keep = drop_path_factor(x.shape, self.drop_rate, key)
     keep = jnp.ones(x.shape[:1], jnp.float32) if keep is None else keep.reshape(-1)
     dim, mlp, dtype = x.shape[-1], self.mlp, self.mlp.fc1.dtype or x.dtype

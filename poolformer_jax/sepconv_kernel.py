@@ -38,7 +38,8 @@ from poolformer_jax import ops
 class SepConvParams(NamedTuple):
   """`rs * x + keep * ls * (w2^T dw(act(w1^T norm(x))))`, `norm(x) = yhat * gamma + beta`
   per pixel, `act(h) = s * relu(h)^2 + b` with act = [s, b], dw the depthwise taps
-  [k, k, 2C]. A variant without a term passes its neutral value (zero bias, unit scales)."""
+  [k, k, 2C]. A variant without a term passes its neutral value (zero bias, unit res scale);
+  `ls=None`: no layer scale (ConvFormer's), which spares the backward a matmul."""
 
   gamma: jax.Array
   beta: jax.Array
@@ -46,7 +47,7 @@ class SepConvParams(NamedTuple):
   act: jax.Array
   dw: jax.Array
   w2: jax.Array
-  ls: jax.Array
+  ls: jax.Array | None
   rs: jax.Array
 
 
@@ -139,34 +140,40 @@ def _zero_pads(pad_ref, hw: int, width: int, size: int):
   pad_ref[top + hw:, :] = jnp.zeros((bottom, pad_ref.shape[1]), pad_ref.dtype)
 
 
-def _hidden(x_ref, cols_ref, w1_ref, start, rows: int, eps: float):
-  """w1^T norm(x) at pixels start..start+rows (as XLA stores it: in the compute dtype), with
-  the norm's yhat, 1/std and output."""
+def _normalized(x_ref, cols_ref, start, rows: int, eps: float, dtype):
+  """The LayerNorm at pixels start..start+rows: yhat, 1/std and norm(x) in the compute dtype."""
   x = _f32(x_ref[0, pl.ds(start, rows), :])
   mean, rstd = ops.moments(x, (1,), eps)
   yhat = (x - mean) * rstd
-  xn = (yhat * cols_ref[0:1, :] + cols_ref[1:2, :]).astype(w1_ref.dtype)
-  return _f32(_dot(xn, w1_ref[...]).astype(w1_ref.dtype)), yhat, rstd, xn
+  return yhat, rstd, (yhat * cols_ref[0:1, :] + cols_ref[1:2, :]).astype(dtype)
 
 
-def _activations(x_ref, cols_ref, w1_ref, hrows_ref, pad_ref, *, width, size, eps):
-  """StarReLU(w1^T norm(x)) of every pixel into pad_ref, between its zero pads."""
+def _activations(x_ref, cols_ref, w1_ref, hrows_ref, pad_ref, r_ref, *, width, size, eps):
+  """StarReLU(w1^T norm(x)) of every pixel into pad_ref, between its zero pads, and where
+  r_ref is given relu(w1^T norm(x)) into it (for the backward)."""
+  dtype = w1_ref.dtype
   hw, k2 = x_ref.shape[1], size * size
   top = _pad_rows(width, size)
   s, b = hrows_ref[k2:k2 + 1, :], hrows_ref[k2 + 1:k2 + 2, :]
   _zero_pads(pad_ref, hw, width, size)
 
   def body(start, rows):
-    r = jnp.maximum(_hidden(x_ref, cols_ref, w1_ref, start, rows, eps)[0], 0.0)
-    pad_ref[pl.ds(top + start, rows), :] = _f32((s * r * r + b).astype(w1_ref.dtype))
+    xn = _normalized(x_ref, cols_ref, start, rows, eps, dtype)[2]
+    h = _f32(_dot(xn, w1_ref[...]).astype(dtype))  # stored by XLA in the compute dtype
+    r = jnp.maximum(h, 0.0)
+    pad_ref[pl.ds(top + start, rows), :] = _f32((s * r * r + b).astype(dtype))
+    if r_ref is not None:
+      r_ref[pl.ds(start, rows), :] = r
 
   _for_chunks(hw, body)
 
 
 def _forward_kernel(x_ref, keep_ref, cols_ref, w1_ref, hrows_ref, w2_ref, out_ref, pad_ref, *,
-                    width: int, size: int, eps: float):
+                    width: int, size: int, eps: float, layer_scale: bool):
+  del layer_scale  # the output takes cols' ls row either way (ones without a layer scale)
   dtype = w2_ref.dtype
-  _activations(x_ref, cols_ref, w1_ref, hrows_ref, pad_ref, width=width, size=size, eps=eps)
+  _activations(x_ref, cols_ref, w1_ref, hrows_ref, pad_ref, None, width=width, size=size,
+               eps=eps)
   scale, rs = keep_ref[0] * cols_ref[2:3, :], cols_ref[3:4, :]
 
   def body(start, rows):
@@ -180,7 +187,7 @@ def _forward_kernel(x_ref, keep_ref, cols_ref, w1_ref, hrows_ref, w2_ref, out_re
 
 def _backward_kernel(x_ref, dout_ref, keep_ref, cols_ref, w1_ref, hrows_ref, w2_ref,
                      dx_ref, dw1_ref, dw2_ref, dhrows_ref, dcols_ref, pad_ref, grad_ref,
-                     *, width: int, size: int, eps: float):
+                     r_ref=None, *, width: int, size: int, eps: float, layer_scale: bool):
   @pl.when(pl.program_id(1) == 0)
   def _():
     for ref in (dw1_ref, dw2_ref, dhrows_ref, dcols_ref):
@@ -191,19 +198,22 @@ def _backward_kernel(x_ref, dout_ref, keep_ref, cols_ref, w1_ref, hrows_ref, w2_
   top = _pad_rows(width, size)
   keep = keep_ref[0]
   gamma, ls, rs = cols_ref[0:1, :], cols_ref[2:3, :], cols_ref[3:4, :]
-  _activations(x_ref, cols_ref, w1_ref, hrows_ref, pad_ref, width=width, size=size, eps=eps)
+  _activations(x_ref, cols_ref, w1_ref, hrows_ref, pad_ref, r_ref, width=width, size=size,
+               eps=eps)
   _zero_pads(grad_ref, hw, width, size)
 
   def through_conv(start, rows):  # the second matmul and the conv, backwards
     conv = _depthwise(pad_ref, hrows_ref, start, rows, width, size, flip=False).astype(dtype)
-    y = _f32(_dot(conv, w2_ref[...]).astype(dtype))
     x = _f32(x_ref[0, pl.ds(start, rows), :])
     dout = _f32(dout_ref[0, pl.ds(start, rows), :])
     dk = dout * keep  # the gradient of the branch before the layer scale
-    dcols_ref[0, 0:1, :] += _rows_sum(dk * y)
+    if layer_scale:  # its gradient needs the branch: the second matmul once more
+      y = _f32(_dot(conv, w2_ref[...]).astype(dtype))
+      dcols_ref[0, 0:1, :] += _rows_sum(dk * y)
     dcols_ref[0, 1:2, :] += _rows_sum(dout * x)
     dyb = (dk * ls).astype(dtype)
-    dw2_ref[0] += _dot(conv, dyb, 0, 0)  # [2C, C]
+    for j in range(0, conv.shape[1], 128):  # [2C, C], 128 rows at a time: small temporaries
+      dw2_ref[0, j:j + 128, :] += _dot(conv[:, j:j + 128], dyb, 0, 0)
     dconv = _dot(dyb, w2_ref[...], 1, 1)  # [rows, 2C]
     grad_ref[pl.ds(top + start, rows), :] = dconv
     for dx, inside in enumerate(_column_inside(start, rows, width, size)):
@@ -215,12 +225,16 @@ def _backward_kernel(x_ref, dout_ref, keep_ref, cols_ref, w1_ref, hrows_ref, w2_
 
   def through_mlp(start, rows):  # StarReLU, the first matmul and the norm, backwards
     da = _depthwise(grad_ref, hrows_ref, start, rows, width, size, flip=True)
-    h, yhat, rstd, xn = _hidden(x_ref, cols_ref, w1_ref, start, rows, eps)  # recomputed
-    r = jnp.maximum(h, 0.0)
+    yhat, rstd, xn = _normalized(x_ref, cols_ref, start, rows, eps, dtype)
+    if r_ref is None:  # recomputed
+      r = jnp.maximum(_f32(_dot(xn, w1_ref[...]).astype(dtype)), 0.0)
+    else:
+      r = r_ref[pl.ds(start, rows), :]
     dhrows_ref[0, k2:k2 + 1, :] += _rows_sum(da * r * r)
     dhrows_ref[0, k2 + 1:k2 + 2, :] += _rows_sum(da)
     dh = (da * (2.0 * hrows_ref[k2:k2 + 1, :] * r)).astype(dtype)
-    dw1_ref[0] += _dot(xn, dh, 0, 0)  # [C, 2C]
+    for j in range(0, dh.shape[1], 128):  # [C, 2C], 128 columns at a time
+      dw1_ref[0, :, j:j + 128] += _dot(xn, dh[:, j:j + 128], 0, 0)
     dxn = _dot(dh, w1_ref[...], 1, 1)  # [rows, C]
     dcols_ref[0, 2:3, :] += _rows_sum(dxn * yhat)
     dcols_ref[0, 3:4, :] += _rows_sum(dxn)
@@ -249,7 +263,7 @@ def vmem_bytes(height: int, width: int, channels: int, hidden: int, size: int,
                itemsize: int) -> int:
   """The backward kernel's VMEM (the larger), as Mosaic allocates it: double-buffered map
   blocks; the weights, their float32 gradient accumulators, the matmuls' float32 weight-
-  gradient results and transposed copies; the two padded float32 hidden maps; ~6 float32
+  gradient results and transposed copies; three float32 hidden maps (two padded); ~6 float32
   values of one chunk. Sublanes padded to 8, lanes to 128."""
   lanes = lambda n: -(-n // 128) * 128
   rows = lambda n: -(-n // 8) * 8
@@ -257,7 +271,7 @@ def vmem_bytes(height: int, width: int, channels: int, hidden: int, size: int,
   maps = 2 * 3 * rows(hw) * lanes(channels) * itemsize
   weights = ((2 * itemsize + 8) * (channels * lanes(hidden) + hidden * lanes(channels))
              + 2 * 4 * rows(size * size + 2) * lanes(hidden))
-  scratch = 2 * 4 * _padded_rows(hw, width, size) * lanes(hidden)
+  scratch = 4 * lanes(hidden) * (2 * _padded_rows(hw, width, size) + _keeps_relu(hw) * rows(hw))
   temps = 6 * 4 * rows(_chunk_rows(hw)) * lanes(hidden)
   return maps + weights + scratch + temps
 
@@ -275,7 +289,8 @@ def operands(x, keep, p: SepConvParams):
   n, h, w, c = x.shape
   size = p.dw.shape[0]
   hidden = p.w1.shape[1]
-  cols = jnp.stack([_f32(v) for v in (p.gamma, p.beta, p.ls, p.rs)])  # [4, C]
+  ls = jnp.ones((c,), jnp.float32) if p.ls is None else p.ls
+  cols = jnp.stack([_f32(v) for v in (p.gamma, p.beta, ls, p.rs)])  # [4, C]
   act = _f32(p.act)
   hrows = jnp.concatenate([_f32(p.dw).reshape(size * size, hidden),
                            jnp.broadcast_to(act[:, None], (2, hidden))])  # [k*k + 2, 2C]
@@ -294,25 +309,38 @@ def _specs(n_split: int, shapes, index):
   return specs
 
 
-def _scratch(height: int, width: int, hidden: int, size: int, maps: int):
-  """`maps` float32 zero-padded copies of a hidden map (the activation; its gradient)."""
+def _keeps_relu(hw: int) -> bool:
+  """Whether the backward keeps relu(h) from its first pass in VMEM, or recomputes it (one
+  more matmul) where the map is one chunk: with the kept copy, Mosaic's allocation for a
+  14x14 stage exceeds a v4 core's 16 MiB (22.6 MiB measured)."""
+  return _chunk_rows(hw) < hw
+
+
+def _scratch(height: int, width: int, hidden: int, size: int, backward: bool):
+  """Float32 hidden maps: the activation, zero-padded; in the backward also its gradient,
+  padded, and relu(h) where it is kept."""
   from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
-  rows = _padded_rows(height * width, width, size)
-  return [pltpu.VMEM((rows, hidden), jnp.float32)] * maps
+  hw = height * width
+  padded = pltpu.VMEM((_padded_rows(hw, width, size), hidden), jnp.float32)
+  if not backward:
+    return [padded]
+  return [padded, padded] + ([pltpu.VMEM((hw, hidden), jnp.float32)] if _keeps_relu(hw) else [])
 
 
-def forward(operands, height: int, width: int, *, eps: float, interpret: bool, compiler_params):
+def forward(operands, height: int, width: int, *, eps: float, layer_scale: bool,
+            interpret: bool, compiler_params):
   xf, keep, cols, w1, hrows, w2 = operands
   n, hw, c = xf.shape
   hidden, size = w1.shape[1], int(round((hrows.shape[0] - 2) ** 0.5))
   isz = xf.dtype.itemsize
   return pl.pallas_call(
-      functools.partial(_forward_kernel, width=width, size=size, eps=eps),
+      functools.partial(_forward_kernel, width=width, size=size, eps=eps,
+                        layer_scale=layer_scale),
       grid=(n,),
       in_specs=_specs(2, [a.shape for a in operands], lambda i: i),
       out_specs=pl.BlockSpec((1, hw, c), lambda i: (i, 0, 0)),
       out_shape=jax.ShapeDtypeStruct(xf.shape, xf.dtype),
-      scratch_shapes=_scratch(height, width, hidden, size, 1),
+      scratch_shapes=_scratch(height, width, hidden, size, False),
       compiler_params=compiler_params, interpret=interpret,
       cost_estimate=pl.CostEstimate(
           flops=n * hw * (4 * c * hidden + 2 * size * size * hidden + 10 * c + 6 * hidden),
@@ -321,7 +349,7 @@ def forward(operands, height: int, width: int, *, eps: float, interpret: bool, c
 
 
 def backward(operands, dout, height: int, width: int, blocks: int, *, eps: float,
-             interpret: bool, compiler_params):
+             layer_scale: bool, interpret: bool, compiler_params):
   xf, keep, cols, w1, hrows, w2 = operands
   n, hw, c = xf.shape
   hidden, size = w1.shape[1], int(round((hrows.shape[0] - 2) ** 0.5))
@@ -332,7 +360,8 @@ def backward(operands, dout, height: int, width: int, blocks: int, *, eps: float
                                         pipeline_mode=pl.Buffered(1))
   args = [xf, dout, keep, cols, w1, hrows, w2]
   dx, dw1, dw2, dhrows, dcols = pl.pallas_call(
-      functools.partial(_backward_kernel, width=width, size=size, eps=eps),
+      functools.partial(_backward_kernel, width=width, size=size, eps=eps,
+                        layer_scale=layer_scale),
       grid=(blocks, per_block),
       in_specs=_specs(3, [a.shape for a in args], lambda j, i: j * per_block + i),
       out_specs=[pl.BlockSpec((1, hw, c), lambda j, i: (j * per_block + i, 0, 0)),
@@ -340,10 +369,13 @@ def backward(operands, dout, height: int, width: int, blocks: int, *, eps: float
                  partial(*cols.shape)],
       out_shape=[jax.ShapeDtypeStruct(xf.shape, xf.dtype), f32(c, hidden), f32(hidden, c),
                  f32(*hrows.shape), f32(*cols.shape)],
-      scratch_shapes=_scratch(height, width, hidden, size, 2),
+      scratch_shapes=_scratch(height, width, hidden, size, True),
       compiler_params=compiler_params, interpret=interpret,
       cost_estimate=pl.CostEstimate(
-          flops=n * hw * (14 * c * hidden + 8 * size * size * hidden + 30 * c + 20 * hidden),
+          # matmuls: h (twice where relu(h) is not kept), dw2, dconv, dw1, dxn (and the branch
+          # for ls' gradient); convs: the forward, the taps' gradients, the transposed
+          flops=n * hw * ((10 + 2 * layer_scale + 2 * (not _keeps_relu(hw))) * c * hidden
+                          + 6 * size * size * hidden + 20 * c + 20 * hidden),
           transcendentals=n * hw, bytes_accessed=3 * n * hw * c * isz + 4 * c * hidden * isz
           + 4 * blocks * (2 * c * hidden + hrows.size + cols.size)),
   )(*args)
@@ -357,5 +389,6 @@ def gradients(p: SepConvParams, dw1, dw2, dhrows, dcols) -> SepConvParams:
   grads = SepConvParams(
       gamma=dcols[2], beta=dcols[3], w1=dw1,
       act=jnp.stack([jnp.sum(dhrows[k2]), jnp.sum(dhrows[k2 + 1])]),
-      dw=dhrows[:k2].reshape(size, size, hidden), w2=dw2, ls=dcols[0], rs=dcols[1])
-  return SepConvParams(*(g.astype(v.dtype) for g, v in zip(grads, p)))
+      dw=dhrows[:k2].reshape(size, size, hidden), w2=dw2,
+      ls=None if p.ls is None else dcols[0], rs=dcols[1])
+  return SepConvParams(*(None if v is None else g.astype(v.dtype) for g, v in zip(grads, p)))

@@ -3,6 +3,7 @@ CPU against the plain formula: the same MetaFormerBlock's norm2, the MLP's one r
 (`ops.mlp_reference`), layer scale, drop path and residual add, differentiated by autodiff.
 And the choice of the kernels: explicit, never from an ambient mesh."""
 
+import dataclasses
 import json
 
 import jax
@@ -19,13 +20,13 @@ N = mlp_kernel._LANES  # one lane block of samples  # pylint: disable=protected-
 
 
 def block_and_inputs(width=16, res=4, dtype=jnp.float32, seed=0, variant="poolformer_s12",
-                     stage=0, shape=None):
-  """A block of `variant`'s `stage` (its norm, MLP and scales) at a small width, an input
-  (`shape`, default [N, res, res, width]), a cotangent and a drop-path key that drops some
-  samples."""
+                     stage=0, shape=None, **overrides):
+  """A block of `variant`'s `stage` (its norm, MLP and scales; config `overrides`) at a small
+  width, an input (`shape`, default [N, res, res, width]), a cotangent and a drop-path key that
+  drops some samples."""
   shape = shape or (N, res, res, width)
   width = shape[-1]
-  cfg = model_lib.get_config(variant)
+  cfg = dataclasses.replace(model_lib.get_config(variant), **overrides)
   block = model_lib.MetaFormerBlock(width, cfg, stage, 0.2, dtype=dtype,
                                     param_dtype=jnp.float32, rngs=nnx.Rngs(seed))
   keys = jax.random.split(jax.random.key(seed), 4)
@@ -147,6 +148,40 @@ def test_attention_kernels_match_xla_values_and_gradients(dtype, tol):
     assert mlp_kernel.relative_difference(k, r) < bound
 
 
+def pallas_outputs(fn, *args) -> list[int]:
+  """The number of outputs of each Pallas kernel that `fn` calls."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call":
+        found.append(len(eqn.outvars))
+      for param in eqn.params.values():
+        for sub in param if isinstance(param, (list, tuple)) else [param]:
+          if hasattr(sub, "jaxpr"):
+            walk(sub.jaxpr if hasattr(sub.jaxpr, "eqns") else sub.jaxpr.jaxpr)
+          elif hasattr(sub, "eqns"):
+            walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+def test_in_evaluation_the_mlp_half_is_one_kernel_that_writes_only_its_output():
+  """The eval step (no drop-path key, no gradient) runs the forward kernel alone, which then
+  writes the output only (training's also stores fc1's output for the backward): the same
+  values as the XLA path."""
+  block, x, _, _ = block_and_inputs(variant="convformer_s18", stage=2)
+  block.kernels = INTERPRETED
+  assert pallas_outputs(lambda x: block.channel_mlp(x, None), x) == [1]
+  train_forward = lambda x: jax.vjp(lambda x: block.channel_mlp(x, jax.random.key(0)), x)[0]
+  assert pallas_outputs(train_forward, x) == [2]
+  kernel = jax.jit(lambda x: block.channel_mlp(x, None))(x)
+  block.kernels = None
+  reference = jax.jit(lambda x: block.channel_mlp(x, None))(x)
+  assert mlp_kernel.relative_difference(kernel, reference) < 2e-6
+
+
 def half_tensors(result, half: str):
   """The output, dx and the gradients of one half's parameters, from `value_and_grads`."""
   modules = {"mix": ("norm1", "token_mixer", "layer_scale1", "res_scale1"),
@@ -164,30 +199,34 @@ def sepconv_path(kernels):
   return path
 
 
-# (stage, map): one chunk of 35 pixels (no aligned divisor); a loop over aligned chunks of 40
-# pixels that start mid-row (rows of 12), before a res-scaled skip (stage 3).
-SEPCONV_CASES = [(0, (4, 5, 7, 16), jnp.float32, 1e-5), (2, (2, 10, 12, 8), jnp.float32, 1e-5),
-                 (2, (2, 10, 12, 8), jnp.bfloat16, 2e-2)]
+# (stage, map, layer scale): one chunk of 35 pixels (no aligned divisor); a loop over aligned
+# chunks of 40 pixels that start mid-row (rows of 12), before a res-scaled skip (stage 3); a
+# layer scale on the branch (none of the releases has one there).
+SEPCONV_CASES = [(0, (4, 5, 7, 16), None, jnp.float32, 1e-5),
+                 (2, (2, 10, 12, 8), None, jnp.float32, 1e-5),
+                 (1, (2, 6, 6, 8), 1e-5, jnp.float32, 1e-5),
+                 (2, (2, 10, 12, 8), None, jnp.bfloat16, 2e-2)]
 
 
-@pytest.mark.parametrize("stage,shape,dtype,tol", SEPCONV_CASES)
-def test_sepconv_kernels_match_the_xla_path_values_and_every_gradient(stage, shape, dtype, tol):
+@pytest.mark.parametrize("stage,shape,layer_scale,dtype,tol", SEPCONV_CASES)
+def test_sepconv_kernels_match_the_xla_path_values_and_every_gradient(stage, shape, layer_scale,
+                                                                      dtype, tol):
   """ConvFormer's token-mixing half (channel LayerNorm, pointwise, StarReLU, 7x7 depthwise,
   pointwise, scales, drop path) as its two kernels, against the block's XLA path in float32
   on the same parameters: the output, dx and the gradients of the norm, both pointwise convs,
-  the taps, StarReLU's scalars and the res scale; bfloat16 within its tolerance or no further
-  than twice XLA's own bfloat16 result."""
-  block, x, cotangent, key = block_and_inputs(dtype=dtype, variant="convformer_s18",
-                                              stage=stage, shape=shape)
-  exact = block_and_inputs(dtype=jnp.float32, variant="convformer_s18", stage=stage,
-                           shape=shape)[0]
+  the taps, StarReLU's scalars and the res or layer scale; bfloat16 within its tolerance or no
+  further than twice XLA's own bfloat16 result."""
+  kw = dict(variant="convformer_s18", stage=stage, shape=shape, layer_scale_init=layer_scale)
+  block, x, cotangent, key = block_and_inputs(dtype=dtype, **kw)
+  exact = block_and_inputs(dtype=jnp.float32, **kw)[0]
   f32 = lambda v: v.astype(jnp.float32)
   kernel = half_tensors(value_and_grads(sepconv_path(INTERPRETED), block, x, cotangent, key),
                         "mix")
   reference = half_tensors(value_and_grads(sepconv_path(None), exact, f32(x), f32(cotangent),
                                            key), "mix")
   xla = half_tensors(value_and_grads(sepconv_path(None), block, x, cotangent, key), "mix")
-  assert len(kernel) == 2 + 6 + (stage >= 2)  # norm, 2 pointwise, taps, s, b (+ res scale)
+  # norm, 2 pointwise, taps, s, b (+ res scale, + layer scale)
+  assert len(kernel) == 2 + 6 + (stage >= 2) + (layer_scale is not None)
   for (name, k), (_, r), (_, same) in zip(kernel, reference, xla):
     assert k.dtype == same.dtype and k.shape == same.shape, name
     bound = max(tol, 2 * mlp_kernel.relative_difference(same, r))
@@ -246,7 +285,7 @@ def test_the_kernels_are_chosen_once_by_the_caller_never_by_an_ambient_mesh():
   with jax.set_mesh(cpu_mesh):
     assert not runs_kernels(None)
   assert runs_kernels(INTERPRETED)
-  assert not runs_kernels(INTERPRETED, train=False)  # eval keeps XLA's fused forward
+  assert runs_kernels(INTERPRETED, train=False)  # the forward kernel (test below)
   assert not runs_kernels(INTERPRETED, shape=(N // 2, 4, 4, 16))  # not a whole lane block
   for name in ("poolformerv2_s12", "convformer_s18", "caformer_s18"):  # every MLP half
     assert runs_kernels(INTERPRETED, config=model_lib.get_config(name))
@@ -261,6 +300,11 @@ def test_the_kernels_are_chosen_once_by_the_caller_never_by_an_ambient_mesh():
   # Attention's core takes its kernels in training and evaluation, at any batch size.
   assert attention_kernels(INTERPRETED, True) == attention_kernels(INTERPRETED, False) == 1
   assert attention_kernels(None, True) == 0
+  sepconv = model_lib.MetaFormerBlock(16, model_lib.get_config("convformer_s18"), 0, 0.1,
+                                      dtype=jnp.float32, param_dtype=jnp.float32,
+                                      rngs=nnx.Rngs(0), kernels=INTERPRETED)
+  for k in (key, None):  # ConvFormer's token-mixing half too, at any even batch size
+    assert "pallas_call" in str(jax.make_jaxpr(lambda x: sepconv.mix(x, k))(x[:2]))
   # Blocks sized by the core's VMEM: a 512-wide stage 4 fits a v5e or v6e core, not a v4's.
   stage4 = ((256, 7, 7, 512), 2048, jnp.bfloat16)
   assert not mlp_kernel.TpuKernels(None, vmem=chips.CHIPS["v4"].vmem_bytes).fits(*stage4)
