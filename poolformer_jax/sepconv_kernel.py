@@ -10,10 +10,12 @@ the backward kernel reads x and the output's gradient, recomputes the forward on
 writes the input's gradient, accumulating every parameter's gradient as it goes: ~5 transfers.
 
 Layout: one grid step per sample, its map as [H*W, C] (pixels on sublanes, channels on lanes),
-so both matmuls are plain [H*W, C] x [C, 2C] products. The depthwise conv reads its input from
-a zero-padded copy in VMEM at the 49 offsets `(dy - 3) * W + (dx - 3)` of the flattened map;
-a tap whose column falls outside the row is masked (the zero padding takes care of the rows).
-Its backward is the same conv with the offsets negated and the masks mirrored.
+so both matmuls are plain [rows, C] x [C, 2C] products, taken over chunks of up to 64 pixels
+so that a chunk's values stay small. The depthwise conv reads its input from a zero-padded
+float32 copy in VMEM at the 49 offsets `(dy - 3) * W + (dx - 3)` of the flattened map; a tap
+whose column falls outside the row is masked (the zero padding takes care of the rows). Its
+transpose (the backward) is the same conv with the taps mirrored. VMEM as Mosaic allocates
+it decides where the kernels fit (`fits`: every ConvFormer-S18 stage on a v4 core).
 
 Numerics: the XLA path's (`model.SepConv` after `model.LayerNorm`): compute-dtype (bf16)
 matmul operands, float32 accumulation and elementwise maths, the values XLA stores rounded to
