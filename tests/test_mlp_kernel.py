@@ -168,11 +168,15 @@ def pallas_outputs(fn, *args) -> list[int]:
 
 
 def test_in_evaluation_the_mlp_half_is_one_kernel_that_writes_only_its_output():
-  """The eval step (no drop-path key, no gradient) runs the forward kernel alone, which then
-  writes the output only (training's also stores fc1's output for the backward): the same
-  values as the XLA path."""
+  """The eval step (no drop-path key, no gradient) runs the forward kernel alone after a
+  channel LayerNorm, which then writes the output only (training's also stores fc1's output for
+  the backward): the same values as the XLA path. After a one-group norm it keeps XLA's."""
+  v2 = block_and_inputs(variant="poolformerv2_s12", stage=2)[0]
+  v2.kernels = INTERPRETED
+  assert v2.kernel_halves(jnp.ones((N, 4, 4, 16)), training=False) == ()
   block, x, _, _ = block_and_inputs(variant="convformer_s18", stage=2)
   block.kernels = INTERPRETED
+  assert block.kernel_halves(x, training=False) == ("mix", "channel_mlp")  # and the SepConv
   assert pallas_outputs(lambda x: block.channel_mlp(x, None), x) == [1]
   train_forward = lambda x: jax.vjp(lambda x: block.channel_mlp(x, jax.random.key(0)), x)[0]
   assert pallas_outputs(train_forward, x) == [2]
@@ -285,7 +289,7 @@ def test_the_kernels_are_chosen_once_by_the_caller_never_by_an_ambient_mesh():
   with jax.set_mesh(cpu_mesh):
     assert not runs_kernels(None)
   assert runs_kernels(INTERPRETED)
-  assert runs_kernels(INTERPRETED, train=False)  # the forward kernel (test below)
+  assert not runs_kernels(INTERPRETED, train=False)  # eval: only after a LayerNorm (below)
   assert not runs_kernels(INTERPRETED, shape=(N // 2, 4, 4, 16))  # not a whole lane block
   for name in ("poolformerv2_s12", "convformer_s18", "caformer_s18"):  # every MLP half
     assert runs_kernels(INTERPRETED, config=model_lib.get_config(name))

@@ -331,8 +331,8 @@ def test_block_proxy_measures_any_variant_and_each_half_of_its_blocks():
 def test_tpu_train_step_runs_the_mlp_kernels(topology, batch, fsdp, accum):
   """With whole lane blocks of samples for every TensorCore (256 per v4 chip, 128 per v5e
   chip), every block's MLP half is the two Pallas kernels in the compiled train step (data
-  parallel, FSDP with gradient accumulation, two hosts, a single-core chip) and the forward
-  kernel in the eval step; a small batch falls back to XLA."""
+  parallel, FSDP with gradient accumulation, two hosts, a single-core chip); the eval step of
+  this PoolFormer keeps XLA's fused forward, and a small batch falls back to XLA."""
   from poolformer_jax import sharding, train  # pylint: disable=g-import-not-at-top
   t = tpu_compile.parse_topology(topology)
   tpu_compile.prepare_environment(t)
@@ -340,13 +340,10 @@ def test_tpu_train_step_runs_the_mlp_kernels(topology, batch, fsdp, accum):
   blocks = 4  # the smoke model: one block per stage
   count = lambda step: len(re.findall(r"custom_call_target=\"tpu_custom_call\"", step.as_text()))
   for per_chip, kernels in ((batch // t.num_chips, 2 * blocks), (8, 0)):
-    config = smoke(topology, batch_size=per_chip * t.num_chips,
-                   eval_batch_size=per_chip * t.num_chips // accum,
+    config = smoke(topology, batch_size=per_chip * t.num_chips, eval_batch_size=64,
                    fsdp=fsdp if per_chip > 8 else 1, grad_accum_steps=accum if per_chip > 8 else 1)
     trainer = train.Trainer(config, sharding.make_mesh(config.fsdp, devices), 10, 10, 40)
     assert count(trainer.compile_train_step()) == kernels
-    if per_chip > 8 and accum == 1:
-      assert count(trainer.compile_eval_step()) == blocks
   assert count(trainer.compile_eval_step()) == 0
   if topology == "v4-8" and accum == 1:  # --config.kernels=xla: the same step without them
     config = smoke(topology, batch_size=batch, eval_batch_size=64, kernels="xla")
