@@ -364,10 +364,14 @@ def test_the_trainer_measures_its_kernels_against_the_xla_path(monkeypatch):
   assert trainer.kernels is not None and trainer.kernels.interpret
   params = trainer.init_state(0).params
   images = np.random.default_rng(0).integers(0, 256, (N, 32, 32, 3), np.uint8)
+  few = images[:16]  # the per-sample kernels only (too few samples for the MLP's): quicker
   # float32 rounding, relative to the smallest increments (stage 1's, ~6e-4 at init): 2e-4.
-  assert trainer.kernel_difference(params, images) < 1e-3
-  assert train._checked_kernels(trainer, params, images) is trainer  # pylint: disable=protected-access
-  with pytest.MonkeyPatch.context() as patch:
+  assert trainer.kernel_difference(params, few) < 1e-3
+  assert train._checked_kernels(trainer, params, few) is trainer  # pylint: disable=protected-access
+  with pytest.MonkeyPatch.context() as patch:  # the MLP kernels alone, on a whole lane block
+    for name in ("fits_sepconv", "fits_attention"):
+      patch.setattr(mlp_kernel.TpuKernels, name, lambda *args: False)
+    assert trainer.kernel_difference(params, images) < 1e-3
     break_the_forward_kernel(patch)
     assert trainer.kernel_difference(params, images) > 2 * train.KERNEL_TOLERANCE
   from poolformer_jax import attention_kernel  # pylint: disable=g-import-not-at-top
@@ -377,7 +381,6 @@ def test_the_trainer_measures_its_kernels_against_the_xla_path(monkeypatch):
     real(qkv_ref, o_ref, **static)
     o_ref[...] = 1.5 * o_ref[...]
 
-  few = images[:16]  # per-sample kernels only (too few samples for the MLP's): quicker
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(attention_kernel, "_forward_kernel", wrong)
     assert trainer.kernel_difference(params, few) > 2 * train.KERNEL_TOLERANCE
