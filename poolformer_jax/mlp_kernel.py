@@ -252,14 +252,18 @@ class TpuKernels:
   vmem: int = _VMEM_SMALLEST
   interpret: bool = False
 
+  @property
+  def devices(self) -> int:
+    """How many devices split the batch: each runs the kernels on its own samples."""
+    return 1 if self.mesh is None else math.prod(self.mesh.shape[a] for a in self.batch_axes)
+
   def fits(self, shape: tuple[int, ...], hidden: int, dtype) -> bool:
     """Whether a [N, H, W, C] map of `dtype` with `hidden` MLP channels takes the kernels:
     each device's samples fill whole lane blocks, at least one per TensorCore (a megacore
     chip, v4 or v5p, splits the lane blocks between its two), and a block fits in VMEM
     (float32 maps take twice bfloat16's)."""
     n, h, w, c = shape
-    devices = 1 if self.mesh is None else math.prod(self.mesh.shape[a] for a in self.batch_axes)
-    return (n % (devices * _LANES) == 0 and n // (devices * _LANES) >= self.cores
+    return (n % (self.devices * _LANES) == 0 and n // (self.devices * _LANES) >= self.cores
             and c % 8 == 0 and hidden % 8 == 0
             and _pixels_per_step(h * w, c, hidden, jnp.dtype(dtype).itemsize,
                                  self.vmem) is not None)
@@ -275,8 +279,7 @@ class TpuKernels:
     channels and a `size` x `size` depthwise conv) takes its kernels: each device's samples
     split evenly between its TensorCores, and one sample's maps fit in VMEM."""
     n, h, w, c = shape
-    devices = 1 if self.mesh is None else math.prod(self.mesh.shape[a] for a in self.batch_axes)
-    return (n % (devices * self.cores) == 0 and sepconv_kernel.fits(
+    return (n % (self.devices * self.cores) == 0 and sepconv_kernel.fits(
         h, w, c, hidden, size, jnp.dtype(dtype).itemsize, self.vmem))
 
   def sepconv_residual(self, x, keep, params: sepconv_kernel.SepConvParams, eps: float):
@@ -513,8 +516,8 @@ def _sepconv_residual_fwd(kernels, eps, x, keep, params):
   operands = sepconv_kernel.operands(x, keep, params)
   params_ = None if kernels.interpret else _compiler_params(kernels.vmem, "parallel")
   fwd = _on_mesh(kernels, lambda *a: (sepconv_kernel.forward(
-      a, h, w, eps=eps, layer_scale=params.ls is not None, interpret=kernels.interpret,
-      compiler_params=params_),), 2, 1, batch_dim=0)
+      a, h, w, eps=eps, interpret=kernels.interpret, compiler_params=params_),), 2, 1,
+                 batch_dim=0)
   return fwd(*operands)[0].reshape(x.shape), (operands, x.shape, keep, params)
 
 

@@ -171,8 +171,7 @@ def _activations(x_ref, cols_ref, w1_ref, hrows_ref, pad_ref, r_ref, *, width, s
 
 
 def _forward_kernel(x_ref, keep_ref, cols_ref, w1_ref, hrows_ref, w2_ref, out_ref, pad_ref, *,
-                    width: int, size: int, eps: float, layer_scale: bool):
-  del layer_scale  # the output takes cols' ls row either way (ones without a layer scale)
+                    width: int, size: int, eps: float):
   dtype = w2_ref.dtype
   _activations(x_ref, cols_ref, w1_ref, hrows_ref, pad_ref, None, width=width, size=size,
                eps=eps)
@@ -329,15 +328,15 @@ def _scratch(height: int, width: int, hidden: int, size: int, backward: bool):
   return [padded, padded] + ([pltpu.VMEM((hw, hidden), jnp.float32)] if _keeps_relu(hw) else [])
 
 
-def forward(operands, height: int, width: int, *, eps: float, layer_scale: bool,
-            interpret: bool, compiler_params):
+def forward(operands, height: int, width: int, *, eps: float, interpret: bool,
+            compiler_params):
+  """The half's output. (cols' ls row is ones where there is no layer scale.)"""
   xf, keep, cols, w1, hrows, w2 = operands
   n, hw, c = xf.shape
   hidden, size = w1.shape[1], int(round((hrows.shape[0] - 2) ** 0.5))
   isz = xf.dtype.itemsize
   return pl.pallas_call(
-      functools.partial(_forward_kernel, width=width, size=size, eps=eps,
-                        layer_scale=layer_scale),
+      functools.partial(_forward_kernel, width=width, size=size, eps=eps),
       grid=(n,),
       in_specs=_specs(2, [a.shape for a in operands], lambda i: i),
       out_specs=pl.BlockSpec((1, hw, c), lambda i: (i, 0, 0)),
