@@ -150,8 +150,12 @@ def main():
     if any((r["variant"], r["topology"]) == (variant, topology) for r in done):
       continue
     done.append(fit_row(variant, topology))
-    out.write_text(json.dumps({"command": " ".join(sys.argv), "rows": done}, indent=2))
+    # The command that makes every row from scratch (rows may come from several resumed runs).
+    out.write_text(json.dumps({"command": REPRODUCE, "rows": done}, indent=2))
   write_table(out, done)
+
+
+REPRODUCE = "python benchmarks/tpu_fit_table.py --recompile"
 
 
 def write_table(out: pathlib.Path, rows: list[dict]) -> None:

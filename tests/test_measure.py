@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
+import shutil
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
+from conftest import REPO
 from poolformer_jax import chips
 from poolformer_jax import measure
 from poolformer_jax import metrics
@@ -121,3 +127,22 @@ def test_the_trainer_counts_every_micro_batch_through_the_one_reader(monkeypatch
   monkeypatch.setattr(measure, "program_cost", fake_cost)
   trainer = type("T", (), {"config": type("C", (), {"grad_accum_steps": 4})()})()
   assert train.Trainer.step_flops(trainer, object()) == 40.0 and seen == [4]
+
+
+def test_the_readme_fit_table_is_the_one_its_script_writes(tmp_path):
+  """The README's "will it fit" table is `benchmarks/tpu_fit_table.py --table-only`'s output from
+  the committed JSON, every row of the script's list included (no row edited by hand)."""
+  json_path = tmp_path / "tpu_fit.json"
+  shutil.copy(REPO / "benchmarks" / "results" / "tpu_fit.json", json_path)
+  subprocess.run([sys.executable, "benchmarks/tpu_fit_table.py", "--table-only",
+                  "--out", str(json_path)], cwd=REPO, check=True, timeout=300)
+  table = json_path.with_suffix(".md").read_text().strip()
+  assert table in (REPO / "README.md").read_text()
+  rows = [line.strip("| ").split(" | ")[:2] for line in table.splitlines()[2:]]
+  spec = importlib.util.spec_from_file_location("tpu_fit_table",
+                                                REPO / "benchmarks" / "tpu_fit_table.py")
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  assert len(rows) == len(script.ROWS)
+  for (model, topology), (variant, slice_) in zip(rows, script.ROWS):
+    assert model.endswith(variant) and topology == slice_, (model, topology)
