@@ -17,6 +17,8 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import cpu_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A sitecustomize that makes TensorFlow look not installed: the path finder no longer finds it,
@@ -56,9 +58,8 @@ def no_tensorflow_env(tmp_path):
   site = tmp_path / "site"
   site.mkdir()
   (site / "sitecustomize.py").write_text(NO_TENSORFLOW)
-  env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{REPO}", PYTHON=sys.executable,
-             JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = cpu_env(1, PYTHONPATH=f"{site}{os.pathsep}{REPO}", PYTHON=sys.executable,
+                JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
   probe = ("import importlib.util, sys; assert importlib.util.find_spec('tensorflow') is None; "
            "import tensorflow")
   blocked = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
@@ -245,8 +246,7 @@ def test_cpu_benchmark_writes_the_fields_of_its_committed_results(tmp_path):
   """benchmarks/benchmark.py at a tiny size: the JSON has every field of the committed CPU
   results (benchmarks/results/cpu_2core_s12_f32.json), through the same harness as the GPU's."""
   out = tmp_path / "cpu.json"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = cpu_env(1, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
   proc = subprocess.run(
       [sys.executable, "benchmarks/benchmark.py", "--variant", "poolformer_s12",
        "--batch-sizes", "2", "--train-batch-size", "2", "--image-size", "32", "--repeats", "2",

@@ -22,7 +22,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 skimage_data = pytest.importorskip("skimage.data")
 
-from conftest import main_flags  # noqa: E402
+from conftest import cpu_env, main_flags  # noqa: E402
 import helpers_torch as H  # noqa: E402
 from local_hub import LocalHub  # noqa: E402
 import poolformer_jax as pj  # noqa: E402
@@ -391,8 +391,7 @@ def test_eval_mode_scores_a_released_name(local_hub, tmp_path):
   tars): the name is downloaded, converted and scored on every validation image."""
   import fake_imagenet
   fake_imagenet.prepare_fake_imagenet(tmp_path / "data", tmp_path / "manual")
-  env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path / "hf"),
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  env = cpu_env(1, HF_HUB_OFFLINE="0", HF_HUB_CACHE=str(tmp_path / "hf"))
   proc = subprocess.run([sys.executable, "main.py", "--mode=eval",
                          "--config=configs/imagenet.py:poolformerv2_s12",
                          f"--workdir={tmp_path / 'eval'}", f"--config.init_from={NAME}",

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, cpu_env
 from poolformer_jax import checkpointing
 from poolformer_jax import pretrained
 
@@ -32,7 +32,7 @@ def free_port() -> int:
 
 
 def env(devices: int) -> dict:
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return cpu_env(devices)
 
 
 def run_processes(commands, devices, timeout=600):

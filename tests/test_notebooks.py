@@ -1,10 +1,11 @@
 """Every notebook executes end to end (nbclient), on a random-init HF PoolFormer saved to disk."""
 
 import json
-import os
 import pathlib
 
 import pytest
+
+from conftest import cpu_env
 
 nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
@@ -84,7 +85,7 @@ def test_train_on_tpu_notebook_plots_a_real_run(monkeypatch, tmp_path, digits_da
   import subprocess
   import sys
   workdir = tmp_path / "run"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")  # As on a laptop.
+  env = cpu_env(1)  # As on a laptop.
   subprocess.run([sys.executable, "main.py", "--config=configs/demo.py:smoke",
                   f"--workdir={workdir}", f"--config.data.data_dir={digits_data_dir}"],
                  cwd=REPO, env=env, check=True, timeout=900)

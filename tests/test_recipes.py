@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import REPO, load_config
+from conftest import REPO, cpu_env, load_config
 from poolformer_jax import defaults
 from poolformer_jax import model as model_lib
 from poolformer_jax import optimizer
@@ -141,7 +141,7 @@ def test_smoke_run_of_each_family_through_main(model, digits_data_dir, tmp_path)
   """`python main.py --config=configs/imagenet.py:MODEL,smoke`: the family's recipe (its
   optimizer, drop path, head dropout) on a tiny version of its architecture, a few steps on
   digits; it ends with a finite loss and a checkpoint."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = cpu_env(1)
   workdir = tmp_path / "run"
   proc = subprocess.run(
       [sys.executable, str(REPO / "main.py"), f"--config=configs/imagenet.py:{model},smoke",

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, load_config
+from conftest import REPO, cpu_env, load_config
 from poolformer_jax import checkpointing
 from poolformer_jax import defaults
 from poolformer_jax import errors
@@ -29,9 +29,7 @@ TOTAL = 40
 
 
 def main_env(devices: int = 1, **extra) -> dict:
-  env = dict(os.environ, PYTHONUNBUFFERED="1", **extra)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  return env
+  return cpu_env(devices, PYTHONUNBUFFERED="1", **extra)
 
 
 def smoke_args(workdir, data_dir, *extra):

@@ -12,7 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
-from conftest import REPO, count_compiles, count_primitive, load_config
+from conftest import REPO, count_compiles, cpu_env, count_primitive, load_config
 from poolformer_jax import defaults
 from poolformer_jax import mixup
 from poolformer_jax import model as model_lib
@@ -371,7 +371,7 @@ ckpt.save(0, trainer.init_state(0).checkpoint_items())
 ckpt.close()
 print(sorted(m for m in sys.modules if m.split(".")[0] == "tensorflow"))
 """
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = cpu_env(1)
   proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -521,7 +521,7 @@ def test_embedded_default_reaches_97_percent(digits_data_dir, tmp_path):
 
   Run as the README runs it, with the default workdir: `workdir/demo`, relative to the cwd.
   """
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = cpu_env(1, fast_compile=False)  # 440 steps of S12: run-bound; the README's program.
   proc = subprocess.run([sys.executable, str(REPO / "main.py"),
                          f"--config.data.data_dir={digits_data_dir}"],
                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
