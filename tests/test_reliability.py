@@ -28,8 +28,8 @@ from poolformer_jax import train
 TOTAL = 40
 
 
-def main_env(devices: int = 1, **extra) -> dict:
-  return cpu_env(devices, PYTHONUNBUFFERED="1", **extra)
+def main_env(devices: int = 1, fast_compile: bool = True, **extra) -> dict:
+  return cpu_env(devices, fast_compile=fast_compile, PYTHONUNBUFFERED="1", **extra)
 
 
 def smoke_args(workdir, data_dir, *extra):
@@ -38,8 +38,9 @@ def smoke_args(workdir, data_dir, *extra):
           "--config.log_every_steps=1", *extra]
 
 
-def run_main(args, timeout=600, devices=1, **env):
-  return subprocess.run([sys.executable, *args], cwd=REPO, env=main_env(devices, **env),
+def run_main(args, timeout=600, devices=1, fast_compile=True, **env):
+  return subprocess.run([sys.executable, *args], cwd=REPO,
+                        env=main_env(devices, fast_compile, **env),
                         capture_output=True, text=True, timeout=timeout)
 
 
@@ -558,7 +559,8 @@ def test_soak_hundreds_of_steps_memory_flat_no_retrace(digits_data_dir, tmp_path
   proc = run_main(["main.py", "--config=configs/demo.py:smoke", f"--workdir={workdir}",
                    f"--config.data.data_dir={digits_data_dir}", "--config.total_steps=400",
                    "--config.log_every_steps=25", "--config.eval_every_steps=50",
-                   "--config.checkpoint_every_steps=25"], timeout=900, JAX_LOG_COMPILES="1")
+                   "--config.checkpoint_every_steps=25"], timeout=900, JAX_LOG_COMPILES="1",
+                  fast_compile=False)  # 400 steps: run-bound, not compile-bound.
   assert proc.returncode == 0, proc.stderr[-3000:]
   records = read_metrics(workdir)
   train_records = [r for r in records if "loss" in r]
