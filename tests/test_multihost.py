@@ -31,12 +31,8 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def env(devices: int) -> dict:
-  return cpu_env(devices)
-
-
 def run_processes(commands, devices, timeout=600):
-  procs = [subprocess.Popen(cmd, cwd=REPO, env=env(devices), stdout=subprocess.PIPE,
+  procs = [subprocess.Popen(cmd, cwd=REPO, env=cpu_env(devices), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for cmd in commands]
   outs = []
   for p in procs:
@@ -93,7 +89,7 @@ def main_commands(workdir, data_dir, port, *extra):
 
 
 def start(commands):
-  return [subprocess.Popen(cmd, cwd=REPO, env=dict(env(4), PYTHONUNBUFFERED="1"),
+  return [subprocess.Popen(cmd, cwd=REPO, env=cpu_env(4, PYTHONUNBUFFERED="1"),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
           for cmd in commands]
 
@@ -195,8 +191,8 @@ def test_losing_a_peer_ends_the_survivor_with_one_line_and_code_75(tmp_path, vic
   port = free_port()
   step_files = [tmp_path / f"step{i}" for i in range(2)]
   procs = [subprocess.Popen([sys.executable, PEER, str(port), str(i), "5", str(step_files[i])],
-                            cwd=REPO, env=env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True) for i in range(2)]
+                            cwd=REPO, env=cpu_env(2), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
   deadline = time.time() + 240
   while not all(f.exists() and f.read_text() and int(f.read_text()) >= 3 for f in step_files):
     assert time.time() < deadline and all(p.poll() is None for p in procs), \
@@ -223,7 +219,7 @@ def test_a_process_that_cannot_reach_the_coordinator_fails_in_bounded_time(tmp_p
   command = main_commands(tmp_path / "run", tmp_path / "tfds", port,
                           "--initialization_timeout_s=5")[1]
   started = time.time()
-  proc = subprocess.run(command, cwd=REPO, env=env(4), capture_output=True, text=True,
+  proc = subprocess.run(command, cwd=REPO, env=cpu_env(4), capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode == 1, proc.stderr[-3000:]
   assert proc.stderr.strip().splitlines()[-1].startswith(
