@@ -13,15 +13,29 @@ import tempfile
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
+# The XLA flags the developer started the tests with (not the ones added below), kept in the
+# environment so that pytest-xdist's workers, which inherit the controller's changes, see them too.
+_DEVELOPER_XLA_FLAGS = os.environ.setdefault(
+    "POOLFORMER_JAX_TESTS_DEVELOPER_XLA_FLAGS", os.environ.get("XLA_FLAGS", "")).split()
+_LEVEL_CHOSEN = any(f.startswith("--xla_backend_optimization_level") for f in _DEVELOPER_XLA_FLAGS)
+
+
 def cpu_env(devices: int, *, fast_compile: bool = True, **extra) -> dict:
-  """os.environ for a subprocess with `devices` fake CPU devices (and this file's settings)."""
-  flags = f"--xla_force_host_platform_device_count={devices}"
-  return dict(os.environ, XLA_FLAGS=f"{flags} {FAST_COMPILE}" if fast_compile else flags, **extra)
+  """os.environ for a subprocess with `devices` fake CPU devices (and this file's settings).
+
+  The developer's own XLA flags carry over, an optimisation level included: -O0 is added only
+  where they chose none, and `fast_compile=False` (runs that are run-bound) leaves it out.
+  """
+  flags = [f"--xla_force_host_platform_device_count={devices}"] + [
+      f for f in _DEVELOPER_XLA_FLAGS if not f.startswith("--xla_force_host_platform_device_count")]
+  if fast_compile and not _LEVEL_CHOSEN:
+    flags.append(FAST_COMPILE)
+  return dict(os.environ, XLA_FLAGS=" ".join(flags), **extra)
 
 
 # 8 fake CPU devices so sharding is exercised on a laptop; must be set before jax is imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:  # Unless chosen.
+if not _LEVEL_CHOSEN and FAST_COMPILE not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += f" {FAST_COMPILE}"
 # The tests compute on the CPU. With libtpu installed (compile-mode tests), JAX would also try
 # to open a TPU; compile mode compiles for TPU topologies without one.
