@@ -75,7 +75,8 @@ def pytest_unconfigure(config):
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
-  """Makes `--dist loadgroup` keep each `xdist_group` on one worker again.
+  """Makes `--dist loadgroup` keep each `xdist_group` on one worker again, and hands out the
+  slow tests first.
 
   pytest-xdist groups tests by suffixing their node id with '@<group>' (it sets
   `item._nodeid`); pytest 9 keeps node ids in `item._id`, so the suffix is lost and every
@@ -90,6 +91,10 @@ def pytest_collection_modifyitems(config, items):
     if groups and "@" not in item.nodeid:  # Older pytest: xdist's own suffix is there.
       from _pytest.nodeid import NodeId  # pylint: disable=g-import-not-at-top
       item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(groups)}")  # pylint: disable=protected-access
+  # xdist hands out work in collection order (groups first, largest first): the README's
+  # 3-minute job, collected last, ran alone at the end while the other worker sat idle
+  # (measured: 130 s). Longest first balances the workers; `slow` marks the long ones.
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")
