@@ -43,16 +43,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Nothing may wait on the network: the HF hub is never contacted.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# One compilation cache per test worker, shared with the subprocesses it starts (main.py runs,
-# benchmarks): the suite runs the same small programs many times (a run, its kill, its resume),
-# and each compiles once. A hit is the same executable, so no result changes; `Compiling ...`
-# is still logged, so compile counts hold. Per worker, because JAX writes entries in place and
-# two writers of one entry would race; removed at the end (pytest_unconfigure).
-_XLA_CACHE = os.path.join(
-    tempfile.gettempdir(),
-    f"poolformer_jax_tests_{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}",
-    os.environ.get("PYTEST_XDIST_WORKER", "main"))
+# One compilation cache for the whole test run, shared by every process: pytest-xdist's workers
+# inherit this environment from the controller, and the subprocesses (main.py runs, benchmarks)
+# from them. The suite runs the same small programs many times (a run, its kill, its resume;
+# the same config in several files), and each compiles once. A hit is the same executable, so
+# no result changes; `Compiling ...` is still logged, so compile counts hold. JAX writes entries
+# in place: a size limit turns on its file lock, so no process reads an entry while another
+# writes it. The process that made it (the controller) removes it at the end.
+_XLA_CACHE = os.path.join(tempfile.gettempdir(), f"poolformer_jax_tests_{os.getpid()}")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 << 30))  # Never reached.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 import collections  # noqa: E402
@@ -68,9 +68,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def pytest_unconfigure(config):
   del config
-  shutil.rmtree(_XLA_CACHE, ignore_errors=True)
-  with contextlib.suppress(OSError):  # The last worker out (or the xdist controller).
-    os.rmdir(os.path.dirname(_XLA_CACHE))
+  if os.environ["JAX_COMPILATION_CACHE_DIR"] == _XLA_CACHE:  # Made by this process.
+    shutil.rmtree(_XLA_CACHE, ignore_errors=True)
 
 
 @pytest.hookimpl(trylast=True)
