@@ -73,6 +73,7 @@ def memory_worker(args):
   what, mode = args.memory_worker.split(":")
   batch = args.train_batch_size if mode == "train" else max(args.batch_sizes)
   x, y = harness.inputs(args.image_size, batch)
+  overrides = dict(harness.TINY_DEFAULT) if args.tiny else {}
   out = {"contender": what, "mode": mode, "batch": batch}
   if what == "ours":
     import jax  # pylint: disable=g-import-not-at-top
@@ -81,11 +82,11 @@ def memory_worker(args):
     xj = jax.device_put(x)  # Initialises the runtime before rss0.
     rss0 = _rss_kb("VmRSS")
     if mode == "train":
-      trainer = harness.make_trainer(args.variant, args.dtype, args.image_size, batch)
+      trainer = harness.make_trainer(args.variant, args.dtype, args.image_size, batch, overrides)
       exe = trainer.compile_train_step()
       step, wait = harness.ours_training_step(trainer, exe, trainer.init_state(0), x, y)
     else:
-      fwd, state = harness.make_forward(harness.random_ours(args.variant, args.dtype, {}))
+      fwd, state = harness.make_forward(harness.random_ours(args.variant, args.dtype, overrides))
       exe = fwd.lower(state, xj).compile()
       step, wait = (lambda: exe(state, xj)), (lambda out: out.block_until_ready())
     ma = harness.xla_memory(exe)
@@ -101,7 +102,8 @@ def memory_worker(args):
     device = harness.torch_device()
     xt = harness.torch_images(x, device, channels_last=False)
     rss0 = _rss_kb("VmRSS")
-    tmodel = harness.build_torch(pf.get_config(args.variant), device)  # HF's own random init.
+    tmodel = harness.build_torch(pf.get_config(args.variant, **overrides),  # HF's random init.
+                                 device)
     if mode == "train":
       yt = torch.from_numpy(y.astype(np.int64)).to(device)
       step = harness.torch_train_step(tmodel, harness.torch_adamw(tmodel, device), xt, yt,
@@ -138,7 +140,8 @@ def bench_memory(args, results):
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", f"{what}:{mode}",
            "--variant", args.variant, "--dtype", args.dtype, "--image-size", str(args.image_size),
            "--train-batch-size", str(args.train_batch_size), "--batch-sizes",
-           *map(str, args.batch_sizes), *(["--system-malloc"] if args.system_malloc else [])]
+           *map(str, args.batch_sizes), *(["--system-malloc"] if args.system_malloc else []),
+           *(["--tiny"] if args.tiny else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     line = [l for l in proc.stdout.splitlines() if l.startswith("MEMORY_JSON ")]
     if proc.returncode or not line:
@@ -208,9 +211,11 @@ def main():
                  help="what to measure (default: all)")
   p.add_argument("--system-malloc", action="store_true",
                  help="do not re-run under GLIBC_TUNABLES=glibc.malloc.hugetlb=1")
+  p.add_argument("--tiny", action="store_true", help="dry run: the variant with one block per "
+                 "stage and widths 8-32 (every part, field and check, in seconds)")
   p.add_argument("--memory-worker", help=argparse.SUPPRESS)
   # One call per sample, HF's model as it comes, torch.compile for inference only.
-  p.set_defaults(sample_s=0.0, tiny=False, channels_last=False, torch_compile_mode="default",
+  p.set_defaults(sample_s=0.0, channels_last=False, torch_compile_mode="default",
                  torch_compile_backend="inductor", torch_compile_modes=("inference",))
   args = p.parse_args()
   args.variants, args.modes = [args.variant], [m for m in harness.MODES if m in args.parts]

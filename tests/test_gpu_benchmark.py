@@ -248,7 +248,7 @@ def test_cpu_benchmark_writes_the_fields_of_its_committed_results(tmp_path):
   out = tmp_path / "cpu.json"
   env = cpu_env(1, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
   proc = subprocess.run(
-      [sys.executable, "benchmarks/benchmark.py", "--variant", "poolformer_s12",
+      [sys.executable, "benchmarks/benchmark.py", "--variant", "poolformer_s12", "--tiny",
        "--batch-sizes", "2", "--train-batch-size", "2", "--image-size", "32", "--repeats", "2",
        "--warmup", "1", "--no-torch-compile", "--system-malloc", "--out", str(out)],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
