@@ -57,7 +57,8 @@ flags.DEFINE_string("checkpoint", None, "predict: a converted model directory, a
                     "hf-hub:sail/poolformer_s12; downloaded and converted once, then cached).")
 flags.DEFINE_enum("format", "table", ["table", "jsonl"], "predict: output format.")
 flags.DEFINE_integer("top_k", 5, "predict: classes per image.")
-flags.DEFINE_integer("batch_size", 32, "predict: images per forward pass.")
+flags.DEFINE_integer("batch_size", 32, "predict: images per forward pass, at most (fewer "
+                     "images: one pass of just them).")
 flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")

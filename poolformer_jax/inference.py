@@ -197,12 +197,14 @@ def classify_files(model, paths: Sequence[str], *,
                    labels: Sequence[str] | None = None, top_k: int = 5, batch_size: int = 32,
                    progress: bool = False) -> tuple[dict[str, Prediction], dict[str, str]]:
   """Classifies image files, `batch_size` files at a time (so memory stays flat); unreadable
-  ones are skipped and returned with their error.
+  ones are skipped and returned with their error. Fewer files than `batch_size` are one batch
+  of just them: `main.py --mode=predict cat.jpg` runs one image, not one padded to 32.
 
   Returns ({path: Prediction} in input order, {path: error message}).
   """
   import tqdm  # pylint: disable=g-import-not-at-top
   results, failed = {}, {}
+  batch_size = max(1, min(batch_size, len(paths)))
   for start in tqdm.trange(0, len(paths), batch_size, unit="batch", disable=not progress):
     images = {}
     for path in paths[start:start + batch_size]:
