@@ -74,6 +74,11 @@ def s12():
 
 
 @pytest.fixture(scope="module")
+def m36():  # 56M random parameters: made once for the three layouts
+  return H.random_hf_model("poolformer_m36", num_labels=7, seed=2)
+
+
+@pytest.fixture(scope="module")
 def s12_release(s12, tmp_path_factory):
   return H.write_layout(s12, "release", tmp_path_factory.mktemp("release"), fmt="pth")
 
@@ -113,9 +118,8 @@ def test_layout_parity_s12(s12, layout, fmt, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("layout,fmt", [("release", "pth"), ("hf", "safetensors"),
                                         ("timm", "safetensors")])
-def test_layout_parity_m36_small_input(layout, fmt, tmp_path):
-  hf_model = H.random_hf_model("poolformer_m36", num_labels=7, seed=2)
-  info = _convert_and_compare(hf_model, layout, fmt, tmp_path, size=64, crop_pct=0.95,
+def test_layout_parity_m36_small_input(m36, layout, fmt, tmp_path):
+  info = _convert_and_compare(m36, layout, fmt, tmp_path, size=64, crop_pct=0.95,
                               n_photos=2)
   assert info.variant == "poolformer_m36"
   assert info.preprocessing["crop_pct"] == 0.95
