@@ -150,19 +150,22 @@ def _probabilities_fn(graphdef):
 
 
 def predict(model, images: Sequence[Any], *, preprocessing: Mapping[str, Any] | None = None,
-            labels: Sequence[str] | None = None, top_k: int = 5, batch_size: int = 32,
+            labels: Sequence[str] | None = None, top_k: int = 5, batch_size: int | None = None,
             reference: str = "release") -> list[Prediction]:
   """Top-k predictions for each image (`preprocess` explains `reference`).
 
-  Every batch is padded to `batch_size` (the padding's outputs are dropped), so the forward
-  compiles once per model and batch size, however many images each call has: for a few images,
-  a smaller `batch_size` wastes less work. `labels` default to the ImageNet names when the model
-  has 1000 (ImageNet-1k) or 21841 (ImageNet-21k) classes.
+  `batch_size` images per forward pass. Given, every batch is padded to it (the padding's
+  outputs are dropped), so the forward compiles once per model and batch size, however many
+  images each call has. By default it is the number of images, at most 32: a few images cost
+  only their own work (one program per count). `labels` default to the ImageNet names when
+  the model has 1000 (ImageNet-1k) or 21841 (ImageNet-21k) classes.
   """
   num_classes = model.cfg.num_classes
   if labels is None:
     labels = pretrained.imagenet_labels(num_classes) or [str(i) for i in range(num_classes)]
   top_k = min(top_k, num_classes)
+  if batch_size is None:
+    batch_size = max(1, min(32, len(images)))
   graphdef, state = nnx.split(model)
   probabilities = _probabilities_fn(graphdef)
   results = []
