@@ -73,7 +73,7 @@ def memory_worker(args):
   what, mode = args.memory_worker.split(":")
   batch = args.train_batch_size if mode == "train" else max(args.batch_sizes)
   x, y = harness.inputs(args.image_size, batch)
-  overrides = dict(harness.TINY_DEFAULT) if args.tiny else {}
+  overrides = harness.model_overrides(args.variant, args.tiny)  # As the timed parts' model.
   out = {"contender": what, "mode": mode, "batch": batch}
   if what == "ours":
     import jax  # pylint: disable=g-import-not-at-top

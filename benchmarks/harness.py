@@ -250,13 +250,18 @@ def torch_images(x, device, channels_last):
   return xt.to(memory_format=torch.channels_last) if channels_last else xt
 
 
+def model_overrides(name: str, tiny: bool) -> dict:
+  """The config fields a run changes in variant `name`: the dry-run shapes with --tiny."""
+  return dict(TINY_OVERRIDES.get(name, TINY_DEFAULT)) if tiny else {}
+
+
 class Variant:
   """One variant's models (ours random, HF's holding the same weights), kept for its parts."""
 
   def __init__(self, name, args, device):
     import torch  # pylint: disable=g-import-not-at-top
     self.name = name
-    self.overrides = dict(TINY_OVERRIDES.get(name, TINY_DEFAULT)) if args.tiny else {}
+    self.overrides = model_overrides(name, args.tiny)
     self.ours = random_ours(name, args.dtype, self.overrides)
     self.blocks = self.ours.cfg.num_blocks
     self.forward, self.state = make_forward(self.ours)
