@@ -13,8 +13,8 @@ between stages, and a head. What differs between the two releases is `MetaFormer
   before each downsampling conv, head = mean(H, W) -> LayerNorm -> linear or MLP head.
 
 Both are faithful to the released PyTorch code at inference: symmetric explicit conv padding,
-pooling that does not count padding cells, float32 norm statistics with PyTorch's two-pass
-variance. Layout is NHWC.
+pooling that does not count padding cells, float32 norm statistics (with PyTorch's two-pass
+variance in float32). Layout is NHWC.
 
 Parameter paths follow timm's module names (`stem.norm`, `stages.i.downsample.norm`,
 `stages.i.blocks.j.token_mixer.qkv`, `...mlp.act.scale`, `...res_scale1.scale`) with Flax's leaf
@@ -154,11 +154,9 @@ class GroupNorm1(nnx.Module):
 
   This is NOT a channel LayerNorm (which normalises over C only). PoolFormer v1 uses PyTorch's
   eps 1e-5 and a bias; the v2 family 1e-6 and no bias (`use_bias=False`). Statistics are
-  float32 whatever the compute dtype, with the two-pass variance E[(x - mean)^2] that PyTorch
-  uses: it stays exact for inputs with a large mean, and on XLA:CPU it measured as fast as a
-  one-pass E[x^2] - mean^2 (each pass is one vectorised reduction over data that is still in
-  cache). `moments` is public so a block can fold the normalisation into what follows (see
-  `MetaFormerBlock`).
+  float32 whatever the compute dtype (`ops.moments`: PyTorch's two-pass variance for float32
+  inputs, one pass for bfloat16 ones). `moments` is public so a block can fold the
+  normalisation into what follows (see `MetaFormerBlock`).
   """
 
   def __init__(self, num_features: int, eps: float, *, use_bias: bool = True, dtype,
@@ -190,7 +188,7 @@ class LayerNorm(GroupNorm1):
 
   The v2 family's stem / downsampling norms and ConvFormer / CAFormer block norms (no bias,
   eps 1e-6) and its head norms (with bias). Written here rather than `nnx.LayerNorm` so every
-  norm of the model shares one float32, two-pass implementation.
+  norm of the model shares one implementation of its float32 statistics.
   """
 
   def reduction_axes(self, x) -> tuple[int, ...]:

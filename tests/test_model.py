@@ -453,6 +453,29 @@ def test_group_norm_matches_numpy_including_large_means(offset):
   np.testing.assert_allclose(np.asarray(rstd), 1 / np.sqrt(var + 1e-5), rtol=1e-3 if offset else 1e-5)
 
 
+@pytest.mark.parametrize("axes", [(1, 2, 3), (3,)])  # GroupNorm1's and LayerNorm's
+@pytest.mark.parametrize("offset", [0.0, 4.0])
+def test_bfloat16_statistics_in_one_pass_agree_with_two_passes(axes, offset):
+  """bfloat16 inputs take the one-pass variance; on the same values it agrees with the two-pass
+  float32 statistics, values and gradients, for means of several standard deviations."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(offset + rng.normal(size=(4, 6, 5, 32)) * rng.uniform(0.5, 2.0, size=(4, 1, 1, 1)),
+                  jnp.bfloat16)
+  w = jnp.asarray(rng.normal(size=(4, 6, 5, 1) if axes == (3,) else (4, 1, 1, 1)), jnp.float32)
+
+  def summary(x):
+    mean, rstd = ops.moments(x, axes, 1e-6)
+    return jnp.sum(w * mean) + jnp.sum(w * rstd)
+
+  # Within 1e-4: bfloat16 itself resolves 4e-3 of a value.
+  for got, ref in zip(ops.moments(x, axes, 1e-6), ops.moments(x.astype(jnp.float32), axes, 1e-6)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-6)
+  got = jax.grad(summary)(x).astype(jnp.float32)
+  ref = jax.grad(summary)(x.astype(jnp.float32))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref.astype(jnp.bfloat16).astype(jnp.float32)),
+                             rtol=1e-2, atol=1e-3)
+
+
 @pytest.mark.parametrize("drop", [False, True])
 def test_pooling_residual_equals_the_unfused_block_half_values_and_gradients(drop):
   """`block.mix` is one op for `x + drop_path(ls1 * (pool(norm1(x)) - norm1(x)))`."""

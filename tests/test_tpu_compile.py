@@ -304,6 +304,25 @@ def test_every_metaformer_half_compiles_to_the_kernels(model, stage, topology, p
 
 
 @needs_libtpu
+@pytest.mark.parametrize("axes", [(1, 2, 3), (3,)])  # GroupNorm1's and LayerNorm's
+def test_bfloat16_norm_statistics_read_the_map_once_on_a_tpu(axes):
+  """A norm's statistics outside the kernels stream the map from HBM: in bfloat16 one pass
+  (E[x^2] - mean^2) reads it once; the float32 two-pass form, kept for float32 inputs, read a
+  bfloat16 map 6 times (it also wrote and read a float32 copy)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from poolformer_jax import measure, ops  # pylint: disable=g-import-not-at-top
+  topology = tpu_compile.parse_topology("v4-8")
+  tpu_compile.prepare_environment(topology)
+  device = tpu_compile.topology_devices(topology)[0]
+  x = jax.ShapeDtypeStruct((256, 56, 56, 64), jnp.bfloat16,
+                           sharding=jax.sharding.SingleDeviceSharding(device))
+  compiled = jax.jit(lambda x: ops.moments(x, axes, 1e-6)).lower(x).compile()
+  reads = measure.program_cost(compiled).bytes_accessed / (x.size * 2)
+  assert reads < 1.5, reads
+
+
+@needs_libtpu
 def test_block_proxy_measures_any_variant_and_each_half_of_its_blocks():
   """The proxy that found where the baselines' bytes go: CAFormer's stage-4 attention block and
   its two halves compile for a v4 chip, attention's core as its two kernels (16 images: too
