@@ -175,12 +175,8 @@ class GroupNorm1(nnx.Module):
     return ops.moments(x, self.reduction_axes(x), self.eps)
 
   def __call__(self, x):
-    mean, rstd = self.moments(x)
-    scale = self.scale[...].astype(jnp.float32)
-    y = (x.astype(jnp.float32) - mean) * (rstd * scale)
-    if self.bias is not None:
-      y = y + self.bias[...].astype(jnp.float32)
-    return y.astype(self.dtype)
+    bias = None if self.bias is None else self.bias[...]
+    return ops.normalize(x, self.scale[...], bias, self.reduction_axes(x), self.eps, self.dtype)
 
 
 class LayerNorm(GroupNorm1):

@@ -3,6 +3,7 @@
 import chex
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 import pytest
 from flax import nnx
@@ -474,6 +475,37 @@ def test_bfloat16_statistics_in_one_pass_agree_with_two_passes(axes, offset):
   ref = jax.grad(summary)(x.astype(jnp.float32))
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref.astype(jnp.bfloat16).astype(jnp.float32)),
                              rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("axes", [(1, 2, 3), (3,)])  # GroupNorm1's and LayerNorm's
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_normalize_equals_the_plain_norm_values_and_gradients(axes, dtype, tol, with_bias):
+  """`ops.normalize`'s written-out backward against autodiff of the plain formula."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(1.0 + rng.normal(size=(3, 5, 6, 16)), dtype)
+  scale = jnp.asarray(rng.normal(size=16), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=16), jnp.float32) if with_bias else None
+  dy = jnp.asarray(rng.normal(size=x.shape), dtype)
+
+  def plain(x, scale, bias):
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axes, keepdims=True)
+    y = (xf - mean) * lax.rsqrt(jnp.var(xf, axes, keepdims=True) + 1e-6) * scale
+    return (y if bias is None else y + bias).astype(dtype)
+
+  ours = lambda x, scale, bias: ops.normalize(x, scale, bias, axes, 1e-6, dtype)
+  for fn in (ours, plain):
+    assert fn(x, scale, bias).dtype == dtype
+  got, ref = (jax.vjp(fn, x, scale, bias) for fn in (ours, plain))
+  f32 = lambda t: np.asarray(jnp.asarray(t, jnp.float32))
+  np.testing.assert_allclose(f32(got[0]), f32(ref[0]), rtol=tol, atol=tol)
+  for g, r in zip(got[1](dy), ref[1](dy)):
+    if r is None:
+      assert g is None
+      continue
+    assert g.dtype == r.dtype
+    np.testing.assert_allclose(f32(g), f32(r), rtol=tol, atol=tol * max(1.0, float(np.abs(f32(r)).max())))
 
 
 @pytest.mark.parametrize("drop", [False, True])
