@@ -204,7 +204,8 @@ def moments(x: jax.Array, axes: tuple[int, ...], eps: float):
 def normalize(x: jax.Array, scale: jax.Array, bias: jax.Array | None, axes: tuple[int, ...],
               eps: float, dtype) -> jax.Array:
   """`(x - mean) * rstd * scale + bias` over `axes` (`moments`), with a per-channel (last
-  axis) scale and optional bias: the norms of `model.py`. Float32 inside, `dtype` out.
+  axis) scale and optional bias: a norm of `model.py` (`recompute_backward`). Float32 inside,
+  `dtype` out.
 
   The backward pass is written out and recomputes the normalised map from x once the
   incoming gradient exists (`run_after`). Left to autodiff, XLA shared the forward's float32
