@@ -154,8 +154,8 @@ class GroupNorm1(nnx.Module):
 
   This is NOT a channel LayerNorm (which normalises over C only). PoolFormer v1 uses PyTorch's
   eps 1e-5 and a bias; the v2 family 1e-6 and no bias (`use_bias=False`). Statistics are
-  float32 whatever the compute dtype (`ops.moments`: PyTorch's two-pass variance for float32
-  inputs, one pass for bfloat16 ones). `moments` is public so a block can fold the
+  float32 whatever the compute dtype (`ops.moments`: PyTorch's two-pass variance, one pass
+  for a one-group norm of a bfloat16 map). `moments` is public so a block can fold the
   normalisation into what follows (see `MetaFormerBlock`).
 
   `recompute_backward` takes `ops.normalize`'s written-out backward, for norms next to a

@@ -182,21 +182,23 @@ def moments(x: jax.Array, axes: tuple[int, ...], eps: float):
   """Mean and 1/std of x over `axes` (kept, size 1), float32.
 
   Every norm of the model (`model.GroupNorm1`, `model.LayerNorm`) and every op with a norm
-  folded in (`pooling_residual`, `mlp_kernel`) takes its statistics from here. A float32 x
-  gets PyTorch's two passes, E[(x - mean)^2]: exact for inputs with a large mean. A 16-bit x
-  (bfloat16 training) gets one pass, E[x^2] - mean^2 in float32, as Flax's `use_fast_variance`:
-  where x streams from HBM (a TPU's norms outside the kernels) the second pass is one more
-  read of the map, 7% of PoolFormerV2-S12's train step (benchmarks/results/tpu_ablations.md).
-  Its cancellation error, ~(mean / std)^2 * 2^-24 of the variance, stays below what x's own
-  8-bit mantissa already perturbs the variance by, ~(mean / std)^2 * 2^-19.
+  folded in (`pooling_residual`, `mlp_kernel`) takes its statistics from here. PyTorch's two
+  passes, E[(x - mean)^2], exact for inputs with a large mean, except for a 16-bit x reduced
+  over more than its last axis (a one-group norm in bfloat16 training): one pass there,
+  E[x^2] - mean^2 in float32, as Flax's `use_fast_variance`. On a TPU such a reduction
+  streams the map from HBM once per pass, and XLA also wrote a float32 copy of a bfloat16 map
+  between the two; over the last axis alone (a channel LayerNorm) XLA fuses both passes into
+  one read, and the one-pass form measured worse (benchmarks/results/tpu_ablations.md). Its
+  cancellation error, ~(mean / std)^2 * 2^-24 of the variance, is of the order of what x's
+  own 8-bit mantissa already perturbs the variance by, ~(mean / std)^2 * 2^-19.
   """
-  two_pass = jnp.finfo(x.dtype).bits > 16
+  one_pass = jnp.finfo(x.dtype).bits <= 16 and {a % x.ndim for a in axes} != {x.ndim - 1}
   x = x.astype(jnp.float32)
   mean = jnp.mean(x, axes, keepdims=True)
-  if two_pass:
-    var = jnp.mean(jnp.square(x - mean), axes, keepdims=True)
-  else:
+  if one_pass:
     var = jnp.maximum(jnp.mean(jnp.square(x), axes, keepdims=True) - jnp.square(mean), 0.0)
+  else:
+    var = jnp.mean(jnp.square(x - mean), axes, keepdims=True)
   return mean, lax.rsqrt(var + eps)
 
 
