@@ -212,7 +212,7 @@ def normalize(x: jax.Array, scale: jax.Array, bias: jax.Array | None, axes: tupl
   The backward pass is written out and recomputes the normalised map from x once the
   incoming gradient exists (`run_after`). Left to autodiff, XLA shared the forward's float32
   conversion of x with the backward and wrote it to HBM, a map twice x's size in bfloat16
-  (PoolFormerV2-S12 on a TPU v4: 90.3 -> 84.5 MB per image, benchmarks/results/tpu_ablations.md).
+  (PoolFormerV2-S12 on a TPU v4: 6.7 MB per image, benchmarks/results/tpu_ablations.md).
   """
   return _normalize_fwd(x, scale, bias, axes, eps, dtype)[0]
 
