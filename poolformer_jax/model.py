@@ -158,7 +158,7 @@ class GroupNorm1(nnx.Module):
   for a one-group norm of a bfloat16 map). `moments` is public so a block can fold the
   normalisation into what follows (see `MetaFormerBlock`).
 
-  `recompute_backward` takes `ops.normalize`'s written-out backward, for norms next to a
+  `recompute_backward` takes `ops.normalize`'s recomputing backward, for norms next to a
   convolution (the stem and downsampling layers), which XLA does not fuse them into: left to
   autodiff it wrote a float32 copy of x to HBM for the backward. A norm before a matmul is
   left to autodiff: XLA fuses it into the matmul's input loops, where the backward's barrier
@@ -183,14 +183,8 @@ class GroupNorm1(nnx.Module):
 
   def __call__(self, x):
     bias = None if self.bias is None else self.bias[...]
-    if self.recompute_backward:
-      return ops.normalize(x, self.scale[...], bias, self.reduction_axes(x), self.eps,
-                           self.dtype)
-    mean, rstd = self.moments(x)
-    y = (x.astype(jnp.float32) - mean) * (rstd * self.scale[...].astype(jnp.float32))
-    if bias is not None:
-      y = y + bias.astype(jnp.float32)
-    return y.astype(self.dtype)
+    return ops.normalize(x, self.scale[...], bias, self.reduction_axes(x), self.eps, self.dtype,
+                         recompute_backward=self.recompute_backward)
 
 
 class LayerNorm(GroupNorm1):

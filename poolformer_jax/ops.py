@@ -3,8 +3,8 @@
 `model.py` says WHAT the network computes, in the paper's terms; this module says HOW some of
 it is computed fast, with the same numbers:
 
-* `moments`, `normalize`: the norms' float32 statistics, and the norm with its backward
-  pass written out.
+* `moments`, `normalize`: the norms' float32 statistics, and the norm (its backward pass
+  optionally written out).
 * `avg_pool_exclude_pad`: PyTorch's AvgPool2d(count_include_pad=False) as shifted sums.
 * `pooling_residual`: PoolFormer's whole token-mixing step, `x + ls * (pool(n) - n)` with
   `n = norm(x)`, as one op with the norm folded in; its backward reads only x and the
@@ -202,18 +202,24 @@ def moments(x: jax.Array, axes: tuple[int, ...], eps: float):
   return mean, lax.rsqrt(var + eps)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def normalize(x: jax.Array, scale: jax.Array, bias: jax.Array | None, axes: tuple[int, ...],
-              eps: float, dtype) -> jax.Array:
+              eps: float, dtype, *, recompute_backward: bool = False) -> jax.Array:
   """`(x - mean) * rstd * scale + bias` over `axes` (`moments`), with a per-channel (last
-  axis) scale and optional bias: a norm of `model.py` (`recompute_backward`). Float32 inside,
-  `dtype` out.
+  axis) scale and optional bias: the norms of `model.py`. Float32 inside, `dtype` out.
 
-  The backward pass is written out and recomputes the normalised map from x once the
-  incoming gradient exists (`run_after`). Left to autodiff, XLA shared the forward's float32
-  conversion of x with the backward and wrote it to HBM, a map twice x's size in bfloat16
-  (PoolFormerV2-S12 on a TPU v4: 6.7 MB per image, benchmarks/results/tpu_ablations.md).
+  `recompute_backward`: the backward pass is written out and recomputes the normalised map
+  from x once the incoming gradient exists (`run_after`). Left to autodiff, XLA shared the
+  forward's float32 conversion of x with the backward and wrote it to HBM, a map twice x's
+  size in bfloat16 (PoolFormerV2-S12 on a TPU v4: 6.7 MB per image,
+  benchmarks/results/tpu_ablations.md); `model.GroupNorm1` says where it pays.
   """
+  if recompute_backward:
+    return _normalize_recomputed(x, scale, bias, axes, eps, dtype)
+  return _normalize_fwd(x, scale, bias, axes, eps, dtype)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _normalize_recomputed(x, scale, bias, axes, eps, dtype):
   return _normalize_fwd(x, scale, bias, axes, eps, dtype)[0]
 
 
@@ -243,7 +249,7 @@ def _normalize_bwd_impl(axes, res, dy):
   return dx.astype(x.dtype), dscale, dbias
 
 
-normalize.defvjp(_normalize_fwd, _normalize_bwd)
+_normalize_recomputed.defvjp(_normalize_fwd, _normalize_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
