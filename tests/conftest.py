@@ -4,39 +4,47 @@ import os
 import shutil
 import tempfile
 
-# XLA:CPU's backend (LLVM) at -O0 in the tests: the suite is compile-bound (hundreds of small
-# programs, each run a few steps), and -O0 compiles 2-5x faster for ~2x slower steps (measured:
-# tests/test_train.py + test_model.py, 12.7 -> 7.9 min). XLA's HLO passes still run: the same
-# computation, up to float rounding (the smoke run's 40 steps: parameters within 1e-6 of -O2's),
-# and TPU programs compile the same (block proxies: identical bytes, FLOPs, peak HBM). Every
-# process of a test session uses it, so runs compared bit for bit agree; long runs opt out.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
+# XLA:CPU compiles fast in the tests: the suite is compile-bound (hundreds of small programs, each
+# run a few steps). Two flags, each measured on its own:
+# - the backend (LLVM) at -O0: 2-5x faster compiles for ~2x slower steps (tests/test_train.py +
+#   test_model.py, 12.7 -> 7.9 min);
+# - XLA:CPU's older elemental emitters instead of its MLIR fusion emitters: a tiny CAFormer's train
+#   step compiled in 7.6-7.9 s instead of 10.2-13.0; tests/test_recipes.py + test_model.py, one
+#   core, 395 / 370 -> 322 / 264 s.
+# XLA's HLO passes still run: the same computation, up to float rounding (the smoke run's 40
+# steps: parameters within 1.1e-6 of the defaults'), and TPU programs compile the same. Every
+# process of a test session uses them, so runs compared bit for bit agree; long runs opt out.
+FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
 
 
 # The XLA flags the developer started the tests with (not the ones added below), kept in the
 # environment so that pytest-xdist's workers, which inherit the controller's changes, see them too.
 _DEVELOPER_XLA_FLAGS = os.environ.setdefault(
     "POOLFORMER_JAX_TESTS_DEVELOPER_XLA_FLAGS", os.environ.get("XLA_FLAGS", "")).split()
-_LEVEL_CHOSEN = any(f.startswith("--xla_backend_optimization_level") for f in _DEVELOPER_XLA_FLAGS)
+# Each of FAST_COMPILE's flags that the developer set themselves keeps their value.
+_FAST_FLAGS = [f for f in FAST_COMPILE
+               if not any(d.split("=")[0] == f.split("=")[0] for d in _DEVELOPER_XLA_FLAGS)]
 
 
 def cpu_env(devices: int, *, fast_compile: bool = True, **extra) -> dict:
   """os.environ for a subprocess with `devices` fake CPU devices (and this file's settings).
 
-  The developer's own XLA flags carry over, an optimisation level included: -O0 is added only
-  where they chose none, and `fast_compile=False` (runs that are run-bound) leaves it out.
+  The developer's own XLA flags carry over, an optimisation level included: FAST_COMPILE's
+  flags are added where they set none, and `fast_compile=False` (run-bound runs) leaves them out.
   """
   flags = [f"--xla_force_host_platform_device_count={devices}"] + [
       f for f in _DEVELOPER_XLA_FLAGS if not f.startswith("--xla_force_host_platform_device_count")]
-  if fast_compile and not _LEVEL_CHOSEN:
-    flags.append(FAST_COMPILE)
+  if fast_compile:
+    flags += _FAST_FLAGS
   return dict(os.environ, XLA_FLAGS=" ".join(flags), **extra)
 
 
-# 8 fake CPU devices so sharding is exercised on a laptop; must be set before jax is imported.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-if not _LEVEL_CHOSEN and FAST_COMPILE not in os.environ["XLA_FLAGS"]:
-  os.environ["XLA_FLAGS"] += f" {FAST_COMPILE}"
+# 8 fake CPU devices so sharding is exercised on a laptop (unless the developer chose a count),
+# and the fast compiles; must be set before jax is imported. xdist's workers inherit the result.
+_flags = os.environ.get("XLA_FLAGS", "").split()
+if not any(f.startswith("--xla_force_host_platform_device_count") for f in _flags):
+  _flags.append("--xla_force_host_platform_device_count=8")
+os.environ["XLA_FLAGS"] = " ".join(_flags + [f for f in _FAST_FLAGS if f not in _flags])
 # The tests compute on the CPU. With libtpu installed (compile-mode tests), JAX would also try
 # to open a TPU; compile mode compiles for TPU topologies without one.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
