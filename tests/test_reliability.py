@@ -5,6 +5,7 @@ PoolFormer, one CPU device) and compare with an uninterrupted run of the same co
 """
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -274,6 +275,32 @@ def test_checkpoint_restores_across_device_counts(tmp_path):
       assert_same_params(jax.device_get(items), expected)
     ckpt.close()
 
+
+
+def test_a_save_cuts_only_large_replicated_arrays_into_one_slice_per_replica(tmp_path, caplog):
+  """Orbax's replica-parallel save cuts a replicated array into one slice per device, each an
+  eager op with a program of its own. Only arrays whose slices reach MIN_REPLICA_SLICE_BYTES
+  are cut; the small ones (most of a model's arrays) are written whole. Both restore exactly."""
+  replicated = jax.sharding.NamedSharding(jax.make_mesh((8,), ("data",)),
+                                          jax.sharding.PartitionSpec())
+  rng = np.random.default_rng(0)
+  small = {f"scale{i}": rng.normal(size=(8 * (97 + i),)).astype(np.float32) for i in range(20)}
+  large = {"kernel": rng.normal(size=(8, checkpointing.MIN_REPLICA_SLICE_BYTES // 4))
+           .astype(np.float32)}  # 8 slices of exactly MIN_REPLICA_SLICE_BYTES.
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  for step, (params, cut) in enumerate([(small, False), (large, True)]):
+    items = {"params": jax.device_put(params, replicated),
+             "train": {"step": jax.device_put(np.int32(step), replicated)}}
+    caplog.clear()
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+      ckpt.save(step, items)
+      ckpt.wait_until_finished()
+    slices = [r for r in caplog.records if r.getMessage().startswith("Compiling jit(slice)")]
+    assert (len(slices) > 0) == cut, [r.getMessage()[:80] for r in slices]
+    restored, _ = ckpt.restore(step, jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), items))
+    assert_same_params(jax.device_get(restored), jax.device_get(items))
+  ckpt.close()
 
 # --------------------------------------------------------------------------- 5. NaN / inf
 
