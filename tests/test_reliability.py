@@ -276,7 +276,6 @@ def test_checkpoint_restores_across_device_counts(tmp_path):
     ckpt.close()
 
 
-
 def test_a_save_cuts_only_large_replicated_arrays_into_one_slice_per_replica(tmp_path, caplog):
   """Orbax's replica-parallel save cuts a replicated array into one slice per device, each an
   eager op with a program of its own. Only arrays whose slices reach MIN_REPLICA_SLICE_BYTES
@@ -301,6 +300,7 @@ def test_a_save_cuts_only_large_replicated_arrays_into_one_slice_per_replica(tmp
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), items))
     assert_same_params(jax.device_get(restored), jax.device_get(items))
   ckpt.close()
+
 
 # --------------------------------------------------------------------------- 5. NaN / inf
 
