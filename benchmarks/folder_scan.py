@@ -1,6 +1,6 @@
 """What the up-front check of an image folder costs: every file decoded once, before training.
 
-  PYTHONPATH=. python benchmarks/folder_scan.py --files 10000 --size 64
+  python benchmarks/folder_scan.py --files 10000 --size 64
 
 Writes `--files` small JPEGs (photo-like, `--size` pixels square, 10 classes) into a temporary
 folder, then times `input_pipeline.check_folder` on the train split as the trainer runs it
@@ -14,14 +14,16 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import sys
 import tempfile
 
 import numpy as np
 from PIL import Image
 
-from poolformer_jax import input_pipeline
-from poolformer_jax import defaults
-from poolformer_jax import measure
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from poolformer_jax import defaults  # pylint: disable=g-import-not-at-top,wrong-import-position
+from poolformer_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from poolformer_jax import measure  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def write_folder(root: str, files: int, size: int, classes: int = 10) -> None:

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import poolformer_jax as pj
-from poolformer_jax import measure
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import poolformer_jax as pj  # pylint: disable=g-import-not-at-top,wrong-import-position
+from poolformer_jax import measure  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def macs(name: str, image_size: int) -> tuple[int, float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -127,6 +128,27 @@ def test_the_trainer_counts_every_micro_batch_through_the_one_reader(monkeypatch
   monkeypatch.setattr(measure, "program_cost", fake_cost)
   trainer = type("T", (), {"config": type("C", (), {"grad_accum_steps": 4})()})()
   assert train.Trainer.step_flops(trainer, object()) == 40.0 and seen == [4]
+
+
+def test_every_benchmark_script_reaches_the_package_when_run_as_the_readme_runs_it(tmp_path):
+  """`python benchmarks/X.py` puts benchmarks/ first on sys.path, not the repository: each script
+  must reach poolformer_jax (this checkout's) from there, at its top level, before any import
+  inside its functions. Each is run up to `main()` in a process of its own, PYTHONPATH unset."""
+  scripts = sorted(p for p in (REPO / "benchmarks").glob("*.py")  # Scripts that use the package.
+                   if 'if __name__ == "__main__":' in p.read_text()
+                   and "poolformer_jax" in p.read_text())
+  probe = ("import runpy, sys; sys.path[0] = sys.argv[1]; runpy.run_path(sys.argv[2], "
+           "run_name='probe'); import poolformer_jax; print(poolformer_jax.__file__)")
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  procs = {s.name: subprocess.Popen([sys.executable, "-c", probe, str(s.parent), str(s)],
+                                    cwd=tmp_path, env=env, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+           for s in scripts}
+  assert {"macs.py", "folder_scan.py", "preprocess_parity.py", "benchmark.py"} <= set(procs)
+  for name, proc in procs.items():
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, f"{name}:\n{err[-2000:]}"
+    assert out.split() == [str(REPO / "poolformer_jax" / "__init__.py")], (name, out[-500:])
 
 
 def test_the_readme_fit_table_is_the_one_its_script_writes(tmp_path):
