@@ -29,6 +29,7 @@ from etils import epath
 import numpy as np
 import tensorflow as tf
 
+from poolformer_jax import measure
 from poolformer_jax import multihost
 from poolformer_jax.errors import BadImagesError
 
@@ -187,9 +188,7 @@ def ensure(manifest_dir: str, *, folder: str, split: str, label_names: tuple[str
     return existing
 
   paths, labels = list_files()
-  t0 = time.perf_counter()
-  bad = _undecodable_all_processes(paths)
-  seconds = time.perf_counter() - t0
+  bad, seconds = measure.stopwatch(lambda: _undecodable_all_processes(paths))
   logging.info("Folder split %r: decoded %d files in %.1f s (%.0f files/s), %d undecodable",
                split, len(paths), seconds, len(paths) / max(seconds, 1e-9), len(bad))
   bad_set = set(bad)

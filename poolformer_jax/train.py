@@ -28,7 +28,6 @@ import itertools
 import os
 import signal
 import threading
-import time
 import uuid
 from typing import Any
 
@@ -724,10 +723,9 @@ def _train_and_evaluate(config, workdir: str, sigterm: _SigtermFlag) -> dict:
     train_batches = itertools.chain([first], train_batches)
     trainer = _checked_kernels(trainer, state.params, first["image"].addressable_shards[0].data)
     writer.write(start, {"kernels": "tpu" if trainer.kernels is not None else "xla"})
-  t0 = time.perf_counter()
-  train_step = trainer.compile_train_step()
+  train_step, compile_s = measure.stopwatch(trainer.compile_train_step)
   flops = trainer.step_flops(train_step)
-  metrics_lib.log(f"Compiled the train step in {time.perf_counter() - t0:.1f} s"
+  metrics_lib.log(f"Compiled the train step in {compile_s:.1f} s"
                   + (f" ({flops / 1e9:.1f} GFLOP per step per device)" if flops else ""))
   throughput = metrics_lib.Throughput(
       batch_size=config.batch_size, num_devices=jax.device_count(), total_steps=total,
