@@ -76,11 +76,6 @@ def prepare_environment():
   os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(cache, "triton"))
 
 
-def jax_dtype(name):
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
-
-
 def random_ours(variant, dtype, overrides, seed=0):
   """Our model with every parameter random, so no block is near the identity.
 
@@ -93,7 +88,7 @@ def random_ours(variant, dtype, overrides, seed=0):
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from poolformer_jax import model as pf  # pylint: disable=g-import-not-at-top
   abstract = nnx.eval_shape(lambda: pf.create_model(variant, rngs=nnx.Rngs(0),
-                                                    dtype=jax_dtype(dtype), **overrides))
+                                                    dtype=jnp.dtype(dtype), **overrides))
   graphdef, state = nnx.split(abstract)
   rng = np.random.default_rng(seed)
 
@@ -354,7 +349,7 @@ def matmul_rates(n, dtype, device, repeats, warmup, calls=1) -> dict[str, float]
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   a = np.random.default_rng(0).normal(size=(n, n)).astype(np.float32)
-  ja = jax.device_put(a).astype(jax_dtype(dtype))
+  ja = jax.device_put(a).astype(dtype)
   ta = torch.from_numpy(a).to(device).to(getattr(torch, dtype))
   matmul = jax.jit(lambda x: x @ x)
 

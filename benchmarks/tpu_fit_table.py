@@ -39,12 +39,12 @@ ROWS = ([(v, "v4-8") for v in ("s12", "s24", "s36", "m36", "m48")]
 MAX_ACCUM = 64
 
 
-def compile_row(variant: str, topology: str, accum: int, workdir: str) -> dict:
-  """One compile mode run; its JSON report, or {'error': the error line}."""
+def compile_report(variant: str, topology: str, workdir: str, **overrides) -> dict:
+  """`main.py --mode=compile` for `configs/imagenet.py:VARIANT` with `--config.KEY=VALUE` for each
+  override, in a fresh process: its JSON report, or {'error': its error line}."""
   cmd = [sys.executable, str(REPO / "main.py"), "--mode=compile",
-         f"--config={REPO / 'configs' / 'imagenet.py'}:{variant}",
-         f"--config.topology={topology}", f"--config.grad_accum_steps={accum}",
-         f"--workdir={workdir}"]
+         f"--config={REPO / 'configs' / 'imagenet.py'}:{variant}", f"--config.topology={topology}",
+         *(f"--config.{k}={v}" for k, v in overrides.items()), f"--workdir={workdir}"]
   out, seconds = measure.stopwatch(
       lambda: subprocess.run(cmd, capture_output=True, text=True, cwd=REPO))
   if out.returncode == 0:
@@ -63,7 +63,7 @@ def fit_row(variant: str, topology: str) -> dict:
   accum = 1
   while accum <= MAX_ACCUM:
     with tempfile.TemporaryDirectory() as workdir:
-      result = compile_row(variant, topology, accum, workdir)
+      result = compile_report(variant, topology, workdir, grad_accum_steps=accum)
     tries.append({"grad_accum_steps": accum, **result})
     print(f"  {variant} {topology} grad_accum_steps={accum}: "
           + (result["error"] if "error" in result else "fits"), flush=True)
@@ -79,19 +79,6 @@ def _needed(error: str) -> str:
   """'more than 49.9 GiB' / '40.1 GiB' from a compile mode error line."""
   m = re.search(r"it needs ((?:more than )?[\d.]+ GiB)", error)
   return m.group(1) if m else "?"
-
-
-def _host(report: dict) -> tuple[float, float]:
-  """(images/s per host vCPU the roofline needs, images/s per chip this pipeline can feed), from
-  the report, or for reports written before compile mode gave them, from tpu_compile's table."""
-  if "host" in report:
-    h = report["host"]
-    return h["images_per_s_per_vcpu_needed"], h["input_bound_images_per_s_per_chip"]
-  from poolformer_jax import tpu_compile  # pylint: disable=g-import-not-at-top
-  chip = tpu_compile.parse_topology(report["topology"]).chip
-  roofline = report["steps"]["train"]["img_per_s_per_chip_bound"]
-  return (roofline / chip.vcpus_per_chip,
-          tpu_compile.HOST_IMAGES_PER_S_PER_VCPU * chip.vcpus_per_chip)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -114,11 +101,10 @@ def markdown(rows: list[dict]) -> str:
     batch = f"{per_chip}" if k == 1 else f"{per_chip} ({k} x {per_chip // k})"
     fits = "yes" if k == 1 else (f"with grad_accum_steps={k} (in one step: needs "
                                  f"{_needed(first['error'])})")
-    needed, fed = _host(last)
+    needed = last["host"]["images_per_s_per_vcpu_needed"]
+    fed = last["host"]["input_bound_images_per_s_per_chip"]
     roofline = train["img_per_s_per_chip_bound"]
     hours = last["recipe"]["hours_bound"]
-    if "host" not in last and fed < roofline:  # Older reports: their hours are the roofline's.
-      hours *= roofline / fed
     lines.append(
         f"| {name} | {row['topology']} | {batch} | {train['peak_hbm_bytes'] / 2**30:.1f} of "
         f"{last['hbm_bytes'] / 2**30:.0f} GiB | {fits} | {train['bytes_per_image'] / 1e6:.0f} | "

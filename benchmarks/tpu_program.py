@@ -15,8 +15,9 @@ import argparse
 import json
 import pathlib
 import subprocess
-import sys
 import tempfile
+
+import tpu_fit_table  # benchmarks/, first on sys.path when this script runs.
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PER_CHIP = (1024, 256)
@@ -25,14 +26,11 @@ CHIPS = 4  # v4-8
 
 def compile_s12(per_chip: int) -> dict:
   with tempfile.TemporaryDirectory() as workdir:
-    cmd = [sys.executable, str(REPO / "main.py"), "--mode=compile",
-           f"--config={REPO / 'configs' / 'imagenet.py'}:s12", "--config.topology=v4-8",
-           f"--config.batch_size={per_chip * CHIPS}", f"--config.eval_batch_size={per_chip * CHIPS}",
-           f"--workdir={workdir}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    if out.returncode:
-      raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
-    return json.loads((pathlib.Path(workdir) / "compile_v4-8.json").read_text())
+    report = tpu_fit_table.compile_report("s12", "v4-8", workdir, batch_size=per_chip * CHIPS,
+                                          eval_batch_size=per_chip * CHIPS)
+  if "error" in report:
+    raise RuntimeError(f"s12 at {per_chip} per chip: {report['error']}")
+  return report
 
 
 def row(label: str, commit: str | None) -> dict:
