@@ -474,3 +474,33 @@ def test_eval_preprocessing_is_the_release_transform_bit_exact_on_photos():
         assert out.dtype == np.uint8
         np.testing.assert_array_equal(out, _release_eval_transform(data, size, crop_pct),
                                       err_msg=f"{name} {fmt} {size} {crop_pct}")
+
+
+@pytest.mark.slow
+def test_pipeline_benchmark_writes_every_field_and_stage_of_its_committed_results(tmp_path):
+  """benchmarks/pipeline.py (the README's host-pipeline figures) at a small size, as the README
+  runs it: every field and stage of benchmarks/results/pipeline_cpu.json, each stage delivering
+  images, and the plot. It builds its stages from the pipeline's own functions, so a change
+  there that it does not follow fails here."""
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / "pipeline.json"
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  proc = subprocess.run([sys.executable, os.path.join(repo, "benchmarks", "pipeline.py"),
+                         "--out", str(out), "--image-size", "64", "--batches", "1",
+                         "--repeats", "1"], cwd=tmp_path, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads(out.read_text())
+  with open(os.path.join(repo, "benchmarks", "results", "pipeline_cpu.json")) as f:
+    committed = json.load(f)
+  assert set(results) == set(committed)
+  assert list(results["stages"]) == list(committed["stages"])
+  for name, stage in results["stages"].items():
+    assert stage["group"] == committed["stages"][name]["group"], name
+    assert stage["images_per_s_per_core"] > 0 and len(stage["runs"]) == 1, name
+  assert set(results["train_vs_reference"]) == set(committed["train_vs_reference"])
+  assert all(r > 0 for r in results["train_vs_reference"].values())
+  assert results["image_size"] == 64 and results["eval_now_vs_before"] > 0
+  assert (tmp_path / "pipeline.png").stat().st_size > 0
