@@ -151,6 +151,32 @@ def test_every_benchmark_script_reaches_the_package_when_run_as_the_readme_runs_
     assert out.split() == [str(REPO / "poolformer_jax" / "__init__.py")], (name, out[-500:])
 
 
+@pytest.mark.slow
+def test_the_small_benchmark_scripts_run_as_the_readme_runs_them(tmp_path):
+  """folder_scan.py, matmul_throughput.py and preprocess_parity.py, small, side by side, each
+  in a process of its own: each prints its figures, and the preprocessing comparison says what
+  the README says (the release's crop to float rounding; HF's floored offset a pixel off)."""
+  commands = {"folder_scan.py": ["--files", "40"],
+              "matmul_throughput.py": ["--batch", "1", "--repeats", "1"],
+              "preprocess_parity.py": []}
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  procs = {name: subprocess.Popen([sys.executable, str(REPO / "benchmarks" / name), *args],
+                                  cwd=tmp_path, env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+           for name, args in commands.items()}
+  out = {}
+  for name, proc in procs.items():
+    out[name], err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, f"{name}:\n{err[-2000:]}"
+  scan, reuse = out["folder_scan.py"].splitlines()[-2:]
+  assert scan.startswith("scan") and reuse.startswith("reuse") and " 40 files " in scan
+  rows = out["matmul_throughput.py"].splitlines()[1:]
+  assert len(rows) == 8 and all(float(r.split()[-1]) > 0 for r in rows)  # 4 stages x 2 matmuls.
+  cells = out["preprocess_parity.py"].splitlines()[-1].split()[4:]  # After "all (max / mean)".
+  maxima = [float(c) for c in cells[::3]]  # PIL vs HF, vs release crop; TF vs HF, vs release.
+  assert maxima[0] > 1 and maxima[2] > 1 and maxima[1] < 1e-5 and maxima[3] < 1e-5, cells
+
+
 def test_the_readme_fit_table_is_the_one_its_script_writes(tmp_path):
   """The README's "will it fit" table is `benchmarks/tpu_fit_table.py --table-only`'s output from
   the committed JSON, every row of the script's list included (no row edited by hand)."""
