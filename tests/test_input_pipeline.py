@@ -4,8 +4,10 @@ import collections
 import dataclasses
 import hashlib
 import io
+import json
 import math
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -14,6 +16,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from conftest import REPO
 from poolformer_jax import dataset_info
 from poolformer_jax import defaults
 from poolformer_jax import errors
@@ -482,19 +485,15 @@ def test_pipeline_benchmark_writes_every_field_and_stage_of_its_committed_result
   runs it: every field and stage of benchmarks/results/pipeline_cpu.json, each stage delivering
   images, and the plot. It builds its stages from the pipeline's own functions, so a change
   there that it does not follow fails here."""
-  import json  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   out = tmp_path / "pipeline.json"
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-  proc = subprocess.run([sys.executable, os.path.join(repo, "benchmarks", "pipeline.py"),
+  proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "pipeline.py"),
                          "--out", str(out), "--image-size", "64", "--batches", "1",
                          "--repeats", "1"], cwd=tmp_path, env=env, capture_output=True,
                         text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads(out.read_text())
-  with open(os.path.join(repo, "benchmarks", "results", "pipeline_cpu.json")) as f:
-    committed = json.load(f)
+  committed = json.loads((REPO / "benchmarks" / "results" / "pipeline_cpu.json").read_text())
   assert set(results) == set(committed)
   assert list(results["stages"]) == list(committed["stages"])
   for name, stage in results["stages"].items():
